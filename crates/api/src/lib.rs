@@ -1,0 +1,37 @@
+//! meshwork resources: loading, validation and translation to Envoy xDS v3.
+//!
+//! Purpose: the one place that knows what the mesh's YAML means. The control
+//! plane, the standalone proxy and the CLI all go through the same three
+//! steps:
+//!
+//! 1. [`load_str`] / [`load_file`]: YAML text to typed [`Resource`]s, each
+//!    [`Sourced`] with its file and line;
+//! 2. [`validate`]: every semantic check (Gateway API limits and rules,
+//!    references, regexes, conflicts) into a [`Mesh`];
+//! 3. [`translate`]: a [`Mesh`] plus a [`ProxyContext`] into the [`Xds`]
+//!    resources of one proxy (contract in `docs/xds.md`); [`envoy_bootstrap`]
+//!    inlines them into a static Envoy bootstrap.
+//!
+//! Errors ([`Errors`]) name the file, line, resource and field, and say what
+//! was expected; all problems are reported at once.
+//!
+//! Non-goals: I/O beyond reading one file in [`load_file`], networking, and
+//! Kubernetes status or server-side metadata.
+
+mod error;
+mod load;
+pub mod resources;
+mod source;
+
+pub use error::{Error, Errors, FieldPath, Seg};
+pub use load::{load_file, load_str};
+pub use resources::{Kind, Resource};
+pub use source::Sourced;
+mod mesh;
+pub use mesh::{Key, Mesh};
+mod validate;
+pub use validate::validate;
+mod translate;
+pub use translate::{names, translate, ProxyContext, Xds};
+mod envoy;
+pub use envoy::envoy_bootstrap;

@@ -1,0 +1,449 @@
+//! The validated, indexed set of resources.
+//!
+//! Contract: a [`Mesh`] is only built by [`crate::validate`], so everything
+//! in it has passed every check: references resolve, limits hold, regexes
+//! compile. Lookups are by `(namespace, name)` and iteration is in that order,
+//! which keeps translation deterministic.
+//!
+//! The reference-resolution helpers here are shared by validation (which
+//! turns their `Err` into user errors) and translation (which, on a validated
+//! mesh, never sees an `Err` and skips the item if it somehow did).
+
+use std::collections::BTreeMap;
+
+use crate::resources::{
+    AppProtocol, BackendView, GrpcRoute, HttpRoute, Metadata, ParentRef, Resource, Service,
+    ServicePort, TcpRoute, TrafficPolicy, Workload,
+};
+use crate::source::Sourced;
+
+/// `(namespace, name)`.
+pub type Key = (String, String);
+
+/// The validated resources of a mesh.
+#[derive(Debug, Clone, Default)]
+pub struct Mesh {
+    pub(crate) services: BTreeMap<Key, Sourced<Service>>,
+    pub(crate) workloads: BTreeMap<Key, Sourced<Workload>>,
+    pub(crate) http_routes: BTreeMap<Key, Sourced<HttpRoute>>,
+    pub(crate) grpc_routes: BTreeMap<Key, Sourced<GrpcRoute>>,
+    pub(crate) tcp_routes: BTreeMap<Key, Sourced<TcpRoute>>,
+    pub(crate) traffic_policies: BTreeMap<Key, Sourced<TrafficPolicy>>,
+    /// Service key -> key of the TrafficPolicy that targets it.
+    pub(crate) policy_of: BTreeMap<Key, Key>,
+}
+
+fn key(ns: &str, name: &str) -> Key {
+    (ns.to_string(), name.to_string())
+}
+
+impl Mesh {
+    /// A mesh with nothing in it.
+    pub fn empty() -> Self {
+        Mesh::default()
+    }
+
+    /// Number of resources.
+    pub fn len(&self) -> usize {
+        self.services.len()
+            + self.workloads.len()
+            + self.http_routes.len()
+            + self.grpc_routes.len()
+            + self.tcp_routes.len()
+            + self.traffic_policies.len()
+    }
+
+    /// True when there is no resource.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Services, by namespace then name.
+    pub fn services(&self) -> impl Iterator<Item = &Sourced<Service>> {
+        self.services.values()
+    }
+
+    /// The Service `namespace/name`.
+    pub fn service(&self, namespace: &str, name: &str) -> Option<&Sourced<Service>> {
+        self.services.get(&key(namespace, name))
+    }
+
+    /// Workloads, by namespace then name.
+    pub fn workloads(&self) -> impl Iterator<Item = &Sourced<Workload>> {
+        self.workloads.values()
+    }
+
+    /// The Workload `namespace/name`.
+    pub fn workload(&self, namespace: &str, name: &str) -> Option<&Sourced<Workload>> {
+        self.workloads.get(&key(namespace, name))
+    }
+
+    /// The Workloads of Service `namespace/service`, by name.
+    pub fn workloads_of<'a>(
+        &'a self,
+        namespace: &'a str,
+        service: &'a str,
+    ) -> impl Iterator<Item = &'a Sourced<Workload>> + 'a {
+        self.workloads
+            .range(key(namespace, "")..)
+            .take_while(move |((ns, _), _)| ns == namespace)
+            .map(|(_, w)| w)
+            .filter(move |w| w.value.spec.service == service)
+    }
+
+    /// HTTPRoutes, by namespace then name.
+    pub fn http_routes(&self) -> impl Iterator<Item = &Sourced<HttpRoute>> {
+        self.http_routes.values()
+    }
+
+    /// GRPCRoutes, by namespace then name.
+    pub fn grpc_routes(&self) -> impl Iterator<Item = &Sourced<GrpcRoute>> {
+        self.grpc_routes.values()
+    }
+
+    /// TCPRoutes, by namespace then name.
+    pub fn tcp_routes(&self) -> impl Iterator<Item = &Sourced<TcpRoute>> {
+        self.tcp_routes.values()
+    }
+
+    /// TrafficPolicies, by namespace then name.
+    pub fn traffic_policies(&self) -> impl Iterator<Item = &Sourced<TrafficPolicy>> {
+        self.traffic_policies.values()
+    }
+
+    /// The TrafficPolicy that targets Service `namespace/service`, if any.
+    pub fn traffic_policy_for(
+        &self,
+        namespace: &str,
+        service: &str,
+    ) -> Option<&Sourced<TrafficPolicy>> {
+        let pk = self.policy_of.get(&key(namespace, service))?;
+        self.traffic_policies.get(pk)
+    }
+
+    /// Every resource, kind by kind, as stored.
+    pub fn resources(&self) -> Vec<Sourced<Resource>> {
+        let mut v = Vec::with_capacity(self.len());
+        v.extend(self.services().map(|s| s.clone().map(Resource::Service)));
+        v.extend(self.workloads().map(|s| s.clone().map(Resource::Workload)));
+        v.extend(
+            self.http_routes()
+                .map(|s| s.clone().map(Resource::HttpRoute)),
+        );
+        v.extend(
+            self.grpc_routes()
+                .map(|s| s.clone().map(Resource::GrpcRoute)),
+        );
+        v.extend(self.tcp_routes().map(|s| s.clone().map(Resource::TcpRoute)));
+        v.extend(
+            self.traffic_policies()
+                .map(|s| s.clone().map(Resource::TrafficPolicy)),
+        );
+        v
+    }
+}
+
+/// Which service ports a route kind can attach to or send to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PortClass {
+    /// http, http2, grpc (HTTPRoute).
+    Http,
+    /// grpc, http2 (GRPCRoute).
+    Grpc,
+    /// tcp (TCPRoute parents).
+    Tcp,
+    /// Any port (TCPRoute backends: bytes are bytes).
+    Any,
+}
+
+impl PortClass {
+    pub(crate) fn accepts(self, p: AppProtocol) -> bool {
+        match self {
+            PortClass::Http => p.is_http(),
+            PortClass::Grpc => p.is_http2(),
+            PortClass::Tcp => p == AppProtocol::Tcp,
+            PortClass::Any => true,
+        }
+    }
+
+    pub(crate) fn describe(self) -> &'static str {
+        match self {
+            PortClass::Http => "http, http2 or grpc",
+            PortClass::Grpc => "grpc or http2",
+            PortClass::Tcp => "tcp",
+            PortClass::Any => "any",
+        }
+    }
+}
+
+/// Why a reference does not resolve: the offending field and a message.
+pub(crate) type RefError = (&'static str, String);
+
+/// Groups that name the core (Service) API group.
+pub(crate) fn is_service_group(g: &str) -> bool {
+    matches!(g, "" | "core" | "meshwork.dev")
+}
+
+pub(crate) fn list_ports(svc: &Service) -> String {
+    let v: Vec<String> = svc
+        .spec
+        .ports
+        .iter()
+        .map(|p| format!("{} {} ({})", p.name, p.port, p.app_protocol.as_str()))
+        .collect();
+    if v.is_empty() {
+        "none".to_string()
+    } else {
+        v.join(", ")
+    }
+}
+
+/// The service ports `pr` attaches a route of `class` (in namespace
+/// `route_ns`) to. `Err` says why the reference is not usable.
+pub(crate) fn parent_ports<'m>(
+    mesh: &'m Mesh,
+    route_ns: &str,
+    route_kind: &str,
+    pr: &ParentRef,
+    class: PortClass,
+) -> Result<(&'m Sourced<Service>, Vec<&'m ServicePort>), RefError> {
+    let kind = pr.kind.as_deref().unwrap_or("Gateway");
+    if kind != "Service" {
+        return Err(("kind", format!(
+            "parent kind {kind:?} is not supported: meshwork is a mesh and attaches routes to Services \
+             (set `kind: Service` and `group: \"\"`)"
+        )));
+    }
+    if let Some(g) = &pr.group {
+        if !is_service_group(g) && g != "gateway.networking.k8s.io" {
+            return Err((
+                "group",
+                format!("parent group {g:?} does not serve Services; use \"\" (the core group)"),
+            ));
+        }
+    }
+    let ns = pr.namespace.as_deref().unwrap_or(route_ns);
+    let Some(svc) = mesh.service(ns, &pr.name) else {
+        return Err(("name", format!("Service {ns}/{} not found", pr.name)));
+    };
+    let mut ports: Vec<&ServicePort> = svc.value.spec.ports.iter().collect();
+    if let Some(section) = &pr.section_name {
+        ports.retain(|p| &p.name == section);
+        if ports.is_empty() {
+            return Err((
+                "sectionName",
+                format!(
+                    "Service {ns}/{} has no port named {section:?} (its ports: {})",
+                    pr.name,
+                    list_ports(&svc.value)
+                ),
+            ));
+        }
+    }
+    if let Some(port) = pr.port {
+        ports.retain(|p| p.port == port);
+        if ports.is_empty() {
+            return Err((
+                "port",
+                format!(
+                    "Service {ns}/{} has no port {port}{} (its ports: {})",
+                    pr.name,
+                    if pr.section_name.is_some() {
+                        " with that sectionName"
+                    } else {
+                        ""
+                    },
+                    list_ports(&svc.value)
+                ),
+            ));
+        }
+    }
+    let explicit = pr.port.is_some() || pr.section_name.is_some();
+    if explicit {
+        if let Some(p) = ports.iter().find(|p| !class.accepts(p.app_protocol)) {
+            return Err((
+                "port",
+                format!(
+                    "port {} of Service {ns}/{} is {}; a {route_kind} attaches to {} ports",
+                    p.port,
+                    pr.name,
+                    p.app_protocol.as_str(),
+                    class.describe()
+                ),
+            ));
+        }
+    } else {
+        ports.retain(|p| class.accepts(p.app_protocol));
+        if ports.is_empty() {
+            return Err((
+                "name",
+                format!(
+                    "Service {ns}/{} has no {} port for a {route_kind} (its ports: {})",
+                    pr.name,
+                    class.describe(),
+                    list_ports(&svc.value)
+                ),
+            ));
+        }
+    }
+    Ok((svc, ports))
+}
+
+/// The service port a backend reference (from a route in `route_ns`) names.
+pub(crate) fn backend_port<'m>(
+    mesh: &'m Mesh,
+    route_ns: &str,
+    b: BackendView<'_>,
+    route_kind: &str,
+    class: PortClass,
+) -> Result<(&'m Sourced<Service>, &'m ServicePort), RefError> {
+    if b.kind != "Service" || !is_service_group(b.group) {
+        return Err(("kind", format!(
+            "backend {}{}{} is not supported: backends are Services (`kind: Service`, `group: \"\"`)",
+            b.group,
+            if b.group.is_empty() { "" } else { "/" },
+            b.kind
+        )));
+    }
+    let ns = b.namespace.unwrap_or(route_ns);
+    let Some(svc) = mesh.service(ns, b.name) else {
+        return Err(("name", format!("Service {ns}/{} not found", b.name)));
+    };
+    let Some(port) = b.port else {
+        return Err((
+            "port",
+            format!(
+                "port is required for a Service backend (ports of {ns}/{}: {})",
+                b.name,
+                list_ports(&svc.value)
+            ),
+        ));
+    };
+    let Some(sp) = svc.value.port(port) else {
+        return Err((
+            "port",
+            format!(
+                "Service {ns}/{} has no port {port} (its ports: {})",
+                b.name,
+                list_ports(&svc.value)
+            ),
+        ));
+    };
+    if !class.accepts(sp.app_protocol) {
+        return Err((
+            "port",
+            format!(
+                "port {port} of Service {ns}/{} is {}; {route_kind} backends must be {} ports",
+                b.name,
+                sp.app_protocol.as_str(),
+                class.describe()
+            ),
+        ));
+    }
+    Ok((svc, sp))
+}
+
+/// Gateway API tie-break order between routes: the oldest `creationTimestamp`
+/// first (routes without one come after those with one), then
+/// `namespace/name` alphabetically.
+pub(crate) fn route_age_key(m: &Metadata) -> (bool, (i64, u32), String, String) {
+    let ts = m.creation_timestamp.as_deref().and_then(parse_rfc3339);
+    (
+        ts.is_none(),
+        ts.unwrap_or((0, 0)),
+        m.namespace.clone(),
+        m.name.clone(),
+    )
+}
+
+/// Parses an RFC 3339 timestamp into (seconds since the epoch, nanoseconds).
+pub(crate) fn parse_rfc3339(s: &str) -> Option<(i64, u32)> {
+    let b = s.as_bytes();
+    if b.len() < 20 {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let t = s.get(r)?;
+        if !t.bytes().all(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        t.parse().ok()
+    };
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    if b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
+        return None;
+    }
+    let (h, mi, se) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
+        return None;
+    }
+    let mut i = 19;
+    let mut nanos: u32 = 0;
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        let start = i;
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+        }
+        if i == start {
+            return None;
+        }
+        let frac = &s[start..i.min(start + 9)];
+        let scale = 10u32.pow(9 - frac.len() as u32);
+        nanos = frac.parse::<u32>().ok()? * scale;
+    }
+    let offset = match b.get(i) {
+        Some(b'Z' | b'z') if i + 1 == b.len() => 0,
+        Some(sign @ (b'+' | b'-')) if i + 6 == b.len() && b[i + 3] == b':' => {
+            let oh = num(i + 1..i + 3)?;
+            let om = num(i + 4..i + 6)?;
+            let o = oh * 3600 + om * 60;
+            if *sign == b'+' {
+                o
+            } else {
+                -o
+            }
+        }
+        _ => return None,
+    };
+    // Days from civil (Howard Hinnant's algorithm).
+    let y2 = if mo <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some((days * 86_400 + h * 3600 + mi * 60 + se - offset, nanos))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn rfc3339() {
+        assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some((0, 0)));
+        assert_eq!(
+            parse_rfc3339("2024-03-01T12:00:00.5+01:00"),
+            Some((1_709_290_800, 500_000_000))
+        );
+        assert!(
+            parse_rfc3339("2024-03-01T12:00:00.5+01:00").unwrap()
+                < parse_rfc3339("2024-03-01T11:00:01Z").unwrap()
+        );
+        for bad in [
+            "",
+            "2024-13-01T00:00:00Z",
+            "2024-01-01 00:00:00",
+            "2024-01-01T00:00:00+0100",
+            "yesterday",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
+    }
+}

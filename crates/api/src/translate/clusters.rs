@@ -1,0 +1,272 @@
+//! Clusters (one per service port, plus the proxy's inbound clusters) and
+//! their ClusterLoadAssignments.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+
+use envoy_types::pb::envoy::config::cluster::v3::{
+    cluster::{self, DiscoveryType, LbPolicy},
+    Cluster,
+};
+use envoy_types::pb::envoy::config::core::v3::{
+    address, socket_address, Address, HttpProtocolOptions as CommonHttpOptions, Locality, Metadata,
+    SocketAddress,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    lb_endpoint, ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints,
+};
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
+    http_protocol_options::{
+        explicit_http_config::ProtocolConfig, ExplicitHttpConfig, UpstreamProtocolOptions,
+    },
+    HttpProtocolOptions,
+};
+use envoy_types::pb::google::protobuf::{value, Struct, Value};
+
+use super::names;
+use super::util::{ads_source, any, pb_duration, u32v, u64v};
+use crate::mesh::Mesh;
+use crate::resources::{
+    AppProtocol, LbAlgorithm, Service, ServicePort, TrafficPolicy, Workload, DEFAULT_CHOICE_COUNT,
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_HTTP_IDLE_TIMEOUT, DEFAULT_MAGLEV_TABLE, DEFAULT_MAX_RING,
+    DEFAULT_MIN_RING,
+};
+use crate::source::Sourced;
+
+/// Type URL key of the upstream HTTP protocol options.
+pub(crate) const HTTP_PROTOCOL_OPTIONS: &str =
+    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+
+/// The EDS cluster of service port `sp` of `svc`.
+pub(crate) fn service_cluster(
+    svc: &Service,
+    sp: &ServicePort,
+    policy: Option<&TrafficPolicy>,
+) -> Cluster {
+    let name = names::cluster(sp.port, &svc.metadata.name, &svc.metadata.namespace);
+    let pool = policy.and_then(|p| p.spec.connection_pool.as_ref());
+    let connect = pool
+        .and_then(|p| p.connect_timeout)
+        .map(|d| d.get())
+        .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+    let idle = pool.and_then(|p| p.idle_timeout).map(|d| d.get());
+    let lb = policy
+        .and_then(|p| p.spec.load_balancer.clone())
+        .unwrap_or_default();
+
+    let mut meta_fields = HashMap::new();
+    meta_fields.insert(
+        "service".to_string(),
+        string_value(&format!("{}.{}", svc.metadata.name, svc.metadata.namespace)),
+    );
+    let mut c = Cluster {
+        name: name.clone(),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+            DiscoveryType::Eds as i32,
+        )),
+        eds_cluster_config: Some(cluster::EdsClusterConfig {
+            eds_config: Some(ads_source()),
+            service_name: name,
+        }),
+        connect_timeout: Some(pb_duration(connect)),
+        ..Default::default()
+    };
+    match lb.algorithm {
+        LbAlgorithm::PeakEwma => {
+            c.lb_policy = LbPolicy::LeastRequest as i32;
+            c.lb_config = Some(cluster::LbConfig::LeastRequestLbConfig(
+                cluster::LeastRequestLbConfig {
+                    choice_count: Some(u32v(DEFAULT_CHOICE_COUNT)),
+                    ..Default::default()
+                },
+            ));
+            meta_fields.insert("lb".to_string(), string_value("peak_ewma"));
+        }
+        LbAlgorithm::LeastRequest => {
+            c.lb_policy = LbPolicy::LeastRequest as i32;
+            c.lb_config = Some(cluster::LbConfig::LeastRequestLbConfig(
+                cluster::LeastRequestLbConfig {
+                    choice_count: Some(u32v(lb.choice_count.unwrap_or(DEFAULT_CHOICE_COUNT))),
+                    ..Default::default()
+                },
+            ));
+        }
+        LbAlgorithm::RoundRobin => c.lb_policy = LbPolicy::RoundRobin as i32,
+        LbAlgorithm::Random => c.lb_policy = LbPolicy::Random as i32,
+        LbAlgorithm::RingHash => {
+            let rh = lb.ring_hash.clone().unwrap_or_default();
+            c.lb_policy = LbPolicy::RingHash as i32;
+            c.lb_config = Some(cluster::LbConfig::RingHashLbConfig(
+                cluster::RingHashLbConfig {
+                    minimum_ring_size: Some(u64v(rh.minimum_ring_size.unwrap_or(DEFAULT_MIN_RING))),
+                    maximum_ring_size: Some(u64v(rh.maximum_ring_size.unwrap_or(DEFAULT_MAX_RING))),
+                    ..Default::default()
+                },
+            ));
+        }
+        LbAlgorithm::Maglev => {
+            let m = lb.maglev.clone().unwrap_or_default();
+            c.lb_policy = LbPolicy::Maglev as i32;
+            c.lb_config = Some(cluster::LbConfig::MaglevLbConfig(cluster::MaglevLbConfig {
+                table_size: Some(u64v(m.table_size.unwrap_or(DEFAULT_MAGLEV_TABLE))),
+            }));
+        }
+    }
+    c.metadata = Some(meshwork_metadata(meta_fields));
+    if sp.app_protocol.is_http() {
+        set_http_options(
+            &mut c,
+            sp.app_protocol,
+            Some(idle.unwrap_or(DEFAULT_HTTP_IDLE_TIMEOUT)),
+        );
+    }
+    c
+}
+
+/// The STATIC cluster that reaches the local application on `port`.
+pub(crate) fn inbound_cluster(
+    w: &Workload,
+    svc: &Service,
+    port: u32,
+    proto: AppProtocol,
+) -> Cluster {
+    let name = names::inbound_cluster(port);
+    let mut fields = HashMap::new();
+    fields.insert(
+        "service".to_string(),
+        string_value(&format!("{}.{}", svc.metadata.name, svc.metadata.namespace)),
+    );
+    let mut c = Cluster {
+        name: name.clone(),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+            DiscoveryType::Static as i32,
+        )),
+        connect_timeout: Some(pb_duration(DEFAULT_CONNECT_TIMEOUT)),
+        lb_policy: LbPolicy::RoundRobin as i32,
+        load_assignment: Some(ClusterLoadAssignment {
+            cluster_name: name,
+            endpoints: vec![LocalityLbEndpoints {
+                locality: Some(locality(w)),
+                lb_endpoints: vec![lb_endpoint(w.spec.address, port, 1)],
+                load_balancing_weight: Some(u32v(1)),
+                priority: 0,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        metadata: Some(meshwork_metadata(fields)),
+        ..Default::default()
+    };
+    if proto.is_http() {
+        set_http_options(&mut c, proto, Some(DEFAULT_HTTP_IDLE_TIMEOUT));
+    }
+    c
+}
+
+fn set_http_options(c: &mut Cluster, proto: AppProtocol, idle: Option<std::time::Duration>) {
+    let protocol = if proto.is_http2() {
+        ProtocolConfig::Http2ProtocolOptions(Default::default())
+    } else {
+        ProtocolConfig::HttpProtocolOptions(Default::default())
+    };
+    let opts = HttpProtocolOptions {
+        common_http_protocol_options: idle.map(|d| CommonHttpOptions {
+            idle_timeout: Some(pb_duration(d)),
+            ..Default::default()
+        }),
+        upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
+            ExplicitHttpConfig {
+                protocol_config: Some(protocol),
+            },
+        )),
+        ..Default::default()
+    };
+    c.typed_extension_protocol_options
+        .insert(HTTP_PROTOCOL_OPTIONS.to_string(), any(&opts));
+}
+
+/// The endpoints of service port `sp`: one group per locality (sorted), each
+/// weighted by the sum of its endpoints' weights.
+pub(crate) fn load_assignment(
+    mesh: &Mesh,
+    svc: &Service,
+    sp: &ServicePort,
+) -> ClusterLoadAssignment {
+    let ns = &svc.metadata.namespace;
+    let mut groups: BTreeMap<(String, String), Vec<&Sourced<Workload>>> = BTreeMap::new();
+    for w in mesh.workloads_of(ns, &svc.metadata.name) {
+        let l = w.value.spec.locality.clone().unwrap_or_default();
+        groups.entry((l.region, l.zone)).or_default().push(w);
+    }
+    let endpoints = groups
+        .into_values()
+        .map(|ws| {
+            let total: u32 = ws.iter().map(|w| w.value.spec.weight).sum();
+            LocalityLbEndpoints {
+                locality: ws.first().map(|w| locality(&w.value)),
+                lb_endpoints: ws
+                    .iter()
+                    .map(|w| {
+                        lb_endpoint(
+                            w.value.spec.address,
+                            w.value.port_for(sp),
+                            w.value.spec.weight,
+                        )
+                    })
+                    .collect(),
+                load_balancing_weight: Some(u32v(total.max(1))),
+                priority: 0,
+                ..Default::default()
+            }
+        })
+        .collect();
+    ClusterLoadAssignment {
+        cluster_name: names::cluster(sp.port, &svc.metadata.name, ns),
+        endpoints,
+        ..Default::default()
+    }
+}
+
+fn locality(w: &Workload) -> Locality {
+    let l = w.spec.locality.clone().unwrap_or_default();
+    Locality {
+        region: l.region,
+        zone: l.zone,
+        ..Default::default()
+    }
+}
+
+fn lb_endpoint(ip: IpAddr, port: u32, weight: u32) -> LbEndpoint {
+    LbEndpoint {
+        host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+            address: Some(socket_address(ip, port)),
+            ..Default::default()
+        })),
+        load_balancing_weight: Some(u32v(weight.max(1))),
+        ..Default::default()
+    }
+}
+
+/// `address.socket_address` for `ip:port`.
+pub(crate) fn socket_address(ip: IpAddr, port: u32) -> Address {
+    Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: ip.to_string(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(port)),
+            ..Default::default()
+        })),
+    }
+}
+
+fn string_value(s: &str) -> Value {
+    Value {
+        kind: Some(value::Kind::StringValue(s.to_string())),
+    }
+}
+
+fn meshwork_metadata(fields: HashMap<String, Value>) -> Metadata {
+    let mut m = Metadata::default();
+    m.filter_metadata
+        .insert("meshwork".to_string(), Struct { fields });
+    m
+}

@@ -1,0 +1,143 @@
+//! Listeners: `outbound_http`, one `outbound_tcp|...` per TCP service port,
+//! and `inbound` when the proxy fronts a workload.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::listener::v3::{
+    filter, listener_filter, Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter,
+};
+use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::listener::http_inspector::v3::HttpInspector;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    http_connection_manager::{self, CodecType, UpgradeConfig},
+    http_filter, HttpConnectionManager, HttpFilter, Rds,
+};
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{
+    tcp_proxy::{self, weighted_cluster::ClusterWeight},
+    TcpProxy,
+};
+
+use super::clusters::socket_address;
+use super::util::{ads_source, any, pb_duration};
+
+pub(crate) const HCM: &str = "envoy.filters.network.http_connection_manager";
+pub(crate) const TCP_PROXY: &str = "envoy.filters.network.tcp_proxy";
+const HTTP_INSPECTOR: &str = "envoy.filters.listener.http_inspector";
+const ROUTER: &str = "envoy.filters.http.router";
+
+/// A listener that sniffs HTTP (http/1.1 or h2c) for at most `detect`, sends
+/// it through an HCM fed by RDS `route_config`, and the rest to `tcp` (none:
+/// closed).
+pub(crate) fn detecting(
+    name: &str,
+    addr: SocketAddr,
+    detect: Duration,
+    route_config: &str,
+    tcp: Option<Filter>,
+) -> Listener {
+    Listener {
+        name: name.to_string(),
+        address: Some(socket_address(addr.ip(), u32::from(addr.port()))),
+        listener_filters: vec![ListenerFilter {
+            name: HTTP_INSPECTOR.to_string(),
+            config_type: Some(listener_filter::ConfigType::TypedConfig(any(
+                &HttpInspector {},
+            ))),
+            ..Default::default()
+        }],
+        listener_filters_timeout: Some(pb_duration(detect)),
+        continue_on_listener_filters_timeout: true,
+        filter_chains: vec![FilterChain {
+            filter_chain_match: Some(FilterChainMatch {
+                application_protocols: vec!["http/1.1".to_string(), "h2c".to_string()],
+                ..Default::default()
+            }),
+            filters: vec![hcm(name, route_config)],
+            ..Default::default()
+        }],
+        default_filter_chain: tcp.map(|f| FilterChain {
+            filters: vec![f],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A plain TCP listener: every connection goes through `tcp`.
+pub(crate) fn plain(name: &str, addr: SocketAddr, tcp: Filter) -> Listener {
+    Listener {
+        name: name.to_string(),
+        address: Some(socket_address(addr.ip(), u32::from(addr.port()))),
+        filter_chains: vec![FilterChain {
+            filters: vec![tcp],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn hcm(stat_prefix: &str, route_config: &str) -> Filter {
+    let m = HttpConnectionManager {
+        stat_prefix: stat_prefix.to_string(),
+        codec_type: CodecType::Auto as i32,
+        route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
+            config_source: Some(ads_source()),
+            route_config_name: route_config.to_string(),
+        })),
+        http_filters: vec![HttpFilter {
+            name: ROUTER.to_string(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(
+                any(&Router::default()),
+            )),
+            ..Default::default()
+        }],
+        upgrade_configs: vec![UpgradeConfig {
+            upgrade_type: "websocket".to_string(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    Filter {
+        name: HCM.to_string(),
+        config_type: Some(filter::ConfigType::TypedConfig(any(&m))),
+    }
+}
+
+/// A `tcp_proxy` filter to `clusters` (name, weight); `cluster` when there is
+/// one, `weighted_clusters` otherwise.
+pub(crate) fn tcp_proxy(
+    stat_prefix: &str,
+    clusters: Vec<(String, u32)>,
+    idle: Option<Duration>,
+) -> Filter {
+    let spec = if clusters.len() == 1 {
+        clusters
+            .into_iter()
+            .next()
+            .map(|(c, _)| tcp_proxy::ClusterSpecifier::Cluster(c))
+    } else {
+        Some(tcp_proxy::ClusterSpecifier::WeightedClusters(
+            tcp_proxy::WeightedCluster {
+                clusters: clusters
+                    .into_iter()
+                    .map(|(name, weight)| ClusterWeight {
+                        name,
+                        weight,
+                        ..Default::default()
+                    })
+                    .collect(),
+            },
+        ))
+    };
+    let t = TcpProxy {
+        stat_prefix: stat_prefix.to_string(),
+        cluster_specifier: spec,
+        idle_timeout: idle.map(pb_duration),
+        ..Default::default()
+    };
+    Filter {
+        name: TCP_PROXY.to_string(),
+        config_type: Some(filter::ConfigType::TypedConfig(any(&t))),
+    }
+}

@@ -1,0 +1,330 @@
+//! Translation of a validated [`Mesh`] into the Envoy xDS v3 resources of one
+//! proxy.
+//!
+//! Contract: `docs/xds.md` (names, fields, precedence order, metadata). The
+//! output is deterministic: the same mesh and context give the same resources
+//! in the same order and the same [`Xds::version`]. Translation cannot fail:
+//! everything that could go wrong was refused by [`crate::validate`].
+//!
+//! Choices the Gateway API leaves to implementations (documented in
+//! `docs/resources.md`): an unset `timeouts.request` means no timeout (route
+//! `timeout: 0s`); regex path matches sort after exact and before prefix
+//! matches; a rule without backendRefs forwards to the parent service port;
+//! consumer routes (in the client's namespace) replace producer routes for
+//! that client.
+//!
+//! Non-goals: scoping the output to the services a proxy calls (the control
+//! plane filters), mTLS secrets, and `api_listener`s for proxyless gRPC.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::config::route::v3::{route_action, RouteConfiguration};
+
+use crate::mesh::{Key, Mesh};
+use crate::resources::{AppProtocol, ServicePort};
+
+mod clusters;
+mod listeners;
+mod routes;
+mod util;
+
+pub(crate) use clusters::socket_address;
+pub(crate) use listeners::HCM;
+
+/// What the translator needs to know about the proxy it translates for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyContext {
+    /// Address of the outbound HTTP listener (`outbound_http`); its IP is
+    /// also where the per-service TCP listeners bind.
+    pub outbound_addr: SocketAddr,
+    /// Address of the inbound listener.
+    pub inbound_addr: SocketAddr,
+    /// `(namespace, name)` of the Workload this proxy fronts, if any.
+    pub workload: Option<(String, String)>,
+    /// Protocol detection bound (`listener_filters_timeout`).
+    pub detect_timeout: Duration,
+}
+
+impl ProxyContext {
+    /// The namespace the proxy's client lives in: its workload's, else `default`.
+    pub fn client_namespace(&self) -> &str {
+        self.workload
+            .as_ref()
+            .map(|(ns, _)| ns.as_str())
+            .unwrap_or(crate::resources::DEFAULT_NAMESPACE)
+    }
+}
+
+/// The xDS resources for one proxy.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Xds {
+    /// Stable content hash: same mesh and context, same version.
+    pub version: String,
+    pub listeners: Vec<Listener>,
+    pub routes: Vec<RouteConfiguration>,
+    pub clusters: Vec<Cluster>,
+    pub endpoints: Vec<ClusterLoadAssignment>,
+}
+
+impl Xds {
+    /// The listener named `name`.
+    pub fn listener(&self, name: &str) -> Option<&Listener> {
+        self.listeners.iter().find(|l| l.name == name)
+    }
+
+    /// The RouteConfiguration named `name`.
+    pub fn route_config(&self, name: &str) -> Option<&RouteConfiguration> {
+        self.routes.iter().find(|r| r.name == name)
+    }
+
+    /// The cluster named `name`.
+    pub fn cluster(&self, name: &str) -> Option<&Cluster> {
+        self.clusters.iter().find(|c| c.name == name)
+    }
+
+    /// The ClusterLoadAssignment of cluster `name`.
+    pub fn load_assignment(&self, name: &str) -> Option<&ClusterLoadAssignment> {
+        self.endpoints.iter().find(|c| c.cluster_name == name)
+    }
+}
+
+/// Resource names (see the table in `docs/xds.md`).
+pub mod names {
+    /// The outbound HTTP listener and its RouteConfiguration.
+    pub const OUTBOUND_HTTP: &str = "outbound_http";
+    /// The inbound listener and its RouteConfiguration.
+    pub const INBOUND: &str = "inbound";
+
+    /// `outbound|<port>||<service>.<namespace>`.
+    pub fn cluster(port: u32, service: &str, namespace: &str) -> String {
+        format!("outbound|{port}||{service}.{namespace}")
+    }
+
+    /// `inbound|<port>`.
+    pub fn inbound_cluster(port: u32) -> String {
+        format!("inbound|{port}")
+    }
+
+    /// `outbound_tcp|<port>|<service>.<namespace>`.
+    pub fn tcp_listener(port: u32, service: &str, namespace: &str) -> String {
+        format!("outbound_tcp|{port}|{service}.{namespace}")
+    }
+
+    /// `<service>.<namespace>:<port>`.
+    pub fn vhost(service: &str, namespace: &str, port: u32) -> String {
+        format!("{service}.{namespace}:{port}")
+    }
+}
+
+/// Translates `mesh` for the proxy described by `ctx`.
+pub fn translate(mesh: &Mesh, ctx: &ProxyContext) -> Xds {
+    let att = routes::Attachments::new(mesh);
+    let client_ns = ctx.client_namespace();
+    let mut xds = Xds {
+        version: version(mesh, ctx),
+        ..Default::default()
+    };
+
+    for s in mesh.services() {
+        let svc = &s.value;
+        let policy = mesh
+            .traffic_policy_for(&svc.metadata.namespace, &svc.metadata.name)
+            .map(|p| &p.value);
+        for sp in &svc.spec.ports {
+            xds.clusters
+                .push(clusters::service_cluster(svc, sp, policy));
+            xds.endpoints.push(clusters::load_assignment(mesh, svc, sp));
+        }
+    }
+
+    xds.routes.push(routes::outbound(mesh, &att, ctx));
+    xds.listeners.push(listeners::detecting(
+        names::OUTBOUND_HTTP,
+        ctx.outbound_addr,
+        ctx.detect_timeout,
+        names::OUTBOUND_HTTP,
+        None,
+    ));
+
+    for s in mesh.services() {
+        let svc = &s.value;
+        let (ns, name) = (&svc.metadata.namespace, &svc.metadata.name);
+        let idle = mesh
+            .traffic_policy_for(ns, name)
+            .and_then(|p| p.value.spec.connection_pool.as_ref())
+            .and_then(|c| c.idle_timeout)
+            .map(|d| d.get());
+        for sp in svc
+            .spec
+            .ports
+            .iter()
+            .filter(|p| p.app_protocol == AppProtocol::Tcp)
+        {
+            let lname = names::tcp_listener(sp.port, name, ns);
+            let mut targets: Vec<(String, u32)> = Vec::new();
+            let mut tcp_routes: Vec<_> = att
+                .visible(svc, sp.port, client_ns)
+                .into_iter()
+                .filter_map(|a| match a {
+                    routes::Attached::Tcp(r) => Some(r),
+                    _ => None,
+                })
+                .collect();
+            tcp_routes.sort_by_key(|r| crate::mesh::route_age_key(&r.value.metadata));
+            if let Some(r) = tcp_routes.first() {
+                let rns = &r.value.metadata.namespace;
+                for b in r
+                    .value
+                    .spec
+                    .rules
+                    .iter()
+                    .take(1)
+                    .flat_map(|rule| &rule.backend_refs)
+                {
+                    if b.weight == 0 {
+                        continue;
+                    }
+                    if let Ok((bs, bp)) = crate::mesh::backend_port(
+                        mesh,
+                        rns,
+                        b.view(),
+                        "TCPRoute",
+                        crate::mesh::PortClass::Any,
+                    ) {
+                        targets.push((
+                            names::cluster(
+                                bp.port,
+                                &bs.value.metadata.name,
+                                &bs.value.metadata.namespace,
+                            ),
+                            b.weight,
+                        ));
+                    }
+                }
+            }
+            if targets.is_empty() {
+                targets.push((names::cluster(sp.port, name, ns), 1));
+            }
+            let port = u16::try_from(sp.local_port()).unwrap_or(0);
+            let addr = SocketAddr::new(ctx.outbound_addr.ip(), port);
+            let filter = listeners::tcp_proxy(&lname, targets, idle);
+            xds.listeners.push(listeners::plain(&lname, addr, filter));
+        }
+    }
+
+    if let Some((wns, wname)) = &ctx.workload {
+        inbound(mesh, ctx, wns, wname, &mut xds);
+    }
+    xds
+}
+
+/// The inbound listener, route configuration and clusters of the fronted
+/// workload (nothing if it or its service is unknown).
+fn inbound(mesh: &Mesh, ctx: &ProxyContext, wns: &str, wname: &str, xds: &mut Xds) {
+    let Some(w) = mesh.workload(wns, wname) else {
+        return;
+    };
+    let Some(s) = mesh.service(wns, &w.value.spec.service) else {
+        return;
+    };
+    let svc = &s.value;
+    let ports: Vec<(&ServicePort, u32)> = svc
+        .spec
+        .ports
+        .iter()
+        .map(|sp| (sp, w.value.port_for(sp)))
+        .collect();
+    let Some((_, first_port)) = ports.first().copied() else {
+        return;
+    };
+    let mut seen = Vec::new();
+    for (sp, wport) in &ports {
+        if !seen.contains(wport) {
+            seen.push(*wport);
+            xds.clusters.push(clusters::inbound_cluster(
+                &w.value,
+                svc,
+                *wport,
+                sp.app_protocol,
+            ));
+        }
+    }
+    let tcp = listeners::tcp_proxy(
+        names::INBOUND,
+        vec![(names::inbound_cluster(first_port), 1)],
+        None,
+    );
+    if ports.iter().any(|(sp, _)| sp.app_protocol.is_http()) {
+        xds.routes.push(routes::inbound(svc, &ports));
+        xds.listeners.push(listeners::detecting(
+            names::INBOUND,
+            ctx.inbound_addr,
+            ctx.detect_timeout,
+            names::INBOUND,
+            Some(tcp),
+        ));
+    } else {
+        xds.listeners
+            .push(listeners::plain(names::INBOUND, ctx.inbound_addr, tcp));
+    }
+}
+
+/// Hash policies for routes to Service `svc` when its TrafficPolicy uses a
+/// consistent-hash balancer.
+pub(crate) fn hash_policies(mesh: &Mesh, svc: &Key) -> Vec<route_action::HashPolicy> {
+    use route_action::hash_policy::{self, PolicySpecifier};
+    let Some(p) = mesh.traffic_policy_for(&svc.0, &svc.1) else {
+        return Vec::new();
+    };
+    let Some(lb) = &p.value.spec.load_balancer else {
+        return Vec::new();
+    };
+    if !lb.algorithm.is_hash() {
+        return Vec::new();
+    }
+    let Some(h) = &lb.hash else {
+        return Vec::new();
+    };
+    let spec = if let Some(name) = &h.header {
+        PolicySpecifier::Header(hash_policy::Header {
+            header_name: name.to_ascii_lowercase(),
+            regex_rewrite: None,
+        })
+    } else if let Some(c) = &h.cookie {
+        PolicySpecifier::Cookie(hash_policy::Cookie {
+            name: c.name.clone(),
+            ttl: c.ttl.map(|d| util::pb_duration(d.get())),
+            path: c.path.clone().unwrap_or_default(),
+            attributes: Vec::new(),
+        })
+    } else if h.source_ip == Some(true) {
+        PolicySpecifier::ConnectionProperties(hash_policy::ConnectionProperties { source_ip: true })
+    } else {
+        return Vec::new();
+    };
+    vec![route_action::HashPolicy {
+        terminal: false,
+        policy_specifier: Some(spec),
+    }]
+}
+
+/// A content hash of everything translation reads. Hashing the input (not
+/// the protobuf output, whose map fields encode in random order) keeps the
+/// version stable: same mesh and context, same version.
+fn version(mesh: &Mesh, ctx: &ProxyContext) -> String {
+    let mut h = util::Fnv::new();
+    h.write(concat!("meshwork-api/", env!("CARGO_PKG_VERSION")).as_bytes());
+    h.write(format!("{:?}", ctx).as_bytes());
+    for r in mesh.resources() {
+        h.write(r.value.kind().as_str().as_bytes());
+        if let Ok(bytes) = serde_json::to_vec(&r.value) {
+            h.write(&bytes);
+        }
+        h.write(&[0]);
+    }
+    format!("{:016x}", h.finish())
+}

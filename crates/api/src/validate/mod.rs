@@ -1,0 +1,501 @@
+//! Semantic validation: from loaded resources to a [`Mesh`].
+//!
+//! Contract: [`validate`] reports every problem at once, each naming the
+//! file, line (of the offending field when it can be found), resource and
+//! field path, and saying what was expected. It checks names, duplicate
+//! resources (saying where the first one is), the Gateway API CRD limits,
+//! patterns and `x-kubernetes-validations` rules that matter, regexes (by
+//! compiling them), references (services, ports, parents, backends, mirrors,
+//! policy targets, workload ports) and conflicts (HTTPRoute vs GRPCRoute on
+//! one port, two TCPRoutes or two TrafficPolicies for one target, local port
+//! clashes). What passes is safe to translate without further checks.
+//!
+//! Non-goals: partial acceptance. Kubernetes marks single routes as not
+//! accepted and carries on; meshwork refuses the whole input so that a bad
+//! `apply` changes nothing.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::error::{Error, Errors, FieldPath};
+use crate::mesh::{is_service_group, list_ports, parse_rfc3339, Key, Mesh};
+use crate::resources::{
+    AppProtocol, HashConfig, Kind, LbAlgorithm, LoadBalancer, Metadata, Resource, Service,
+    TrafficPolicy, Workload, DEFAULT_MAX_RING,
+};
+use crate::source::Sourced;
+
+pub(crate) mod checks;
+mod routes;
+
+/// Checks `resources` and indexes them into a [`Mesh`].
+pub fn validate(resources: Vec<Sourced<Resource>>) -> Result<Mesh, Errors> {
+    let file_order = file_order(&resources);
+    let mut errors = Errors::default();
+    let mut mesh = Mesh::default();
+    let mut seen: HashMap<(Kind, String, String), String> = HashMap::new();
+
+    for r in resources {
+        let label = r.value.label();
+        let meta = r.value.metadata().clone();
+        check_metadata(&r, &label, &meta, &mut errors);
+        let id = (r.value.kind(), meta.namespace.clone(), meta.name.clone());
+        if let Some(first) = seen.get(&id) {
+            errors.push(r.error(
+                Some(label),
+                &FieldPath::root().key("metadata").key("name"),
+                format!(
+                    "duplicate {} {}/{}: first defined at {first}",
+                    id.0, id.1, id.2
+                ),
+            ));
+            continue;
+        }
+        seen.insert(id, r.place());
+        let key: Key = (meta.namespace, meta.name);
+        let (value, place) = r.split();
+        match value {
+            Resource::Service(v) => {
+                mesh.services.insert(key, place.map(|_| v));
+            }
+            Resource::Workload(v) => {
+                mesh.workloads.insert(key, place.map(|_| v));
+            }
+            Resource::HttpRoute(v) => {
+                mesh.http_routes.insert(key, place.map(|_| v));
+            }
+            Resource::GrpcRoute(v) => {
+                mesh.grpc_routes.insert(key, place.map(|_| v));
+            }
+            Resource::TcpRoute(v) => {
+                mesh.tcp_routes.insert(key, place.map(|_| v));
+            }
+            Resource::TrafficPolicy(v) => {
+                mesh.traffic_policies.insert(key, place.map(|_| v));
+            }
+        }
+    }
+
+    check_services(&mesh, &mut errors);
+    for w in mesh.workloads() {
+        check_workload(&mesh, w, &mut errors);
+    }
+    check_policies(&mut mesh, &mut errors);
+    routes::check_routes(&mesh, &mut errors);
+
+    if errors.is_empty() {
+        Ok(mesh)
+    } else {
+        // Report in input order: by file (first appearance), then position.
+        errors.0.sort_by_key(|e| {
+            (
+                file_order.get(&e.file).copied().unwrap_or(usize::MAX),
+                e.line,
+                e.column,
+            )
+        });
+        Err(errors)
+    }
+}
+
+fn file_order(resources: &[Sourced<Resource>]) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for r in resources {
+        let n = m.len();
+        m.entry(r.file.to_string()).or_insert(n);
+    }
+    m
+}
+
+/// Collects errors about one resource.
+pub(crate) struct Ck<'a, T> {
+    pub(crate) src: &'a Sourced<T>,
+    pub(crate) label: String,
+    pub(crate) errors: &'a mut Errors,
+}
+
+impl<'a, T> Ck<'a, T> {
+    pub(crate) fn new(src: &'a Sourced<T>, label: String, errors: &'a mut Errors) -> Self {
+        Ck { src, label, errors }
+    }
+
+    /// Records `message` about the field at `path`.
+    pub(crate) fn err(&mut self, path: &FieldPath, message: impl Into<String>) {
+        let e: Error = self.src.error(Some(self.label.clone()), path, message);
+        self.errors.push(e);
+    }
+
+    /// Records the error of `r`, if any.
+    pub(crate) fn check(&mut self, path: &FieldPath, r: Result<(), String>) {
+        if let Err(m) = r {
+            self.err(path, m);
+        }
+    }
+
+    /// Checks a list length against a CRD `maxItems`.
+    pub(crate) fn max_items<X>(&mut self, path: &FieldPath, v: &[X], max: usize) {
+        if v.len() > max {
+            self.err(
+                path,
+                format!("at most {max} entries are allowed, found {}", v.len()),
+            );
+        }
+    }
+
+    /// Checks an integer range.
+    pub(crate) fn range(&mut self, path: &FieldPath, v: u64, lo: u64, hi: u64) {
+        if v < lo || v > hi {
+            self.err(path, format!("{v} is out of range: expected {lo} to {hi}"));
+        }
+    }
+}
+
+fn check_metadata(r: &Sourced<Resource>, label: &str, m: &Metadata, errors: &mut Errors) {
+    let mut ck = Ck::new(r, label.to_string(), errors);
+    let p = FieldPath::root().key("metadata");
+    ck.check(&p.key("name"), checks::dns_label(&m.name));
+    ck.check(&p.key("namespace"), checks::dns_label(&m.namespace));
+    if let Some(ts) = &m.creation_timestamp {
+        if parse_rfc3339(ts).is_none() {
+            ck.err(
+                &p.key("creationTimestamp"),
+                format!("{ts:?} is not an RFC 3339 time (e.g. \"2024-05-01T12:00:00Z\")"),
+            );
+        }
+    }
+}
+
+fn check_services(mesh: &Mesh, errors: &mut Errors) {
+    // Local ports of TCP services in explicit mode must not clash.
+    let mut local_ports: BTreeMap<u32, (String, String)> = BTreeMap::new();
+    for s in mesh.services() {
+        let svc: &Service = &s.value;
+        let mut ck = Ck::new(s, label_of(Kind::Service, &svc.metadata), errors);
+        let base = FieldPath::root().key("spec");
+        if svc.spec.ports.is_empty() {
+            ck.err(&base.key("ports"), "at least one port is required");
+        }
+        if let Some(sa) = &svc.spec.service_account {
+            ck.check(&base.key("serviceAccount"), checks::dns_subdomain(sa));
+        }
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        let mut numbers: HashMap<u32, usize> = HashMap::new();
+        for (i, p) in svc.spec.ports.iter().enumerate() {
+            let pp = base.key("ports").index(i);
+            ck.check(&pp.key("name"), checks::dns_label(&p.name));
+            ck.range(&pp.key("port"), p.port.into(), 1, 65535);
+            if let Some(t) = p.target_port {
+                ck.range(&pp.key("targetPort"), t.into(), 1, 65535);
+            }
+            if let Some(l) = p.local_port {
+                ck.range(&pp.key("localPort"), l.into(), 0, 65535);
+                if p.app_protocol != AppProtocol::Tcp {
+                    ck.err(
+                        &pp.key("localPort"),
+                        format!(
+                            "only tcp ports have their own local listener; {} ports are served on the outbound HTTP listener",
+                            p.app_protocol.as_str()
+                        ),
+                    );
+                }
+            }
+            if let Some(j) = names.insert(&p.name, i) {
+                ck.err(
+                    &pp.key("name"),
+                    format!("port name {:?} is already used by spec.ports[{j}]", p.name),
+                );
+            }
+            if let Some(j) = numbers.insert(p.port, i) {
+                ck.err(
+                    &pp.key("port"),
+                    format!("port {} is already used by spec.ports[{j}]", p.port),
+                );
+            }
+            if p.app_protocol == AppProtocol::Tcp && p.local_port() != 0 {
+                let here = format!(
+                    "{}/{} port {} ({})",
+                    svc.metadata.namespace,
+                    svc.metadata.name,
+                    p.name,
+                    s.place()
+                );
+                match local_ports.get(&p.local_port()) {
+                    Some((other, _)) => ck.err(
+                        &pp.key("localPort"),
+                        format!(
+                            "local port {} is already taken by tcp service {other}; set a distinct spec.ports[{i}].localPort (0 picks any free port)",
+                            p.local_port()
+                        ),
+                    ),
+                    None => {
+                        local_ports.insert(p.local_port(), (here, String::new()));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn check_workload(mesh: &Mesh, w: &Sourced<Workload>, errors: &mut Errors) {
+    let wl = &w.value;
+    let mut ck = Ck::new(w, label_of(Kind::Workload, &wl.metadata), errors);
+    let base = FieldPath::root().key("spec");
+    ck.range(&base.key("weight"), wl.spec.weight.into(), 1, 128);
+    if wl.spec.address.is_unspecified() {
+        ck.err(
+            &base.key("address"),
+            format!(
+                "{} is not a usable address; give the workload's own IP",
+                wl.spec.address
+            ),
+        );
+    }
+    let ns = &wl.metadata.namespace;
+    let Some(svc) = mesh.service(ns, &wl.spec.service) else {
+        ck.err(
+            &base.key("service"),
+            format!(
+                "Service {ns}/{} not found (a Workload belongs to a Service of its own namespace)",
+                wl.spec.service
+            ),
+        );
+        return;
+    };
+    for (name, port) in &wl.spec.ports {
+        let pp = base.key("ports").key(name);
+        if svc.value.port_named(name).is_none() {
+            ck.err(
+                &pp,
+                format!(
+                    "Service {ns}/{} has no port named {name:?} (its ports: {})",
+                    wl.spec.service,
+                    list_ports(&svc.value)
+                ),
+            );
+        }
+        ck.range(&pp, (*port).into(), 1, 65535);
+    }
+}
+
+fn check_policies(mesh: &mut Mesh, errors: &mut Errors) {
+    let mut policy_of: BTreeMap<Key, Key> = BTreeMap::new();
+    for (pk, p) in &mesh.traffic_policies {
+        let tp: &TrafficPolicy = &p.value;
+        let mut ck = Ck::new(p, label_of(Kind::TrafficPolicy, &tp.metadata), errors);
+        let base = FieldPath::root().key("spec");
+        let tr = &tp.spec.target_ref;
+        let tpath = base.key("targetRef");
+        if tr.kind != "Service" {
+            ck.err(
+                &tpath.key("kind"),
+                format!(
+                    "{:?} is not supported: a TrafficPolicy targets a Service",
+                    tr.kind
+                ),
+            );
+        } else if tr.group.as_deref().is_some_and(|g| !is_service_group(g)) {
+            ck.err(
+                &tpath.key("group"),
+                "must be \"\", \"core\" or \"meshwork.dev\" for a Service",
+            );
+        } else {
+            let ns = &tp.metadata.namespace;
+            let sk: Key = (ns.clone(), tr.name.clone());
+            if mesh.services.contains_key(&sk) {
+                if let Some(other) = policy_of.get(&sk) {
+                    let place = mesh
+                        .traffic_policies
+                        .get(other)
+                        .map(|o| o.place())
+                        .unwrap_or_default();
+                    ck.err(
+                        &tpath.key("name"),
+                        format!(
+                            "Service {ns}/{} already has TrafficPolicy {}/{} ({place}); one TrafficPolicy per Service: merge them",
+                            tr.name, other.0, other.1
+                        ),
+                    );
+                } else {
+                    policy_of.insert(sk, pk.clone());
+                }
+            } else {
+                ck.err(
+                    &tpath.key("name"),
+                    format!("Service {ns}/{} not found (a TrafficPolicy targets a Service of its own namespace)", tr.name),
+                );
+            }
+        }
+        if let Some(lb) = &tp.spec.load_balancer {
+            check_lb(&mut ck, lb, &base.key("loadBalancer"));
+        }
+        if let Some(cp) = &tp.spec.connection_pool {
+            if cp.connect_timeout.is_some_and(|d| d.get().is_zero()) {
+                ck.err(
+                    &base.key("connectionPool").key("connectTimeout"),
+                    "must be more than 0s",
+                );
+            }
+        }
+    }
+    mesh.policy_of = policy_of;
+}
+
+fn check_lb<T>(ck: &mut Ck<'_, T>, lb: &LoadBalancer, p: &FieldPath) {
+    let alg = lb.algorithm;
+    if let Some(c) = lb.choice_count {
+        if alg != LbAlgorithm::LeastRequest {
+            ck.err(
+                &p.key("choiceCount"),
+                format!("only used by algorithm leastRequest, not {}", alg.as_str()),
+            );
+        }
+        ck.range(&p.key("choiceCount"), c.into(), 2, 100);
+    }
+    if let Some(h) = &lb.hash {
+        if !alg.is_hash() {
+            ck.err(
+                &p.key("hash"),
+                format!(
+                    "only used by algorithms ringHash and maglev, not {}",
+                    alg.as_str()
+                ),
+            );
+        }
+        check_hash(ck, h, &p.key("hash"));
+    }
+    if let Some(r) = &lb.ring_hash {
+        let rp = p.key("ringHash");
+        if alg != LbAlgorithm::RingHash {
+            ck.err(
+                &rp,
+                format!("only used by algorithm ringHash, not {}", alg.as_str()),
+            );
+        }
+        let min = r
+            .minimum_ring_size
+            .unwrap_or(crate::resources::DEFAULT_MIN_RING);
+        let max = r.maximum_ring_size.unwrap_or(DEFAULT_MAX_RING);
+        if let Some(v) = r.minimum_ring_size {
+            ck.range(&rp.key("minimumRingSize"), v, 1, DEFAULT_MAX_RING);
+        }
+        if let Some(v) = r.maximum_ring_size {
+            ck.range(&rp.key("maximumRingSize"), v, 1, DEFAULT_MAX_RING);
+        }
+        if min > max {
+            ck.err(
+                &rp,
+                format!("minimumRingSize {min} is larger than maximumRingSize {max}"),
+            );
+        }
+    }
+    if let Some(m) = &lb.maglev {
+        let mp = p.key("maglev");
+        if alg != LbAlgorithm::Maglev {
+            ck.err(
+                &mp,
+                format!("only used by algorithm maglev, not {}", alg.as_str()),
+            );
+        }
+        if let Some(t) = m.table_size {
+            if t > 5_000_011 || !checks::is_prime(t) {
+                ck.err(
+                    &mp.key("tableSize"),
+                    format!("{t} is not a prime number up to 5000011 (e.g. 65537)"),
+                );
+            }
+        }
+    }
+}
+
+fn check_hash<T>(ck: &mut Ck<'_, T>, h: &HashConfig, p: &FieldPath) {
+    let set = usize::from(h.header.is_some())
+        + usize::from(h.cookie.is_some())
+        + usize::from(h.source_ip.is_some());
+    if set != 1 {
+        ck.err(p, "set exactly one of header, cookie and sourceIP");
+    }
+    if let Some(name) = &h.header {
+        ck.check(&p.key("header"), checks::header_name(name));
+    }
+    if let Some(c) = &h.cookie {
+        let cp = p.key("cookie");
+        ck.check(&cp.key("name"), checks::header_name(&c.name).map_err(|_| {
+            format!("cookie name {:?} must be a non-empty token (letters, digits, and !#$%&'*+-.^_`|~)", c.name)
+        }));
+        if let Some(path) = &c.path {
+            ck.check(&cp.key("path"), checks::replacement_path(path, false));
+        }
+    }
+    if h.source_ip == Some(false) {
+        ck.err(
+            &p.key("sourceIP"),
+            "must be true when set (remove it to hash something else)",
+        );
+    }
+}
+
+pub(crate) fn label_of(kind: Kind, m: &Metadata) -> String {
+    format!("{kind} {}/{}", m.namespace, m.name)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn errs(yaml: &str) -> String {
+        let r = crate::load_str("t.yaml", yaml).unwrap();
+        validate(r).err().map(|e| e.to_string()).unwrap_or_default()
+    }
+
+    const SVC: &str = "apiVersion: meshwork.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec:\n  ports:\n  - {name: http, port: 80}\n";
+
+    #[test]
+    fn duplicate_names_point_at_the_first() {
+        let e = errs(&format!("{SVC}---\n{SVC}"));
+        assert!(
+            e.contains("t.yaml:10:18: Service default/a: metadata.name: "),
+            "{e}"
+        );
+        assert!(
+            e.contains("duplicate Service default/a: first defined at t.yaml:1"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn service_ports() {
+        let e = errs("apiVersion: meshwork.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec:\n  ports:\n  - {name: http, port: 80, localPort: 9}\n  - {name: http, port: 80}\n  - {name: x, port: 70000}\n");
+        assert!(
+            e.contains("spec.ports[1].name: port name \"http\" is already used by spec.ports[0]"),
+            "{e}"
+        );
+        assert!(
+            e.contains("spec.ports[1].port: port 80 is already used"),
+            "{e}"
+        );
+        assert!(
+            e.contains("spec.ports[2].port: 70000 is out of range"),
+            "{e}"
+        );
+        assert!(e.contains("spec.ports[0].localPort: only tcp ports"), "{e}");
+    }
+
+    #[test]
+    fn policy_checks() {
+        let e = errs(&format!(
+            "{SVC}---\napiVersion: meshwork.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: p}}\nspec:\n  targetRef: {{kind: Service, name: a}}\n  loadBalancer:\n    algorithm: roundRobin\n    hash: {{header: x-user, sourceIP: true}}\n    maglev: {{tableSize: 100}}\n"
+        ));
+        assert!(
+            e.contains("spec.loadBalancer.hash: only used by algorithms ringHash and maglev"),
+            "{e}"
+        );
+        assert!(
+            e.contains("set exactly one of header, cookie and sourceIP"),
+            "{e}"
+        );
+        assert!(
+            e.contains("spec.loadBalancer.maglev.tableSize: 100 is not a prime"),
+            "{e}"
+        );
+    }
+}

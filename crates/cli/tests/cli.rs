@@ -1,0 +1,274 @@
+//! The `meshwork` binary end to end: `validate` errors, SIGTERM drain, and
+//! interop: the same YAML, translated, runs in a real Envoy and routes the
+//! same way as in meshwork's proxy.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use testkit::{Backend, H1Client};
+
+const BIN: &str = env!("CARGO_BIN_EXE_meshwork");
+
+fn scratch(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("meshwork-cli-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn meshwork(args: &[&str]) -> std::process::Output {
+    Command::new(BIN).args(args).output().unwrap()
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Kills the child when the test ends, pass or fail.
+struct Guard(Child);
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn mesh_yaml(backends: &[(&str, SocketAddr)]) -> String {
+    let mut y = String::new();
+    for (name, addr) in backends {
+        y += &format!(
+            "apiVersion: meshwork.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  ports: [{{name: http, port: 80, appProtocol: http}}]\n---\n\
+             apiVersion: meshwork.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {name}-0}}\nspec: {{service: {name}, address: \"{}\", ports: {{http: {}}}}}\n---\n",
+            addr.ip(),
+            addr.port()
+        );
+    }
+    y
+}
+
+async fn wait_for_port(addr: SocketAddr) {
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("nothing listens on {addr}");
+}
+
+#[test]
+fn validate_reports_every_error_with_file_line_and_field() {
+    let dir = scratch("validate");
+    let bad = dir.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "apiVersion: meshwork.dev/v1alpha1\nkind: Service\nmetadata: {name: web}\nspec:\n  ports: [{name: http, port: 80, appProtocl: http}]\n---\n\
+         apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec:\n  parentRefs: [{kind: Service, name: web, port: 80}]\n  rules:\n  - matches: [{path: {type: RegularExpression, value: \"/(\"}}]\n    backendRefs: [{name: missing, port: 80}]\n---\n\
+         apiVersion: meshwork.dev/v1alpha1\nkind: Gadget\nmetadata: {name: g}\n",
+    )
+    .unwrap();
+    let out = meshwork(&["validate", "-f", bad.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("bad.yaml:5"), "unknown field located: {err}");
+    assert!(err.contains("appProtocl"), "{err}");
+    assert!(err.contains("Gadget"), "unknown kind named: {err}");
+
+    let malformed = dir.join("malformed.yaml");
+    std::fs::write(&malformed, "kind: Service\nmetadata: {name: [\n").unwrap();
+    let out = meshwork(&["validate", "-f", malformed.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("malformed.yaml:"), "{err}");
+}
+
+#[test]
+fn examples_are_valid() {
+    let dir = repo_root().join("examples");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let out = meshwork(&["validate", "-f", path.to_str().unwrap()]);
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            n += 1;
+        }
+    }
+    assert!(n > 0, "no examples in {}", dir.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests() {
+    let b = Backend::http("slow").await;
+    let dir = scratch("drain");
+    let cfg = dir.join("mesh.yaml");
+    std::fs::write(&cfg, mesh_yaml(&[("slow", b.addr)])).unwrap();
+    let out_port = testkit::free_port();
+    let admin_port = testkit::free_port();
+    let child = Command::new(BIN)
+        .args(["proxy", "--config", cfg.to_str().unwrap()])
+        .args(["--outbound-addr", &format!("127.0.0.1:{out_port}")])
+        .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
+        .args([
+            "--inbound-addr",
+            "127.0.0.1:0",
+            "--access-log",
+            "off",
+            "--drain-timeout-secs",
+            "10",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut guard = Guard(child);
+    let out: SocketAddr = format!("127.0.0.1:{out_port}").parse().unwrap();
+    wait_for_port(out).await;
+
+    let mut inflight = Vec::new();
+    for _ in 0..8 {
+        let mut c = H1Client::connect(out).await.unwrap();
+        inflight.push(tokio::spawn(
+            async move { c.get("slow", "/delay/700").await },
+        ));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let kill = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    for r in inflight {
+        let r = r.await.unwrap().expect("in-flight request completed");
+        assert_eq!(r.status, 200);
+    }
+    // It exits on its own, well before the drain deadline, with success.
+    let mut exited = None;
+    for _ in 0..100 {
+        if let Some(status) = guard.0.try_wait().unwrap() {
+            exited = Some(status);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = exited.expect("proxy exited after draining");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        tokio::net::TcpStream::connect(out).await.is_err(),
+        "no longer accepting"
+    );
+}
+
+fn envoy() -> PathBuf {
+    PathBuf::from(std::env::var("MESHWORK_ENVOY").expect(
+        "MESHWORK_ENVOY is not set: run ./scripts/test.sh, which installs Envoy and sets it",
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_accepts_translation_and_routes_the_same() {
+    let envoy = envoy();
+    let v1 = Backend::http("v1").await;
+    let v2 = Backend::http("v2").await;
+    let dir = scratch("envoy");
+    let cfg = dir.join("mesh.yaml");
+    let yaml = mesh_yaml(&[("reviews", v1.addr), ("reviews-v2", v2.addr)])
+        + "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: reviews}\nspec:\n  parentRefs: [{kind: Service, name: reviews, port: 80}]\n  rules:\n\
+           - matches: [{headers: [{name: end-user, value: jason}]}]\n    backendRefs: [{name: reviews-v2, port: 80}]\n\
+           - matches: [{path: {type: PathPrefix, value: /api}}]\n    filters:\n    - type: URLRewrite\n      urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v1}}\n    - type: ResponseHeaderModifier\n      responseHeaderModifier: {set: [{name: x-route, value: api}]}\n    backendRefs: [{name: reviews, port: 80}]\n\
+           - backendRefs: [{name: reviews, port: 80}]\n";
+    std::fs::write(&cfg, &yaml).unwrap();
+    let envoy_port = testkit::free_port();
+    let envoy_admin = testkit::free_port();
+    let bootstrap = dir.join("bootstrap.pb");
+    let out = meshwork(&[
+        "translate",
+        "-f",
+        cfg.to_str().unwrap(),
+        "--outbound-addr",
+        &format!("127.0.0.1:{envoy_port}"),
+        "--envoy-bootstrap",
+        bootstrap.to_str().unwrap(),
+        "--envoy-admin-port",
+        &envoy_admin.to_string(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let check = Command::new(&envoy)
+        .args([
+            "--mode",
+            "validate",
+            "-c",
+            bootstrap.to_str().unwrap(),
+            "--disable-hot-restart",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "envoy --mode validate refused the translation:\n{}\n{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+
+    let child = Command::new(&envoy)
+        .args([
+            "-c",
+            bootstrap.to_str().unwrap(),
+            "--disable-hot-restart",
+            "--concurrency",
+            "1",
+            "-l",
+            "warning",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _guard = Guard(child);
+    let addr: SocketAddr = format!("127.0.0.1:{envoy_port}").parse().unwrap();
+    wait_for_port(addr).await;
+
+    let mut c = H1Client::connect(addr).await.unwrap();
+    let r = c.get("reviews", "/").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.backend(), Some("v1"));
+
+    let req = http::Request::builder()
+        .uri("/")
+        .header("host", "reviews.default:80")
+        .header("end-user", "jason")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let r = c.send(req).await.unwrap();
+    assert_eq!(
+        r.backend(),
+        Some("v2"),
+        "header match routes to v2 in Envoy too"
+    );
+
+    let r = c.get("reviews", "/api/items").await.unwrap();
+    assert_eq!(r.backend(), Some("v1"));
+    assert_eq!(
+        r.json()["path"],
+        "/v1/items",
+        "prefix rewrite as in meshwork"
+    );
+    assert_eq!(r.header("x-route"), Some("api"));
+
+    let r = c.get("nope", "/").await.unwrap();
+    assert_eq!(r.status, 404, "unknown host: no route, as in meshwork");
+}

@@ -1,0 +1,296 @@
+//! The proxy's composition root: read the config, build the shared state,
+//! start the listeners and the admin server, follow config changes, drain on
+//! shutdown.
+//!
+//! Standalone mode runs the mesh translator (`api`) in-process over a YAML
+//! file and feeds its xDS output through the same `config::xds` conversion a
+//! control plane's would take, so there is one config path. The file is
+//! polled; a change that fails to load, validate, convert or bind is refused
+//! with the reason in the log, and the last good config stays active.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Mutex as AsyncMutex;
+
+use crate::accesslog::AccessLog;
+use crate::admin::{self, AdminSource};
+use crate::config::model::Snapshot;
+use crate::config::xds;
+use crate::drain;
+use crate::listener::ListenerSet;
+use crate::logging::LogHandle;
+use crate::metrics::Metrics;
+use crate::runtime::Runtime;
+use crate::shared::Shared;
+
+/// Everything `meshwork proxy` is told on its command line.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The mesh YAML file (standalone mode).
+    pub config: PathBuf,
+    pub outbound_addr: SocketAddr,
+    pub inbound_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    /// `namespace/name` (or `name` in `default`) of the Workload this proxy fronts.
+    pub workload: Option<String>,
+    pub access_log: crate::accesslog::Target,
+    /// Protocol detection bound for listeners that sniff.
+    pub detect_timeout: Duration,
+    /// How often the config file is checked for changes.
+    pub poll_interval: Duration,
+}
+
+/// Why the proxy could not start or a config was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the translated config was refused: {0}")]
+    Nack(String),
+    #[error(transparent)]
+    Bind(#[from] crate::listener::BindError),
+    #[error("admin server: cannot bind {addr}: {source}")]
+    Admin {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running proxy.
+#[derive(Debug)]
+pub struct Proxy {
+    inner: Arc<Inner>,
+    drain: Option<drain::Trigger>,
+    admin_addr: SocketAddr,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    opts: Options,
+    shared: Arc<Shared>,
+    listeners: AsyncMutex<Option<ListenerSet>>,
+    bound: Mutex<Vec<(String, SocketAddr)>>,
+    /// Content of the file behind the active config, to skip no-op reloads.
+    last_text: Mutex<String>,
+    ready: std::sync::atomic::AtomicBool,
+}
+
+impl Proxy {
+    /// Loads the config, binds every listener and the admin server. Fails if
+    /// the initial config is invalid or cannot be bound.
+    pub async fn start(opts: Options, log: LogHandle) -> Result<Self, Error> {
+        let metrics = Arc::new(Metrics::new());
+        let access_log = AccessLog::new(opts.access_log.clone())
+            .map_err(|e| Error::Invalid(format!("access log: {e}")))?;
+        let local_service = None;
+        let shared = Shared::new(metrics.clone(), access_log, local_service);
+        let (trigger, watch) = drain::channel();
+        let inner = Arc::new(Inner {
+            opts: opts.clone(),
+            shared: shared.clone(),
+            listeners: AsyncMutex::new(Some(ListenerSet::new(shared.clone(), watch))),
+            bound: Mutex::new(Vec::new()),
+            last_text: Mutex::new(String::new()),
+            ready: std::sync::atomic::AtomicBool::new(false),
+        });
+        inner.reload(true).await?;
+        inner.ready.store(true, std::sync::atomic::Ordering::SeqCst);
+
+        let admin_socket = tokio::net::TcpListener::bind(opts.admin_addr)
+            .await
+            .map_err(|source| Error::Admin {
+                addr: opts.admin_addr,
+                source,
+            })?;
+        let admin_addr = admin_socket.local_addr().unwrap_or(opts.admin_addr);
+        tracing::info!(address = %admin_addr, "admin listening");
+        let mut tasks = Vec::new();
+        let admin_stop = trigger_watch(&trigger);
+        tasks.push(tokio::spawn(admin::serve(
+            admin_socket,
+            inner.clone() as Arc<dyn AdminSource>,
+            metrics,
+            log,
+            async move { admin_stop.signaled().await },
+        )));
+        tasks.push(tokio::spawn(watch_file(inner.clone())));
+        tasks.push(tokio::spawn(sweep_pools(shared)));
+        Ok(Self {
+            inner,
+            drain: Some(trigger),
+            admin_addr,
+            tasks,
+        })
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// Bound address of each listener, by name.
+    pub fn listeners(&self) -> Vec<(String, SocketAddr)> {
+        lock(&self.inner.bound).clone()
+    }
+
+    /// The bound address of one listener.
+    pub fn listener(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners()
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| a)
+    }
+
+    /// Re-reads the config file now (tests; the poller does the same).
+    pub async fn reload(&self) -> Result<(), Error> {
+        self.inner.reload(false).await
+    }
+
+    /// Graceful shutdown: stop accepting, let in-flight requests finish (idle
+    /// keep-alive connections are closed), exit by `deadline`. Returns whether
+    /// everything finished in time.
+    pub async fn shutdown(mut self, deadline: Duration) -> bool {
+        self.inner
+            .ready
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        if let Some(mut set) = self.inner.listeners.lock().await.take() {
+            set.stop_accepting();
+        }
+        let done = match self.drain.take() {
+            Some(t) => t.drain(deadline).await,
+            None => true,
+        };
+        for t in &self.tasks {
+            t.abort();
+        }
+        done
+    }
+}
+
+/// A watch on the global drain for tasks that are not connections.
+fn trigger_watch(trigger: &drain::Trigger) -> drain::Watch {
+    trigger.watch()
+}
+
+impl Inner {
+    async fn reload(&self, initial: bool) -> Result<(), Error> {
+        let path = &self.opts.config;
+        let text = tokio::fs::read_to_string(path)
+            .await
+            .map_err(|source| Error::Read {
+                path: path.clone(),
+                source,
+            })?;
+        if !initial && *lock(&self.last_text) == text {
+            return Ok(());
+        }
+        let result = self.apply_text(path, &text).await;
+        match &result {
+            Ok(version) => {
+                *lock(&self.last_text) = text;
+                self.shared.metrics.config_accepted("all", version);
+                if !initial {
+                    tracing::info!(%version, file = %path.display(), "config reloaded");
+                }
+            }
+            Err(e) => {
+                // Remember the refused text too, so it is reported once, not every poll.
+                *lock(&self.last_text) = text;
+                self.shared.metrics.config_rejected("all");
+                tracing::error!(file = %path.display(), "config refused, keeping the last good one:\n{e}");
+            }
+        }
+        result.map(|_| ())
+    }
+
+    async fn apply_text(&self, path: &Path, text: &str) -> Result<String, Error> {
+        let file = path.display().to_string();
+        let resources = api::load_str(&file, text).map_err(|e| Error::Invalid(e.to_string()))?;
+        let mesh = api::validate(resources).map_err(|e| Error::Invalid(e.to_string()))?;
+        let ctx = api::ProxyContext {
+            outbound_addr: self.opts.outbound_addr,
+            inbound_addr: self.opts.inbound_addr,
+            workload: self.opts.workload.as_deref().map(split_workload),
+            detect_timeout: self.opts.detect_timeout,
+        };
+        let out = api::translate(&mesh, &ctx);
+        let snapshot = xds::from_resources(
+            &out.version,
+            out.listeners,
+            out.routes,
+            out.clusters,
+            out.endpoints,
+        )
+        .map_err(|e| Error::Nack(e.to_string()))?;
+        let snapshot: Arc<Snapshot> = Arc::new(snapshot);
+        let mut guard = self.listeners.lock().await;
+        let Some(set) = guard.as_mut() else {
+            return Err(Error::Invalid("the proxy is shutting down".into()));
+        };
+        // Routes and clusters first, so a new listener never sees a runtime
+        // without its routes; a bind failure restores the previous runtime.
+        let previous = self.shared.runtime();
+        let runtime = Arc::new(Runtime::build(snapshot, Some(&previous)));
+        self.shared.set_runtime(runtime);
+        if let Err(e) = set.apply(&self.shared.runtime().snapshot.listeners).await {
+            self.shared.set_runtime(previous);
+            return Err(e.into());
+        }
+        *lock(&self.bound) = set.bound();
+        Ok(out.version)
+    }
+}
+
+impl AdminSource for Inner {
+    fn ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn config_dump(&self) -> serde_json::Value {
+        let rt = self.shared.runtime();
+        serde_json::to_value(&*rt.snapshot)
+            .unwrap_or_else(|e| serde_json::json!({ "error": format!("config dump failed: {e}") }))
+    }
+
+    fn listeners(&self) -> Vec<(String, SocketAddr)> {
+        lock(&self.bound).clone()
+    }
+}
+
+/// `ns/name` or `name` (namespace `default`).
+fn split_workload(s: &str) -> (String, String) {
+    match s.split_once('/') {
+        Some((ns, name)) => (ns.to_owned(), name.to_owned()),
+        None => ("default".to_owned(), s.to_owned()),
+    }
+}
+
+async fn watch_file(inner: Arc<Inner>) {
+    let mut tick = tokio::time::interval(inner.opts.poll_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        // Errors are logged inside; the last good config stays.
+        let _ = inner.reload(false).await;
+    }
+}
+
+async fn sweep_pools(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        shared.pools.sweep(Duration::from_secs(60));
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -1,0 +1,491 @@
+//! The proxy's runtime configuration: plain data derived from xDS resources.
+//!
+//! Every field here comes from an Envoy xDS v3 resource (see `docs/xds.md` for
+//! the subset). `config::xds` builds these types and refuses (NACKs) anything
+//! it cannot represent; the data path trusts them without further checks.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, StatusCode};
+use regex::Regex;
+use serde::Serialize;
+
+/// One complete, consistent configuration. Swapped atomically on update.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Snapshot {
+    /// Version of each resource type, as delivered (`version_info`).
+    pub versions: Versions,
+    /// Listeners by name.
+    pub listeners: HashMap<String, Arc<Listener>>,
+    /// RouteConfigurations by name.
+    pub routes: HashMap<String, Arc<RouteTable>>,
+    /// Clusters by name.
+    pub clusters: HashMap<String, Arc<Cluster>>,
+    /// ClusterLoadAssignments by cluster (EDS service) name.
+    pub endpoints: HashMap<String, Arc<LoadAssignment>>,
+}
+
+/// `version_info` per xDS type.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Versions {
+    pub listeners: String,
+    pub routes: String,
+    pub clusters: String,
+    pub endpoints: String,
+}
+
+/// An `envoy.config.listener.v3.Listener`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Listener {
+    pub name: String,
+    pub address: SocketAddr,
+    /// `listener_filters: [envoy.filters.listener.http_inspector]` with
+    /// `listener_filters_timeout`: sniff HTTP/1.1 vs h2c for at most this long.
+    /// `None`: no detection; the first filter chain applies to every connection.
+    pub detect_timeout: Option<Duration>,
+    /// Filter chain matched when detection finds `http/1.1` or `h2c`.
+    pub http: Option<HttpConnectionManager>,
+    /// The chain for everything else (`default_filter_chain`, or the only
+    /// chain without `filter_chain_match`). `None`: close such connections.
+    pub tcp: Option<TcpProxy>,
+}
+
+/// `envoy.filters.network.http_connection_manager` (router filter only).
+#[derive(Debug, Clone, Serialize)]
+pub struct HttpConnectionManager {
+    pub stat_prefix: String,
+    /// Name of the RouteConfiguration (RDS) or of the inline `route_config`.
+    pub route_config_name: String,
+    /// Inline `route_config`, when not fetched by RDS.
+    pub inline_routes: Option<Arc<RouteTable>>,
+    /// `stream_idle_timeout`.
+    pub stream_idle_timeout: Option<Duration>,
+    /// `request_timeout`.
+    pub request_timeout: Option<Duration>,
+    /// `common_http_protocol_options.idle_timeout` (downstream keep-alive idle).
+    pub idle_timeout: Option<Duration>,
+    /// `upgrade_configs: [{upgrade_type: websocket}]`: WebSocket upgrades are
+    /// proxied. Without it Envoy refuses upgrade requests (403).
+    pub websocket: bool,
+}
+
+/// `envoy.filters.network.tcp_proxy`.
+#[derive(Debug, Clone, Serialize)]
+pub struct TcpProxy {
+    pub stat_prefix: String,
+    /// `cluster` (one entry, weight 1) or `weighted_clusters`.
+    pub clusters: Vec<WeightedCluster>,
+    /// `idle_timeout`.
+    pub idle_timeout: Option<Duration>,
+}
+
+/// A `RouteConfiguration`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RouteTable {
+    pub name: String,
+    pub virtual_hosts: Vec<VirtualHost>,
+    /// Lookup structure over `virtual_hosts[].domains`; build the table with
+    /// [`RouteTable::new`] so it is consistent.
+    #[serde(skip)]
+    pub index: DomainIndex,
+}
+
+/// Envoy's virtual host lookup tables (see `router::select_vhost`). Domains
+/// are stored lower-cased; values are indices into `RouteTable::virtual_hosts`.
+#[derive(Debug, Clone, Default)]
+pub struct DomainIndex {
+    /// Exact domains (`foo.com`, `foo.com:8080`).
+    pub exact: HashMap<String, usize>,
+    /// `*suffix` wildcards, grouped by suffix length, longest first.
+    pub suffixes: Vec<(usize, HashMap<String, usize>)>,
+    /// `prefix*` wildcards, grouped by prefix length, longest first.
+    pub prefixes: Vec<(usize, HashMap<String, usize>)>,
+    /// The virtual host with the domain `*`.
+    pub default: Option<usize>,
+}
+
+/// Two virtual hosts (or one, twice) claim the same domain: Envoy rejects the
+/// RouteConfiguration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("duplicate domain \"{domain}\" (already in virtual_hosts[{first}])")]
+pub struct DomainConflict {
+    /// The domain, lower-cased.
+    pub domain: String,
+    /// Index of the virtual host that listed it first.
+    pub first: usize,
+    /// Index of the virtual host that lists it again.
+    pub vhost: usize,
+    /// Position of the duplicate inside that virtual host's `domains`.
+    pub position: usize,
+}
+
+impl RouteTable {
+    /// A route table with its domain index. Fails like Envoy when a domain
+    /// (compared case-insensitively) appears twice.
+    pub fn new(name: String, virtual_hosts: Vec<VirtualHost>) -> Result<Self, DomainConflict> {
+        let index = DomainIndex::build(&virtual_hosts)?;
+        Ok(RouteTable {
+            name,
+            virtual_hosts,
+            index,
+        })
+    }
+}
+
+impl DomainIndex {
+    /// Index the domains of `virtual_hosts` following Envoy's classification:
+    /// `*` is the default, a leading `*` a suffix wildcard, a trailing `*` a
+    /// prefix wildcard, anything else exact.
+    pub fn build(virtual_hosts: &[VirtualHost]) -> Result<Self, DomainConflict> {
+        let mut index = DomainIndex::default();
+        let mut suffixes: HashMap<usize, HashMap<String, usize>> = HashMap::new();
+        let mut prefixes: HashMap<usize, HashMap<String, usize>> = HashMap::new();
+        for (vh_idx, vh) in virtual_hosts.iter().enumerate() {
+            for (position, domain) in vh.domains.iter().enumerate() {
+                let domain = domain.to_ascii_lowercase();
+                let conflict = |first: usize, domain: String| DomainConflict {
+                    domain,
+                    first,
+                    vhost: vh_idx,
+                    position,
+                };
+                if domain == "*" {
+                    if let Some(first) = index.default {
+                        return Err(conflict(first, domain));
+                    }
+                    index.default = Some(vh_idx);
+                    continue;
+                }
+                let (map, key) = if let Some(suffix) = domain.strip_prefix('*') {
+                    (
+                        suffixes.entry(suffix.len()).or_default(),
+                        suffix.to_string(),
+                    )
+                } else if let Some(prefix) = domain.strip_suffix('*') {
+                    (
+                        prefixes.entry(prefix.len()).or_default(),
+                        prefix.to_string(),
+                    )
+                } else {
+                    (&mut index.exact, domain.clone())
+                };
+                if let Some(&first) = map.get(&key) {
+                    return Err(conflict(first, domain));
+                }
+                map.insert(key, vh_idx);
+            }
+        }
+        index.suffixes = suffixes.into_iter().collect();
+        index
+            .suffixes
+            .sort_by_key(|entry| std::cmp::Reverse(entry.0));
+        index.prefixes = prefixes.into_iter().collect();
+        index
+            .prefixes
+            .sort_by_key(|entry| std::cmp::Reverse(entry.0));
+        Ok(index)
+    }
+}
+
+/// A `VirtualHost`: `domains` follow Envoy's rules (exact, `*.suffix`,
+/// `prefix*`, `*`; an optional `:port` is part of the domain).
+#[derive(Debug, Clone, Serialize)]
+pub struct VirtualHost {
+    pub name: String,
+    pub domains: Vec<String>,
+    /// First match wins (the translator sorts by Gateway API precedence).
+    pub routes: Vec<Route>,
+    pub request_headers: HeaderMods,
+    pub response_headers: HeaderMods,
+}
+
+/// A `Route`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Route {
+    /// `name`: for meshwork output `<namespace>/<route>/<rule index>`.
+    pub name: String,
+    pub matcher: RouteMatch,
+    pub action: RouteAction,
+    pub request_headers: HeaderMods,
+    pub response_headers: HeaderMods,
+}
+
+/// `RouteMatch`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RouteMatch {
+    pub path: PathMatch,
+    /// `headers`; a method match is a header match on `:method`.
+    pub headers: Vec<HeaderMatch>,
+    /// `query_parameters`.
+    pub query: Vec<QueryMatch>,
+    /// `headers` entries naming a pseudo-header (`:method`), which
+    /// `http::HeaderName` cannot hold. All of them must match too.
+    pub pseudo_headers: Vec<PseudoHeaderMatch>,
+}
+
+/// A `HeaderMatcher` on a pseudo-header.
+#[derive(Debug, Clone, Serialize)]
+pub struct PseudoHeaderMatch {
+    pub header: PseudoHeader,
+    pub matcher: StringMatch,
+    pub invert: bool,
+}
+
+/// The pseudo-headers a route may match on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum PseudoHeader {
+    /// `:method`: the request method.
+    Method,
+}
+
+/// `RouteMatch.path_specifier`.
+#[derive(Debug, Clone, Serialize)]
+pub enum PathMatch {
+    /// `prefix`: plain string prefix.
+    Prefix(String),
+    /// `path`: the whole path (without query) equals.
+    Exact(String),
+    /// `path_separated_prefix`: equal, or a prefix followed by `/`.
+    SeparatedPrefix(String),
+    /// `safe_regex`: the regex must match the whole path. `config::xds`
+    /// compiles it anchored (`^(?:...)$`), so `is_match` is a full match.
+    Regex(#[serde(serialize_with = "ser_regex")] Regex),
+}
+
+/// A `HeaderMatcher` (`string_match` or `present_match`, optional `invert_match`).
+#[derive(Debug, Clone, Serialize)]
+pub struct HeaderMatch {
+    #[serde(serialize_with = "ser_display")]
+    pub name: HeaderName,
+    pub matcher: StringMatch,
+    pub invert: bool,
+}
+
+/// A `QueryParameterMatcher`.
+#[derive(Debug, Clone, Serialize)]
+pub struct QueryMatch {
+    pub name: String,
+    pub matcher: StringMatch,
+}
+
+/// `envoy.type.matcher.v3.StringMatcher`, or presence.
+#[derive(Debug, Clone, Serialize)]
+pub enum StringMatch {
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+    Contains(String),
+    /// Must match the whole value; compiled anchored like `PathMatch::Regex`.
+    Regex(#[serde(serialize_with = "ser_regex")] Regex),
+    Present,
+}
+
+/// `Route.action`.
+#[derive(Debug, Clone, Serialize)]
+pub enum RouteAction {
+    Forward(Forward),
+    Redirect(Redirect),
+    Direct { status: u16, body: String },
+}
+
+/// `RouteAction` (the `route` field).
+#[derive(Debug, Clone, Serialize)]
+pub struct Forward {
+    /// `cluster` (one entry, weight 1) or `weighted_clusters`.
+    pub clusters: Vec<WeightedCluster>,
+    /// `timeout` (`None`: Envoy's default 15 s; `Some(ZERO)`: disabled).
+    pub timeout: Option<Duration>,
+    /// `prefix_rewrite`: replaces the matched path prefix.
+    pub prefix_rewrite: Option<String>,
+    /// `regex_rewrite`: pattern and substitution over the path.
+    pub regex_rewrite: Option<RegexRewrite>,
+    /// `host_rewrite_literal`.
+    pub host_rewrite: Option<String>,
+    /// `request_mirror_policies`.
+    pub mirrors: Vec<Mirror>,
+    /// `hash_policy`, for ring hash and maglev clusters.
+    pub hash_policy: Vec<HashPolicy>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RegexRewrite {
+    #[serde(serialize_with = "ser_regex")]
+    pub pattern: Regex,
+    /// Replacement in `regex` crate syntax (`${1}`, `$$`): `config::xds`
+    /// converts Envoy's RE2 form (`\1`, `\\`) once, when the route is loaded.
+    pub substitution: String,
+}
+
+/// One backend of a split, with its own header filters.
+#[derive(Debug, Clone, Serialize)]
+pub struct WeightedCluster {
+    pub name: String,
+    pub weight: u32,
+    pub request_headers: HeaderMods,
+    pub response_headers: HeaderMods,
+}
+
+/// `RequestMirrorPolicy`: fire-and-forget copy; the response is discarded.
+#[derive(Debug, Clone, Serialize)]
+pub struct Mirror {
+    pub cluster: String,
+    /// `runtime_fraction` as a fraction of 1_000_000 (`None`: every request).
+    pub per_million: Option<u32>,
+}
+
+/// `RouteAction.HashPolicy`.
+#[derive(Debug, Clone, Serialize)]
+pub enum HashPolicy {
+    Header {
+        #[serde(serialize_with = "ser_display")]
+        name: HeaderName,
+        terminal: bool,
+    },
+    /// With a `ttl`, the proxy sets the cookie when the request has none.
+    Cookie {
+        name: String,
+        ttl: Option<Duration>,
+        path: Option<String>,
+        terminal: bool,
+    },
+    SourceIp {
+        terminal: bool,
+    },
+}
+
+/// `RedirectAction`. `None` fields keep the request's value.
+#[derive(Debug, Clone, Serialize)]
+pub struct Redirect {
+    pub scheme: Option<String>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub path: Option<PathRedirect>,
+    pub status: u16,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub enum PathRedirect {
+    /// `path_redirect`.
+    Full(String),
+    /// `prefix_rewrite`: replaces the matched prefix.
+    Prefix(String),
+}
+
+/// `request_headers_to_add/remove` or `response_headers_to_add/remove`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HeaderMods {
+    /// `OVERWRITE_IF_EXISTS_OR_ADD`.
+    #[serde(serialize_with = "ser_pairs")]
+    pub set: Vec<(HeaderName, HeaderValue)>,
+    /// `APPEND_IF_EXISTS_OR_ADD`.
+    #[serde(serialize_with = "ser_pairs")]
+    pub add: Vec<(HeaderName, HeaderValue)>,
+    #[serde(serialize_with = "ser_names")]
+    pub remove: Vec<HeaderName>,
+}
+
+impl HeaderMods {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+}
+
+/// A `Cluster` (type EDS, or STATIC with inline `load_assignment`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Cluster {
+    pub name: String,
+    /// The EDS `service_name` (defaults to the cluster name).
+    pub eds_name: String,
+    /// Inline `load_assignment` of a STATIC cluster.
+    pub static_endpoints: Option<Arc<LoadAssignment>>,
+    pub lb: LbPolicy,
+    /// `typed_extension_protocol_options` says HTTP/2 to the upstream.
+    pub http2: bool,
+    pub connect_timeout: Duration,
+    /// `common_http_protocol_options.idle_timeout` for pooled connections.
+    pub idle_timeout: Option<Duration>,
+    /// `metadata.filter_metadata["meshwork"]["service"]`: the mesh service
+    /// (`name.namespace`) for metric labels.
+    pub service: Option<String>,
+}
+
+/// `lb_policy` (with its config), or meshwork's peak-EWMA, which xDS carries as
+/// `LEAST_REQUEST` plus `metadata.filter_metadata["meshwork"]["lb"] = "peak_ewma"`.
+#[derive(Debug, Clone, Serialize)]
+pub enum LbPolicy {
+    PeakEwma,
+    RoundRobin,
+    LeastRequest {
+        choice_count: u32,
+    },
+    Random,
+    RingHash {
+        minimum_ring_size: u64,
+        maximum_ring_size: u64,
+    },
+    Maglev {
+        table_size: u64,
+    },
+}
+
+/// A `ClusterLoadAssignment`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LoadAssignment {
+    pub cluster_name: String,
+    pub localities: Vec<LocalityEndpoints>,
+}
+
+impl LoadAssignment {
+    /// Every endpoint with its effective weight.
+    pub fn endpoints(&self) -> impl Iterator<Item = &Endpoint> {
+        self.localities.iter().flat_map(|l| l.endpoints.iter())
+    }
+}
+
+/// `LocalityLbEndpoints`.
+#[derive(Debug, Clone, Serialize)]
+pub struct LocalityEndpoints {
+    pub region: String,
+    pub zone: String,
+    pub weight: u32,
+    pub priority: u32,
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// `LbEndpoint`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Endpoint {
+    pub address: SocketAddr,
+    /// `load_balancing_weight` (default 1).
+    pub weight: u32,
+}
+
+fn ser_regex<S: serde::Serializer>(r: &Regex, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(r.as_str())
+}
+
+fn ser_display<S: serde::Serializer, T: std::fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+fn ser_pairs<S: serde::Serializer>(
+    v: &[(HeaderName, HeaderValue)],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_seq(
+        v.iter()
+            .map(|(k, v)| (k.as_str(), String::from_utf8_lossy(v.as_bytes()))),
+    )
+}
+
+fn ser_names<S: serde::Serializer>(v: &[HeaderName], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(v.iter().map(|n| n.as_str()))
+}
+
+/// Redirect status codes Envoy's `RedirectAction.response_code` allows.
+pub fn redirect_status(code: u16) -> StatusCode {
+    StatusCode::from_u16(code).unwrap_or(StatusCode::MOVED_PERMANENTLY)
+}

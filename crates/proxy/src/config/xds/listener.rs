@@ -1,0 +1,714 @@
+//! Listener -> [`model::Listener`]: address, HTTP detection, filter chains,
+//! HttpConnectionManager and TcpProxy.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3 as core;
+use envoy_types::pb::envoy::config::listener::v3 as lpb;
+use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::listener::http_inspector::v3::HttpInspector;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp;
+
+use super::route::route_configuration;
+use super::{
+    ads_source, decode, is_default, is_type, opt_duration, single_cluster, socket_address,
+    unsupported_type, At, FieldError, Res,
+};
+use crate::config::model::{self, HeaderMods, WeightedCluster};
+
+/// The network filter of one filter chain.
+enum NetworkFilter {
+    Http(model::HttpConnectionManager),
+    Tcp(model::TcpProxy),
+}
+
+/// HTTP/1.0 is accepted alongside the two required values: meshwork serves
+/// it with its HTTP/1.1 codec, as Envoy's HCM does.
+const HTTP_PROTOCOLS: [&str; 3] = ["http/1.1", "h2c", "http/1.0"];
+
+#[allow(deprecated)]
+pub(super) fn listener(l: &lpb::Listener) -> Res<Option<model::Listener>> {
+    let lpb::Listener {
+        name,
+        address,
+        additional_addresses,
+        // Ignored: names of stats, metadata for other filters, Envoy-internal
+        // tuning that no client can observe.
+        stat_prefix: _,
+        stats_matcher: _,
+        filter_chains,
+        fcds_config,
+        filter_chain_matcher,
+        use_original_dst,
+        default_filter_chain,
+        per_connection_buffer_limit_bytes: _,
+        per_connection_buffer_high_watermark_timeout: _,
+        metadata: _,
+        deprecated_v1,
+        drain_type: _,
+        listener_filters,
+        listener_filters_timeout,
+        continue_on_listener_filters_timeout,
+        transparent,
+        freebind,
+        socket_options,
+        tcp_fast_open_queue_length: _,
+        traffic_direction: _,
+        udp_listener_config,
+        api_listener,
+        connection_balance_config,
+        reuse_port: _,
+        enable_reuse_port: _,
+        access_log,
+        tcp_backlog_size: _,
+        max_connections_to_accept_per_socket_event: _,
+        bind_to_port,
+        enable_mptcp,
+        ignore_global_conn_limit: _,
+        bypass_overload_manager: _,
+        tcp_keepalive,
+        listener_specifier,
+    } = l;
+    // Envoy does not add an api_listener received over LDS (only one, from
+    // bootstrap, is allowed): gRPC clients' listeners are skipped the same way.
+    if api_listener.is_some() {
+        return Ok(None);
+    }
+    deny!(
+        additional_addresses,
+        fcds_config,
+        filter_chain_matcher,
+        use_original_dst,
+        deprecated_v1,
+        transparent,
+        freebind,
+        socket_options,
+        udp_listener_config,
+        connection_balance_config,
+        access_log,
+        bind_to_port,
+        enable_mptcp,
+        tcp_keepalive,
+        listener_specifier,
+    );
+    let address = socket_address(address).at("address")?;
+
+    let mut inspector = false;
+    for (i, lf) in listener_filters.iter().enumerate() {
+        listener_filter(lf).at(format_args!("listener_filters[{i}]"))?;
+        if inspector {
+            return Err(FieldError::new(
+                format!("listener_filters[{i}]"),
+                "http_inspector listed twice",
+            ));
+        }
+        inspector = true;
+    }
+
+    // Classify the chains: at most one matching the sniffed HTTP protocols,
+    // at most one matching everything (Envoy refuses duplicate matchers).
+    let mut http: Option<(usize, model::HttpConnectionManager)> = None;
+    let mut catch_all: Option<(usize, NetworkFilter)> = None;
+    for (i, fc) in filter_chains.iter().enumerate() {
+        let at = format!("filter_chains[{i}]");
+        let (matches_http, filter) = filter_chain(fc).at(&at)?;
+        if matches_http {
+            if !inspector {
+                return Err(FieldError::new(
+                    format!("{at}.filter_chain_match.application_protocols"),
+                    "requires the envoy.filters.listener.http_inspector listener filter",
+                ));
+            }
+            let NetworkFilter::Http(h) = filter else {
+                return Err(FieldError::new(
+                    format!("{at}.filters[0]"),
+                    "a chain matching HTTP protocols must hold http_connection_manager",
+                ));
+            };
+            if let Some((first, _)) = http {
+                return Err(FieldError::new(
+                    format!("{at}.filter_chain_match"),
+                    format!("same match as filter_chains[{first}]"),
+                ));
+            }
+            http = Some((i, h));
+        } else {
+            if let Some((first, _)) = catch_all {
+                return Err(FieldError::new(
+                    at,
+                    format!(
+                        "a second chain without filter_chain_match (first: filter_chains[{first}])"
+                    ),
+                ));
+            }
+            if inspector && matches!(filter, NetworkFilter::Http(_)) {
+                return Err(FieldError::new(
+                    format!("{at}.filters[0]"),
+                    "with http_inspector, http_connection_manager must be in a chain matching application_protocols [http/1.1, h2c]",
+                ));
+            }
+            catch_all = Some((i, filter));
+        }
+    }
+    let default_chain = match default_filter_chain {
+        None => None,
+        Some(fc) => {
+            let (matches_http, filter) = filter_chain(fc).at("default_filter_chain")?;
+            if matches_http {
+                return Err(FieldError::new(
+                    "default_filter_chain.filter_chain_match",
+                    "must not be set",
+                ));
+            }
+            let NetworkFilter::Tcp(t) = filter else {
+                return Err(FieldError::new(
+                    "default_filter_chain.filters[0]",
+                    "the default chain must hold tcp_proxy",
+                ));
+            };
+            if let Some((i, _)) = catch_all {
+                return Err(FieldError::new(
+                    "default_filter_chain",
+                    format!("unreachable: filter_chains[{i}] already matches every connection"),
+                ));
+            }
+            Some(t)
+        }
+    };
+
+    let (mut http, mut tcp) = (http.map(|(_, h)| h), default_chain);
+    match catch_all {
+        Some((_, NetworkFilter::Tcp(t))) => tcp = Some(t),
+        Some((_, NetworkFilter::Http(h))) => http = Some(h),
+        None => {}
+    }
+    if http.is_none() && tcp.is_none() {
+        return Err(FieldError::new(
+            "filter_chains",
+            "at least one filter chain (or default_filter_chain) is required",
+        ));
+    }
+
+    let detect_timeout = if inspector {
+        let timeout = opt_duration(listener_filters_timeout, "listener_filters_timeout")?
+            // Envoy's default.
+            .unwrap_or(Duration::from_secs(15));
+        if timeout.is_zero() {
+            return Err(FieldError::new(
+                "listener_filters_timeout",
+                "0 (no timeout) is not supported: protocol detection must be bounded",
+            ));
+        }
+        if tcp.is_some() && !*continue_on_listener_filters_timeout {
+            return Err(FieldError::new(
+                "continue_on_listener_filters_timeout",
+                "must be true: connections that time out in detection go to the default chain",
+            ));
+        }
+        Some(timeout)
+    } else {
+        // Without listener filters Envoy ignores both fields.
+        None
+    };
+
+    Ok(Some(model::Listener {
+        name: name.clone(),
+        address,
+        detect_timeout,
+        http,
+        tcp,
+    }))
+}
+
+fn listener_filter(lf: &lpb::ListenerFilter) -> Res<()> {
+    let lpb::ListenerFilter {
+        name,
+        filter_disabled,
+        config_type,
+    } = lf;
+    deny!(filter_disabled);
+    match config_type {
+        Some(lpb::listener_filter::ConfigType::TypedConfig(any)) => {
+            if !is_type::<HttpInspector>(any) {
+                return Err(unsupported_type(any, name));
+            }
+            // HttpInspector has no fields; decoding still proves the bytes.
+            decode::<HttpInspector>(any).at("typed_config")?;
+            Ok(())
+        }
+        Some(lpb::listener_filter::ConfigType::ConfigDiscovery(_)) => {
+            Err(FieldError::unsupported("config_discovery"))
+        }
+        None => Err(FieldError::new("typed_config", "required")),
+    }
+}
+
+/// Returns whether the chain matches the sniffed HTTP protocols, and its filter.
+#[allow(deprecated)]
+fn filter_chain(fc: &lpb::FilterChain) -> Res<(bool, NetworkFilter)> {
+    let lpb::FilterChain {
+        filter_chain_match,
+        filters,
+        use_proxy_proto,
+        metadata: _,
+        transport_socket,
+        transport_socket_connect_timeout,
+        name: _,
+    } = fc;
+    deny!(
+        use_proxy_proto,
+        transport_socket,
+        transport_socket_connect_timeout
+    );
+    let matches_http = match filter_chain_match {
+        None => false,
+        Some(m) => filter_chain_match_http(m).at("filter_chain_match")?,
+    };
+    if filters.len() != 1 {
+        return Err(FieldError::new(
+            "filters",
+            format!("exactly one filter is supported, found {}", filters.len()),
+        ));
+    }
+    let filter = network_filter(&filters[0]).at("filters[0]")?;
+    Ok((matches_http, filter))
+}
+
+fn filter_chain_match_http(m: &lpb::FilterChainMatch) -> Res<bool> {
+    let lpb::FilterChainMatch {
+        destination_port,
+        prefix_ranges,
+        address_suffix,
+        suffix_len,
+        direct_source_prefix_ranges,
+        source_type,
+        source_prefix_ranges,
+        source_ports,
+        server_names,
+        transport_protocol,
+        application_protocols,
+    } = m;
+    deny!(
+        destination_port,
+        prefix_ranges,
+        address_suffix,
+        suffix_len,
+        direct_source_prefix_ranges,
+        source_type,
+        source_prefix_ranges,
+        source_ports,
+        server_names,
+        transport_protocol,
+    );
+    if application_protocols.is_empty() {
+        return Ok(false);
+    }
+    for (i, p) in application_protocols.iter().enumerate() {
+        if !HTTP_PROTOCOLS.contains(&p.as_str()) {
+            return Err(FieldError::new(
+                format!("application_protocols[{i}]"),
+                format!("unsupported value {p:?} (expected http/1.1, h2c)"),
+            ));
+        }
+    }
+    for required in &HTTP_PROTOCOLS[..2] {
+        if !application_protocols.iter().any(|p| p == required) {
+            return Err(FieldError::new(
+                "application_protocols",
+                format!("must include {required:?}: meshwork detects HTTP/1.1 and h2c together"),
+            ));
+        }
+    }
+    Ok(true)
+}
+
+fn network_filter(f: &lpb::Filter) -> Res<NetworkFilter> {
+    let lpb::Filter { name, config_type } = f;
+    let any = match config_type {
+        Some(lpb::filter::ConfigType::TypedConfig(any)) => any,
+        Some(lpb::filter::ConfigType::ConfigDiscovery(_)) => {
+            return Err(FieldError::unsupported("config_discovery"))
+        }
+        None => return Err(FieldError::new("typed_config", "required")),
+    };
+    if is_type::<hcm::HttpConnectionManager>(any) {
+        let h = decode::<hcm::HttpConnectionManager>(any).at("typed_config")?;
+        http_connection_manager(&h)
+            .at("typed_config")
+            .map(NetworkFilter::Http)
+    } else if is_type::<tcp::TcpProxy>(any) {
+        let t = decode::<tcp::TcpProxy>(any).at("typed_config")?;
+        tcp_proxy(&t).at("typed_config").map(NetworkFilter::Tcp)
+    } else {
+        Err(unsupported_type(any, name))
+    }
+}
+
+#[allow(deprecated)]
+fn http_connection_manager(h: &hcm::HttpConnectionManager) -> Res<model::HttpConnectionManager> {
+    use hcm::http_connection_manager::{CodecType, RouteSpecifier};
+    let hcm::HttpConnectionManager {
+        codec_type,
+        stat_prefix,
+        http_filters,
+        add_user_agent,
+        tracing,
+        common_http_protocol_options,
+        http1_safe_max_connection_duration,
+        http_protocol_options,
+        http2_protocol_options,
+        http3_protocol_options,
+        server_name,
+        server_header_transformation,
+        scheme_header_transformation,
+        max_request_headers_kb,
+        stream_idle_timeout,
+        stream_flush_timeout,
+        request_timeout,
+        request_headers_timeout,
+        // Envoy-internal connection draining/closing tuning.
+        drain_timeout: _,
+        drain_timeout_jitter: _,
+        delayed_close_timeout: _,
+        access_log,
+        access_log_flush_interval,
+        flush_access_log_on_new_request,
+        access_log_options,
+        use_remote_address,
+        xff_num_trusted_hops,
+        original_ip_detection_extensions,
+        early_header_mutation_extensions,
+        internal_address_config,
+        skip_xff_append,
+        via,
+        generate_request_id,
+        preserve_external_request_id,
+        always_set_request_id_in_response,
+        forward_client_cert_details,
+        set_current_client_cert_details,
+        forward_client_cert_matcher,
+        proxy_100_continue,
+        represent_ipv4_remote_address_as_ipv4_mapped_ipv6,
+        upgrade_configs,
+        normalize_path,
+        merge_slashes,
+        path_with_escaped_slashes_action,
+        request_id_extension,
+        local_reply_config,
+        strip_matching_host_port,
+        stream_error_on_invalid_http_message,
+        path_normalization_options,
+        strip_trailing_host_dot,
+        proxy_status_config,
+        typed_header_validation_config,
+        append_x_forwarded_port,
+        append_local_overload,
+        add_proxy_protocol_connection_state,
+        forward_proto_config,
+        route_specifier,
+        strip_port_mode,
+    } = h;
+    if *codec_type != CodecType::Auto as i32 {
+        return Err(FieldError::new("codec_type", "only AUTO is supported"));
+    }
+    deny!(
+        add_user_agent,
+        tracing,
+        http1_safe_max_connection_duration,
+        http_protocol_options,
+        http2_protocol_options,
+        http3_protocol_options,
+        server_name,
+        server_header_transformation,
+        scheme_header_transformation,
+        max_request_headers_kb,
+        stream_flush_timeout,
+        request_headers_timeout,
+        access_log,
+        access_log_flush_interval,
+        flush_access_log_on_new_request,
+        access_log_options,
+        use_remote_address,
+        xff_num_trusted_hops,
+        original_ip_detection_extensions,
+        early_header_mutation_extensions,
+        internal_address_config,
+        skip_xff_append,
+        via,
+        generate_request_id,
+        preserve_external_request_id,
+        always_set_request_id_in_response,
+        forward_client_cert_details,
+        set_current_client_cert_details,
+        forward_client_cert_matcher,
+        proxy_100_continue,
+        represent_ipv4_remote_address_as_ipv4_mapped_ipv6,
+        normalize_path,
+        merge_slashes,
+        path_with_escaped_slashes_action,
+        request_id_extension,
+        local_reply_config,
+        strip_matching_host_port,
+        stream_error_on_invalid_http_message,
+        path_normalization_options,
+        strip_trailing_host_dot,
+        proxy_status_config,
+        typed_header_validation_config,
+        append_x_forwarded_port,
+        append_local_overload,
+        add_proxy_protocol_connection_state,
+        forward_proto_config,
+        strip_port_mode,
+    );
+
+    if http_filters.len() != 1 {
+        return Err(FieldError::new(
+            "http_filters",
+            format!(
+                "exactly one filter, envoy.filters.http.router, is supported (found {})",
+                http_filters.len()
+            ),
+        ));
+    }
+    router_filter(&http_filters[0]).at("http_filters[0]")?;
+
+    let (route_config_name, inline_routes) = match route_specifier {
+        Some(RouteSpecifier::Rds(hcm::Rds {
+            config_source,
+            route_config_name,
+        })) => {
+            ads_source(config_source).at("rds.config_source")?;
+            if route_config_name.is_empty() {
+                return Err(FieldError::new("rds.route_config_name", "required"));
+            }
+            (route_config_name.clone(), None)
+        }
+        Some(RouteSpecifier::RouteConfig(rc)) => {
+            let table = route_configuration(rc).at("route_config")?;
+            (rc.name.clone(), Some(Arc::new(table)))
+        }
+        Some(RouteSpecifier::ScopedRoutes(_)) => {
+            return Err(FieldError::unsupported("scoped_routes"))
+        }
+        None => {
+            return Err(FieldError::new(
+                "route_specifier",
+                "rds or route_config is required",
+            ))
+        }
+    };
+
+    let idle_timeout = match common_http_protocol_options {
+        None => None,
+        Some(o) => common_protocol_idle_timeout(o).at("common_http_protocol_options")?,
+    };
+
+    let mut websocket = false;
+    for (i, u) in upgrade_configs.iter().enumerate() {
+        let hcm::http_connection_manager::UpgradeConfig {
+            upgrade_type,
+            filters,
+            enabled,
+        } = u;
+        (|| {
+            if !upgrade_type.eq_ignore_ascii_case("websocket") {
+                return Err(FieldError::new(
+                    "upgrade_type",
+                    format!("unsupported upgrade {upgrade_type:?} (only websocket)"),
+                ));
+            }
+            deny!(filters);
+            Ok(())
+        })()
+        .at(format_args!("upgrade_configs[{i}]"))?;
+        websocket = enabled.as_ref().is_none_or(|e| e.value);
+    }
+
+    Ok(model::HttpConnectionManager {
+        stat_prefix: stat_prefix.clone(),
+        route_config_name,
+        inline_routes,
+        stream_idle_timeout: opt_duration(stream_idle_timeout, "stream_idle_timeout")?,
+        request_timeout: opt_duration(request_timeout, "request_timeout")?,
+        idle_timeout,
+        websocket,
+    })
+}
+
+/// `HttpProtocolOptions` where only `idle_timeout` may be set.
+pub(super) fn common_protocol_idle_timeout(o: &core::HttpProtocolOptions) -> Res<Option<Duration>> {
+    let core::HttpProtocolOptions {
+        idle_timeout,
+        max_connection_duration,
+        max_connection_duration_jitter,
+        max_headers_count,
+        max_response_headers_kb,
+        max_stream_duration,
+        headers_with_underscores_action,
+        max_requests_per_connection,
+    } = o;
+    deny!(
+        max_connection_duration,
+        max_connection_duration_jitter,
+        max_headers_count,
+        max_response_headers_kb,
+        max_stream_duration,
+        headers_with_underscores_action,
+        max_requests_per_connection,
+    );
+    opt_duration(idle_timeout, "idle_timeout")
+}
+
+#[allow(deprecated)]
+fn router_filter(f: &hcm::HttpFilter) -> Res<()> {
+    let hcm::HttpFilter {
+        name,
+        is_optional,
+        disabled,
+        config_type,
+    } = f;
+    deny!(is_optional, disabled);
+    let any = match config_type {
+        Some(hcm::http_filter::ConfigType::TypedConfig(any)) => any,
+        Some(hcm::http_filter::ConfigType::ConfigDiscovery(_)) => {
+            return Err(FieldError::unsupported("config_discovery"))
+        }
+        None => return Err(FieldError::new("typed_config", "required")),
+    };
+    if !is_type::<Router>(any) {
+        return Err(unsupported_type(any, name));
+    }
+    let router = decode::<Router>(any).at("typed_config")?;
+    let Router {
+        dynamic_stats: _,
+        start_child_span: _,
+        upstream_log,
+        upstream_log_options,
+        // meshwork's proxy never adds x-envoy-* headers, which is what
+        // suppress_envoy_headers asks for.
+        suppress_envoy_headers: _,
+        strict_check_headers,
+        respect_expected_rq_timeout,
+        suppress_grpc_request_failure_code_stats: _,
+        upstream_http_filters,
+        reject_connect_request_early_data,
+    } = &router;
+    (|| {
+        deny!(
+            upstream_log,
+            upstream_log_options,
+            strict_check_headers,
+            respect_expected_rq_timeout,
+            upstream_http_filters,
+            reject_connect_request_early_data,
+        );
+        Ok(())
+    })()
+    .at("typed_config")
+}
+
+fn tcp_proxy(t: &tcp::TcpProxy) -> Res<model::TcpProxy> {
+    use tcp::tcp_proxy::ClusterSpecifier;
+    #[allow(deprecated)]
+    let tcp::TcpProxy {
+        stat_prefix,
+        on_demand,
+        metadata_match,
+        idle_timeout,
+        downstream_idle_timeout,
+        upstream_idle_timeout,
+        access_log,
+        max_connect_attempts,
+        backoff_options,
+        hash_policy,
+        tunneling_config,
+        max_downstream_connection_duration,
+        max_downstream_connection_duration_jitter_percentage,
+        access_log_flush_interval,
+        flush_access_log_on_connected,
+        access_log_options,
+        proxy_protocol_tlvs,
+        proxy_protocol_tlv_merge_policy,
+        upstream_connect_mode,
+        max_early_data_bytes,
+        check_drain_close,
+        cluster_specifier,
+    } = t;
+    deny!(
+        on_demand,
+        metadata_match,
+        downstream_idle_timeout,
+        upstream_idle_timeout,
+        access_log,
+        max_connect_attempts,
+        backoff_options,
+        hash_policy,
+        tunneling_config,
+        max_downstream_connection_duration,
+        max_downstream_connection_duration_jitter_percentage,
+        access_log_flush_interval,
+        flush_access_log_on_connected,
+        access_log_options,
+        proxy_protocol_tlvs,
+        proxy_protocol_tlv_merge_policy,
+        upstream_connect_mode,
+        max_early_data_bytes,
+        check_drain_close,
+    );
+    let clusters = match cluster_specifier {
+        Some(ClusterSpecifier::Cluster(name)) => {
+            if name.is_empty() {
+                return Err(FieldError::new("cluster", "must not be empty"));
+            }
+            vec![single_cluster(name)]
+        }
+        Some(ClusterSpecifier::WeightedClusters(tcp::tcp_proxy::WeightedCluster { clusters })) => {
+            if clusters.is_empty() {
+                return Err(FieldError::new(
+                    "weighted_clusters.clusters",
+                    "must not be empty",
+                ));
+            }
+            let mut out = Vec::with_capacity(clusters.len());
+            for (i, c) in clusters.iter().enumerate() {
+                let tcp::tcp_proxy::weighted_cluster::ClusterWeight {
+                    name,
+                    weight,
+                    metadata_match,
+                } = c;
+                (|| {
+                    deny!(metadata_match);
+                    if name.is_empty() {
+                        return Err(FieldError::new("name", "must not be empty"));
+                    }
+                    // Envoy: weight >= 1 for TCP splits.
+                    if *weight == 0 {
+                        return Err(FieldError::new("weight", "must be at least 1"));
+                    }
+                    Ok(())
+                })()
+                .at(format_args!("weighted_clusters.clusters[{i}]"))?;
+                out.push(WeightedCluster {
+                    name: name.clone(),
+                    weight: *weight,
+                    request_headers: HeaderMods::default(),
+                    response_headers: HeaderMods::default(),
+                });
+            }
+            out
+        }
+        None => {
+            return Err(FieldError::new(
+                "cluster_specifier",
+                "cluster or weighted_clusters is required",
+            ))
+        }
+    };
+    Ok(model::TcpProxy {
+        stat_prefix: stat_prefix.clone(),
+        clusters,
+        idle_timeout: opt_duration(idle_timeout, "idle_timeout")?,
+    })
+}

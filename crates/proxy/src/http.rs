@@ -1,0 +1,831 @@
+//! The HTTP request path: route, pick a backend, forward, observe.
+//!
+//! One function per step, called in order from [`handle`]: find the route
+//! table of the listener's connection manager, the virtual host by authority,
+//! the first matching route; then redirect, answer directly, or forward:
+//! choose a weighted cluster, hash the request (ring hash / maglev), pick an
+//! endpoint, rewrite, apply header filters, mirror, send through the pool, and
+//! stream the response back while counting it. Responses the proxy makes
+//! itself carry `x-meshwork-error: <reason>` and a body that says why.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body as _, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
+
+use crate::accesslog::{AccessLogEntry, Protocol, ResponseFlag};
+use crate::balance::{request_hash, Pick};
+use crate::body::{self, Body};
+use crate::config::model::{Forward, HttpConnectionManager, Route, RouteAction, VirtualHost};
+use crate::filters;
+use crate::router;
+use crate::runtime::{ClusterState, Runtime};
+use crate::shared::{Direction, Shared};
+use crate::upstream::{self, Lease, Returner, Target, UpstreamError};
+
+/// Header on every response the proxy generates itself, naming the reason.
+pub const ERROR_HEADER: &str = "x-meshwork-error";
+/// Envoy's default route timeout, used when a route sets none.
+const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Mirrors of requests with bodies larger than this are skipped.
+const MAX_MIRROR_BODY: usize = 1 << 20;
+
+/// Per-connection facts every request on it shares.
+#[derive(Debug)]
+pub struct ConnCtx {
+    pub shared: Arc<Shared>,
+    pub listener: String,
+    pub direction: Direction,
+    pub hcm: Arc<HttpConnectionManager>,
+    pub peer: SocketAddr,
+    /// Metric handles this connection used, so keep-alive requests skip the
+    /// registry lookup.
+    pub series: std::sync::Mutex<Vec<SeriesKey>>,
+}
+
+/// A cached metric handle: (destination, route) -> series.
+pub type SeriesKey = (String, String, Arc<crate::metrics::HttpSeries>);
+
+impl ConnCtx {
+    fn http_series(&self, dest: &str, route: &str) -> Arc<crate::metrics::HttpSeries> {
+        let mut cache = self.series.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, _, s)) = cache.iter().find(|(d, r, _)| d == dest && r == route) {
+            return s.clone();
+        }
+        let s = self.shared.http_series(self.direction, dest, route);
+        if cache.len() < 16 {
+            cache.push((dest.to_owned(), route.to_owned(), s.clone()));
+        }
+        s
+    }
+}
+
+/// Serves one request. Never fails: every error becomes a response.
+pub async fn handle(
+    conn: Arc<ConnCtx>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let rt = conn.shared.runtime();
+    let mut obs = Observation::start(&conn, &req);
+    let response = route_and_forward(&conn, &rt, req, &mut obs).await;
+    Ok(obs.finish_response(response))
+}
+
+async fn route_and_forward(
+    conn: &Arc<ConnCtx>,
+    rt: &Arc<Runtime>,
+    req: Request<Incoming>,
+    obs: &mut Observation,
+) -> Response<Body> {
+    let Some(table) = rt.route_table(&conn.hcm) else {
+        return local_reply(
+            obs,
+            StatusCode::NOT_FOUND,
+            ResponseFlag::NoRoute,
+            format!(
+                "route configuration {:?} is not loaded",
+                conn.hcm.route_config_name
+            ),
+        );
+    };
+    let authority = obs.authority.clone();
+    let Some(vh) = router::select_vhost(table, &authority) else {
+        return local_reply(
+            obs,
+            StatusCode::NOT_FOUND,
+            ResponseFlag::NoRoute,
+            format!("no service matches host {authority:?}; the host must be <service>, <service>.<namespace>, optionally with :port"),
+        );
+    };
+    let (parts, body) = req.into_parts();
+    let Some(route) = router::select_route(vh, &parts) else {
+        return local_reply(
+            obs,
+            StatusCode::NOT_FOUND,
+            ResponseFlag::NoRoute,
+            format!(
+                "no route of {} matches {} {}",
+                vh.name,
+                parts.method,
+                parts.uri.path()
+            ),
+        );
+    };
+    obs.route = Some(route.name.clone());
+    match &route.action {
+        RouteAction::Redirect(r) => {
+            let scheme = parts.uri.scheme_str().unwrap_or("http");
+            let location =
+                filters::redirect_location(r, &route.matcher.path, scheme, &authority, &parts.uri);
+            let mut resp = Response::new(body::empty());
+            *resp.status_mut() = crate::config::model::redirect_status(r.status);
+            if let Ok(v) = HeaderValue::try_from(location) {
+                resp.headers_mut().insert(header::LOCATION, v);
+            }
+            apply_response_mods(resp.headers_mut(), vh, route, None);
+            resp
+        }
+        RouteAction::Direct { status, body: text } => {
+            let mut resp = Response::new(body::full(text.clone()));
+            *resp.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
+            apply_response_mods(resp.headers_mut(), vh, route, None);
+            resp
+        }
+        RouteAction::Forward(fwd) => {
+            forward(
+                conn,
+                rt,
+                vh,
+                route,
+                fwd,
+                Request::from_parts(parts, body),
+                obs,
+            )
+            .await
+        }
+    }
+}
+
+async fn forward(
+    conn: &Arc<ConnCtx>,
+    rt: &Arc<Runtime>,
+    vh: &VirtualHost,
+    route: &Route,
+    fwd: &Forward,
+    mut req: Request<Incoming>,
+    obs: &mut Observation,
+) -> Response<Body> {
+    let Some(wc) = router::pick_cluster(&fwd.clusters, fastrand::u64(..)) else {
+        return local_reply(
+            obs,
+            StatusCode::SERVICE_UNAVAILABLE,
+            ResponseFlag::NoCluster,
+            format!("route {} has no backend with a non-zero weight", route.name),
+        );
+    };
+    obs.cluster = Some(wc.name.clone());
+    let Some(cluster) = rt.cluster(&wc.name) else {
+        return local_reply(
+            obs,
+            StatusCode::SERVICE_UNAVAILABLE,
+            ResponseFlag::NoCluster,
+            format!("cluster {:?} is not loaded", wc.name),
+        );
+    };
+    obs.destination_service = cluster.config.service.clone();
+    let hash = request_hash(&fwd.hash_policy, req.headers(), conn.peer);
+    let Some(pick) = cluster.balancer.pick(hash.hash) else {
+        return local_reply(
+            obs,
+            StatusCode::SERVICE_UNAVAILABLE,
+            ResponseFlag::NoHealthyUpstream,
+            format!("cluster {} has no endpoints", wc.name),
+        );
+    };
+    obs.upstream = Some(pick.address());
+
+    let upgrade = is_upgrade(&req);
+    let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+
+    // Rewrite, then header filters from the most specific level outwards, as
+    // Envoy applies them.
+    let authority = fwd
+        .host_rewrite
+        .clone()
+        .unwrap_or_else(|| obs.authority.clone());
+    let uri =
+        filters::rewrite(&route.matcher.path, fwd, &parts.uri).unwrap_or_else(|| parts.uri.clone());
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    filters::apply_header_mods(&wc.request_headers, &mut parts.headers);
+    filters::apply_header_mods(&route.request_headers, &mut parts.headers);
+    filters::apply_header_mods(&vh.request_headers, &mut parts.headers);
+    if !parts.headers.contains_key("x-request-id") {
+        if let Ok(v) = HeaderValue::try_from(format!("{:032x}", fastrand::u128(..))) {
+            parts
+                .headers
+                .insert(HeaderName::from_static("x-request-id"), v);
+        }
+    }
+    obs.request_id = header_str(&parts.headers, "x-request-id");
+    parts
+        .headers
+        .entry(HeaderName::from_static("x-forwarded-proto"))
+        .or_insert(HeaderValue::from_static("http"));
+
+    let target = Target {
+        addr: pick.address(),
+        http2: cluster.config.http2,
+        connect_timeout: cluster.config.connect_timeout,
+        idle_timeout: cluster.config.idle_timeout,
+    };
+    if let Err(e) = set_target_uri(&mut parts, uri, &authority, target.http2) {
+        return local_reply(
+            obs,
+            StatusCode::BAD_REQUEST,
+            ResponseFlag::DownstreamProtocolError,
+            e,
+        );
+    }
+
+    // Mirrors need the body twice: buffer it when small enough.
+    let mirrors: Vec<_> = fwd
+        .mirrors
+        .iter()
+        .filter(|m| {
+            m.per_million
+                .is_none_or(|p| fastrand::u32(0..1_000_000) < p)
+        })
+        .collect();
+    let (body, replay) = if mirrors.is_empty() && !body.is_end_stream() {
+        (body.boxed(), None)
+    } else {
+        match buffer_body(body).await {
+            Ok(bytes) => (body::full(bytes.clone()), Some(bytes)),
+            Err(e) => {
+                return local_reply(
+                    obs,
+                    StatusCode::BAD_REQUEST,
+                    ResponseFlag::DownstreamDisconnect,
+                    format!("reading the request body failed: {e}"),
+                )
+            }
+        }
+    };
+    if let Some(bytes) = &replay {
+        if bytes.len() <= MAX_MIRROR_BODY {
+            for m in mirrors {
+                spawn_mirror(rt, &m.cluster, &parts, bytes.clone());
+            }
+        }
+    }
+
+    let timeout = match fwd.timeout {
+        None => Some(DEFAULT_ROUTE_TIMEOUT),
+        Some(d) if d.is_zero() => None,
+        Some(d) => Some(d),
+    };
+    let upstream_req = Request::from_parts(parts.clone(), body);
+    let sent = with_timeout(timeout, send(conn, &target, upstream_req, upgrade)).await;
+    let sent = match sent {
+        // A pooled connection the upstream closed while idle: a bodiless
+        // request never reached the application, so try once more on a new one.
+        Ok(Err(SendError { reused: true, err })) if replay.is_some() && !err.is_connect() => {
+            tracing::debug!(error = %err, "retrying on a fresh connection");
+            let again = Request::from_parts(parts, body::full(replay.unwrap_or_default()));
+            with_timeout(timeout, send_fresh(&target, again)).await
+        }
+        other => other,
+    };
+    let (mut resp, returner) = match sent {
+        Err(_) => {
+            pick.failed();
+            return local_reply(
+                obs,
+                StatusCode::GATEWAY_TIMEOUT,
+                ResponseFlag::UpstreamTimeout,
+                format!(
+                    "upstream {} did not answer within {:?}",
+                    target.addr,
+                    timeout.unwrap_or_default()
+                ),
+            );
+        }
+        Ok(Err(SendError { err, .. })) => {
+            pick.failed();
+            let status = if err.is_connect() {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::BAD_GATEWAY
+            };
+            return local_reply(obs, status, err.flag(), err.to_string());
+        }
+        Ok(Ok(ok)) => ok,
+    };
+    pick.complete(obs.start.map(|s| s.elapsed()).unwrap_or_default());
+
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(down) = on_upgrade {
+            let up = hyper::upgrade::on(&mut resp);
+            tokio::spawn(tunnel(down, up));
+        }
+    } else {
+        strip_hop_by_hop(resp.headers_mut(), false);
+    }
+    apply_response_mods(resp.headers_mut(), vh, route, Some(&wc.response_headers));
+    if let Some(cookie) = hash.set_cookie.and_then(|c| HeaderValue::try_from(c).ok()) {
+        resp.headers_mut().append(header::SET_COOKIE, cookie);
+    }
+    obs.upstream_response(resp.headers());
+    let (rparts, rbody) = resp.into_parts();
+    let body = Observed {
+        inner: rbody,
+        returner,
+        pick: Some(pick),
+        bytes: 0,
+        obs: Some(std::mem::take(obs).armed(rparts.status)),
+    };
+    Response::from_parts(rparts, body.boxed())
+}
+
+struct SendError {
+    reused: bool,
+    err: UpstreamError,
+}
+
+type Sent = (
+    Response<Incoming>,
+    Option<(Returner, upstream::Http1Sender)>,
+);
+
+async fn send(
+    conn: &Arc<ConnCtx>,
+    target: &Target,
+    req: Request<Body>,
+    upgrade: bool,
+) -> Result<Sent, SendError> {
+    if upgrade {
+        return send_fresh(target, req).await;
+    }
+    let lease = conn
+        .shared
+        .pools
+        .lease(target)
+        .await
+        .map_err(|err| SendError { reused: false, err })?;
+    let addr = target.addr;
+    match lease {
+        Lease::Http1 {
+            mut sender,
+            returner,
+            reused,
+        } => match sender.send_request(req).await {
+            Ok(resp) => Ok((resp, Some((returner, sender)))),
+            Err(source) => Err(SendError {
+                reused,
+                err: UpstreamError::Reset { addr, source },
+            }),
+        },
+        Lease::Http2(mut sender) => match sender.send_request(req).await {
+            Ok(resp) => Ok((resp, None)),
+            Err(source) => Err(SendError {
+                reused: false,
+                err: UpstreamError::Reset { addr, source },
+            }),
+        },
+    }
+}
+
+/// Sends on a connection of its own (upgrades, and the retry of a request
+/// whose pooled connection had gone stale).
+async fn send_fresh(target: &Target, req: Request<Body>) -> Result<Sent, SendError> {
+    let addr = target.addr;
+    let mut sender = upstream::connect_upgrade(target)
+        .await
+        .map_err(|err| SendError { reused: false, err })?;
+    sender
+        .send_request(req)
+        .await
+        .map(|resp| (resp, None))
+        .map_err(|source| SendError {
+            reused: false,
+            err: UpstreamError::Reset { addr, source },
+        })
+}
+
+async fn with_timeout<F: std::future::Future>(
+    timeout: Option<Duration>,
+    fut: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    match timeout {
+        Some(t) => tokio::time::timeout(t, fut).await,
+        None => Ok(fut.await),
+    }
+}
+
+/// Fire-and-forget copy of a request to a mirror cluster; its response is
+/// discarded. The authority gets Envoy's `-shadow` suffix so the mirror can
+/// tell copies apart.
+fn spawn_mirror(rt: &Arc<Runtime>, cluster: &str, parts: &http::request::Parts, body: Bytes) {
+    let Some(state) = rt.cluster(cluster).cloned() else {
+        tracing::debug!(cluster, "mirror cluster not loaded");
+        return;
+    };
+    let mut parts = parts.clone();
+    let authority = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or(parts.uri.authority().map(|a| a.as_str()))
+        .map(shadow_host);
+    tokio::spawn(async move {
+        let Some(pick) = state.balancer.pick(None) else {
+            return;
+        };
+        let target = target_of(&state, &pick);
+        if let Some(a) = authority {
+            if let Ok(v) = HeaderValue::try_from(a.as_str()) {
+                parts.headers.insert(header::HOST, v);
+            }
+            let uri = parts.uri.clone();
+            let _ = set_target_uri(&mut parts, uri, &a, target.http2);
+        }
+        let req = Request::from_parts(parts, body::full(body));
+        match send_fresh(&target, req).await {
+            Ok((resp, _)) => {
+                pick.complete(Duration::ZERO);
+                let _ = resp.into_body().collect().await;
+            }
+            Err(e) => {
+                pick.failed();
+                tracing::debug!(cluster = %state.config.name, error = %e.err, "mirror failed");
+            }
+        }
+    });
+}
+
+fn shadow_host(authority: &str) -> String {
+    match authority.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => {
+            format!("{host}-shadow:{port}")
+        }
+        _ => format!("{authority}-shadow"),
+    }
+}
+
+fn target_of(state: &ClusterState, pick: &Pick) -> Target {
+    Target {
+        addr: pick.address(),
+        http2: state.config.http2,
+        connect_timeout: state.config.connect_timeout,
+        idle_timeout: state.config.idle_timeout,
+    }
+}
+
+/// Copies bytes both ways between the upgraded downstream and upstream.
+async fn tunnel(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) {
+    let (down, up) = match tokio::try_join!(down, up) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let mut down = TokioIo::new(down);
+    let mut up = TokioIo::new(up);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+        tracing::debug!(error = %e, "upgraded connection ended");
+    }
+}
+
+/// Points the request at the upstream: origin-form plus `Host` for HTTP/1.1,
+/// absolute URI (`:authority`) for HTTP/2.
+fn set_target_uri(
+    parts: &mut http::request::Parts,
+    uri: Uri,
+    authority: &str,
+    http2: bool,
+) -> Result<(), String> {
+    let pq = uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .to_owned();
+    if http2 {
+        parts.uri = Uri::builder()
+            .scheme("http")
+            .authority(authority)
+            .path_and_query(pq)
+            .build()
+            .map_err(|e| format!("invalid authority {authority:?}: {e}"))?;
+        parts.headers.remove(header::HOST);
+        parts.version = Version::HTTP_2;
+    } else {
+        parts.uri = pq
+            .parse()
+            .map_err(|e| format!("invalid path {pq:?}: {e}"))?;
+        let host = HeaderValue::try_from(authority)
+            .map_err(|e| format!("invalid authority {authority:?}: {e}"))?;
+        parts.headers.insert(header::HOST, host);
+        parts.version = Version::HTTP_11;
+    }
+    Ok(())
+}
+
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Removes the headers that belong to one hop (RFC 9110 §7.6.1), including
+/// those named in `Connection`. `TE: trailers` survives (gRPC needs it).
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::try_from(t.trim()).ok())
+        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    if !keep_upgrade {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+    headers.remove(header::TRANSFER_ENCODING);
+    headers.remove(header::PROXY_AUTHORIZATION);
+    if headers
+        .get(header::TE)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    {
+        headers.remove(header::TE);
+    }
+}
+
+fn apply_response_mods(
+    headers: &mut HeaderMap,
+    vh: &VirtualHost,
+    route: &Route,
+    backend: Option<&crate::config::model::HeaderMods>,
+) {
+    if let Some(b) = backend {
+        filters::apply_header_mods(b, headers);
+    }
+    filters::apply_header_mods(&route.response_headers, headers);
+    filters::apply_header_mods(&vh.response_headers, headers);
+}
+
+async fn buffer_body(body: Incoming) -> Result<Bytes, hyper::Error> {
+    Ok(body.collect().await?.to_bytes())
+}
+
+/// A response the proxy makes itself.
+fn local_reply(
+    obs: &mut Observation,
+    status: StatusCode,
+    flag: ResponseFlag,
+    message: impl Into<String>,
+) -> Response<Body> {
+    let message = message.into();
+    let reason = flag.reason();
+    tracing::debug!(reason, %message, "local reply");
+    obs.local(flag, &message);
+    let mut resp = Response::new(body::full(format!("meshwork: {message}\n")));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(ERROR_HEADER, HeaderValue::from_static(reason));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+fn header_str(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// The authority a request is addressed to: `:authority` (HTTP/2, absolute
+/// URI) or `Host`, lower-cased.
+pub fn authority_of<B>(req: &Request<B>) -> String {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| header_str(req.headers(), "host"))
+        .unwrap_or_default()
+        .to_ascii_lowercase()
+}
+
+/// What is known about a request for its metrics and access log entry.
+#[derive(Debug, Default)]
+struct Observation {
+    conn: Option<Arc<ConnCtx>>,
+    start: Option<Instant>,
+    start_wall: Option<std::time::SystemTime>,
+    method: Option<Method>,
+    version: Option<Version>,
+    authority: String,
+    path: String,
+    user_agent: Option<String>,
+    request_id: Option<String>,
+    route: Option<String>,
+    cluster: Option<String>,
+    destination_service: Option<String>,
+    upstream: Option<SocketAddr>,
+    flag: Option<ResponseFlag>,
+    reason: Option<String>,
+    /// Set when the proxy answered itself.
+    local_flag: Option<ResponseFlag>,
+    grpc_status: Option<String>,
+    status: Option<StatusCode>,
+    bytes_received: u64,
+}
+
+impl Observation {
+    fn start(conn: &Arc<ConnCtx>, req: &Request<Incoming>) -> Self {
+        Self {
+            conn: Some(conn.clone()),
+            start: Some(Instant::now()),
+            start_wall: Some(std::time::SystemTime::now()),
+            method: Some(req.method().clone()),
+            version: Some(req.version()),
+            authority: authority_of(req),
+            path: req.uri().path().to_owned(),
+            user_agent: header_str(req.headers(), "user-agent"),
+            request_id: header_str(req.headers(), "x-request-id"),
+            bytes_received: req
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse().ok())
+                .unwrap_or(0),
+            ..Default::default()
+        }
+    }
+
+    fn local(&mut self, flag: ResponseFlag, message: &str) {
+        self.local_flag = Some(flag);
+        self.flag = Some(flag);
+        self.reason = Some(message.to_owned());
+    }
+
+    fn upstream_response(&mut self, headers: &HeaderMap) {
+        self.grpc_status = header_str(headers, "grpc-status");
+    }
+
+    fn armed(mut self, status: StatusCode) -> Self {
+        self.status = Some(status);
+        self
+    }
+
+    /// Responses without an observed body (local replies, redirects) are
+    /// recorded now; forwarded ones when their body ends.
+    fn finish_response(&mut self, resp: Response<Body>) -> Response<Body> {
+        // After `forward` handed the observation to the body, `conn` is None.
+        if self.conn.is_some() {
+            self.status = Some(resp.status());
+            let obs = std::mem::take(self);
+            obs.record(0);
+        }
+        resp
+    }
+
+    fn record(self, bytes_sent: u64) {
+        let Some(conn) = self.conn else { return };
+        let shared = &conn.shared;
+        let status = self.status.map(|s| s.as_u16()).unwrap_or(0);
+        let duration = self.start.map(|s| s.elapsed()).unwrap_or_default();
+        let route = self.route.as_deref().unwrap_or("");
+        let dest = self
+            .destination_service
+            .clone()
+            .or_else(|| self.cluster.clone())
+            .unwrap_or_else(|| "unknown".to_owned());
+        let dest = dest.as_str();
+        let series = conn.http_series(dest, route);
+        series.observe(
+            status,
+            self.grpc_status.as_deref().and_then(|s| s.parse().ok()),
+            duration,
+        );
+        if let Some(flag) = self.local_flag {
+            series.local_response(flag, status);
+        }
+        if shared.access_log_enabled() {
+            let mut e = AccessLogEntry::new(
+                conn.direction,
+                self.version
+                    .map(Protocol::from_version)
+                    .unwrap_or(Protocol::Http11),
+                self.start_wall.unwrap_or(std::time::UNIX_EPOCH),
+            );
+            e.duration = duration;
+            e.method = self.method;
+            e.authority = Some(self.authority);
+            e.path = Some(self.path);
+            e.status = Some(status);
+            e.grpc_status = self.grpc_status.and_then(|s| s.parse().ok());
+            e.response_flags = self.flag.into_iter().collect();
+            e.reason = self.reason;
+            e.route = self.route;
+            e.upstream_cluster = self.cluster;
+            e.upstream_host = self.upstream;
+            e.downstream_remote = Some(conn.peer);
+            e.bytes_received = self.bytes_received;
+            e.bytes_sent = bytes_sent;
+            e.user_agent = self.user_agent;
+            e.request_id = self.request_id;
+            e.source_service = Some(shared.source_service(conn.direction).to_owned());
+            e.destination_service = Some(dest.to_owned());
+            shared.access_log(e);
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The upstream response body on its way downstream: counts bytes, reads
+    /// `grpc-status` from trailers, returns the HTTP/1.1 connection to its
+    /// pool at the end, and records the request once, at end or drop.
+    struct Observed {
+        #[pin]
+        inner: Incoming,
+        returner: Option<(Returner, upstream::Http1Sender)>,
+        pick: Option<Pick>,
+        bytes: u64,
+        obs: Option<Observation>,
+    }
+
+    impl PinnedDrop for Observed {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(mut obs) = this.obs.take() {
+                if this.inner.is_end_stream() {
+                    // Never polled because it was empty (204, HEAD): a clean end.
+                    if let Some((returner, sender)) = this.returner.take() {
+                        returner.give_back(sender);
+                    }
+                } else {
+                    obs.flag.get_or_insert(ResponseFlag::DownstreamDisconnect);
+                }
+                obs.record(*this.bytes);
+            }
+        }
+    }
+}
+
+impl http_body::Body for Observed {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    *this.bytes += data.len() as u64;
+                } else if let Some(trailers) = frame.trailers_ref() {
+                    if let Some(obs) = this.obs.as_mut() {
+                        if let Some(s) = header_str(trailers, "grpc-status") {
+                            obs.grpc_status = Some(s);
+                        }
+                    }
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(mut obs) = this.obs.take() {
+                    obs.flag = Some(ResponseFlag::UpstreamReset);
+                    obs.reason = Some("upstream reset while sending the response body".into());
+                    obs.record(*this.bytes);
+                }
+            }
+            Poll::Ready(None) => {}
+            Poll::Pending => return Poll::Pending,
+        }
+        if this.inner.is_end_stream() || matches!(polled, Poll::Ready(None)) {
+            if let Some((returner, sender)) = this.returner.take() {
+                returner.give_back(sender);
+            }
+            if let Some(obs) = this.obs.take() {
+                obs.record(*this.bytes);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,316 @@
+//! Listeners: bind, accept, detect the protocol, and hand each connection to
+//! the HTTP connection manager or the TCP proxy.
+//!
+//! A [`ListenerSet`] follows the config: a listener whose address is
+//! unchanged keeps its socket and only swaps its filter chains (new
+//! connections see them; open ones finish with what they had); a new address
+//! is bound before anything else changes, so a config that cannot be bound is
+//! refused as a whole; a removed listener stops accepting and drains.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::config::model::Listener;
+use crate::detect::{self, Protocol};
+use crate::drain;
+use crate::http::{self as proxy_http, ConnCtx};
+use crate::metrics::ListenerSeries;
+use crate::rewind::Rewind;
+use crate::shared::{Direction, Shared};
+use crate::tcp;
+
+/// How long detection waits when a listener has an HTTP chain but no
+/// `http_inspector` bound (the connection manager must still tell HTTP/1.1
+/// from HTTP/2).
+const SNIFF_WITHOUT_INSPECTOR: Duration = Duration::from_secs(60);
+/// How long a removed listener's connections get to finish.
+const LISTENER_DRAIN: Duration = Duration::from_secs(30);
+
+/// Why a set of listeners could not be applied.
+#[derive(Debug, thiserror::Error)]
+#[error("listener {name:?}: cannot bind {address}: {source}; pick a free address or stop whatever uses it")]
+pub struct BindError {
+    pub name: String,
+    pub address: SocketAddr,
+    #[source]
+    pub source: io::Error,
+}
+
+/// The running listeners of one proxy.
+#[derive(Debug)]
+pub struct ListenerSet {
+    shared: Arc<Shared>,
+    global: drain::Watch,
+    running: HashMap<String, Running>,
+}
+
+#[derive(Debug)]
+struct Running {
+    configured: SocketAddr,
+    bound: SocketAddr,
+    config: Arc<ArcSwap<Listener>>,
+    stop: drain::Trigger,
+}
+
+impl ListenerSet {
+    pub fn new(shared: Arc<Shared>, global: drain::Watch) -> Self {
+        Self {
+            shared,
+            global,
+            running: HashMap::new(),
+        }
+    }
+
+    /// Makes the running listeners match `wanted`. On a bind error nothing
+    /// changes.
+    pub async fn apply(
+        &mut self,
+        wanted: &HashMap<String, Arc<Listener>>,
+    ) -> Result<(), BindError> {
+        // Bind every new or moved listener first, so failure changes nothing.
+        let mut fresh = Vec::new();
+        for (name, l) in wanted {
+            let keep = self
+                .running
+                .get(name)
+                .is_some_and(|r| r.configured == l.address);
+            if !keep {
+                let socket = bind(l.address).map_err(|source| BindError {
+                    name: name.clone(),
+                    address: l.address,
+                    source,
+                })?;
+                fresh.push((name.clone(), l.clone(), socket));
+            }
+        }
+        // Stop listeners that are gone or moved.
+        let stale: Vec<String> = self
+            .running
+            .iter()
+            .filter(|(name, r)| wanted.get(*name).is_none_or(|l| l.address != r.configured))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            if let Some(r) = self.running.remove(&name) {
+                tracing::info!(listener = %name, address = %r.bound, "listener removed; draining");
+                tokio::spawn(r.stop.drain(LISTENER_DRAIN));
+            }
+        }
+        // Update the chains of the ones that stay.
+        for (name, l) in wanted {
+            if let Some(r) = self.running.get(name) {
+                r.config.store(l.clone());
+            }
+        }
+        for (name, l, socket) in fresh {
+            let bound = socket.local_addr().unwrap_or(l.address);
+            tracing::info!(listener = %name, address = %bound, "listening");
+            let config = Arc::new(ArcSwap::new(l.clone()));
+            let (stop, watch) = drain::channel();
+            let series = self.shared.metrics.listener(&name);
+            tokio::spawn(accept_loop(
+                self.shared.clone(),
+                name.clone(),
+                socket,
+                config.clone(),
+                watch,
+                self.global.clone(),
+                series,
+            ));
+            self.running.insert(
+                name,
+                Running {
+                    configured: l.address,
+                    bound,
+                    config,
+                    stop,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Name and bound address of every listener.
+    pub fn bound(&self) -> Vec<(String, SocketAddr)> {
+        let mut v: Vec<_> = self
+            .running
+            .iter()
+            .map(|(n, r)| (n.clone(), r.bound))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Stops accepting everywhere (the global drain tells connections).
+    pub fn stop_accepting(&mut self) {
+        for (_, r) in self.running.drain() {
+            r.stop.signal();
+        }
+    }
+}
+
+fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let std = std::net::TcpListener::bind(addr)?;
+    std.set_nonblocking(true)?;
+    TcpListener::from_std(std)
+}
+
+async fn accept_loop(
+    shared: Arc<Shared>,
+    name: String,
+    socket: TcpListener,
+    config: Arc<ArcSwap<Listener>>,
+    stop: drain::Watch,
+    global: drain::Watch,
+    series: Arc<ListenerSeries>,
+) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = stop.signaled() => break,
+            () = global.signaled() => break,
+            a = socket.accept() => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => {
+                backoff = Duration::from_millis(5);
+                pair
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: wait, don't spin.
+                tracing::warn!(listener = %name, error = %e, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let conn = Connection {
+            shared: shared.clone(),
+            name: name.clone(),
+            config: config.load_full(),
+            stop: stop.clone(),
+            global: global.clone(),
+            series: series.clone(),
+        };
+        tokio::spawn(conn.serve(stream, peer));
+    }
+    tracing::debug!(listener = %name, "stopped accepting");
+}
+
+struct Connection {
+    shared: Arc<Shared>,
+    name: String,
+    config: Arc<Listener>,
+    stop: drain::Watch,
+    global: drain::Watch,
+    series: Arc<ListenerSeries>,
+}
+
+impl Connection {
+    async fn serve(self, mut stream: TcpStream, peer: SocketAddr) {
+        let _active = self.series.connection();
+        let _ = stream.set_nodelay(true);
+        let direction = if self.name == "inbound" || self.name.starts_with("inbound|") {
+            Direction::Inbound
+        } else {
+            Direction::Outbound
+        };
+        let l = &self.config;
+        let detect_for = match (&l.http, l.detect_timeout) {
+            (None, _) => None,
+            (Some(_), Some(t)) => Some(t),
+            (Some(_), None) => Some(SNIFF_WITHOUT_INSPECTOR),
+        };
+        let (protocol, prefix) = match detect_for {
+            Some(t) => detect::detect(&mut stream, t).await,
+            None => (Protocol::Opaque, bytes::Bytes::new()),
+        };
+        if protocol == Protocol::Timeout {
+            self.series.detection_timeout();
+        }
+        match (protocol, &l.http, &l.tcp) {
+            (Protocol::Http1 | Protocol::Http2, Some(hcm), _) => {
+                let ctx = Arc::new(ConnCtx {
+                    shared: self.shared.clone(),
+                    listener: self.name.clone(),
+                    direction,
+                    hcm: Arc::new(hcm.clone()),
+                    peer,
+                    series: Default::default(),
+                });
+                let io = TokioIo::new(Rewind::new(prefix, stream));
+                self.serve_http(protocol, io, ctx).await;
+            }
+            (Protocol::Closed, _, _) => {}
+            (_, _, Some(tcp_proxy)) => {
+                tcp::proxy(
+                    self.shared.clone(),
+                    tcp_proxy,
+                    direction,
+                    prefix,
+                    stream,
+                    peer,
+                )
+                .await;
+            }
+            (p, _, None) => {
+                tracing::debug!(listener = %self.name, %peer, protocol = ?p, "not HTTP and no TCP chain: closing");
+            }
+        }
+    }
+
+    async fn serve_http(
+        &self,
+        protocol: Protocol,
+        io: TokioIo<Rewind<TcpStream>>,
+        ctx: Arc<ConnCtx>,
+    ) {
+        let svc = service_fn(move |req| proxy_http::handle(ctx.clone(), req));
+        let draining = async {
+            tokio::select! {
+                () = self.stop.signaled() => {}
+                () = self.global.signaled() => {}
+            }
+        };
+        tokio::pin!(draining);
+        if protocol == Protocol::Http2 {
+            let mut b = http2::Builder::new(TokioExecutor::new());
+            b.timer(TokioTimer::new()).adaptive_window(true);
+            let conn = b.serve_connection(io, svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => return log_end(&self.name, r),
+                () = &mut draining => conn.as_mut().graceful_shutdown(),
+            }
+            log_end(&self.name, conn.await);
+        } else {
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .keep_alive(true)
+                .serve_connection(io, svc)
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => return log_end(&self.name, r),
+                () = &mut draining => conn.as_mut().graceful_shutdown(),
+            }
+            log_end(&self.name, conn.await);
+        }
+    }
+}
+
+fn log_end(listener: &str, r: Result<(), hyper::Error>) {
+    if let Err(e) = r {
+        tracing::debug!(listener, error = %e, "downstream connection ended with an error");
+    }
+}

@@ -1,0 +1,176 @@
+//! The opaque TCP path: pick a weighted cluster and an endpoint, connect,
+//! replay the bytes detection read, then copy both ways until either side
+//! closes or the connection has been idle too long.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::accesslog::{AccessLogEntry, Protocol, ResponseFlag};
+use crate::config::model::TcpProxy;
+use crate::router;
+use crate::shared::{Direction, Shared};
+
+/// Proxies one downstream connection. `prefix` holds bytes already read.
+pub async fn proxy(
+    shared: Arc<Shared>,
+    tcp: &TcpProxy,
+    direction: Direction,
+    prefix: Bytes,
+    downstream: TcpStream,
+    peer: SocketAddr,
+) {
+    let start = Instant::now();
+    let wall = std::time::SystemTime::now();
+    let rt = shared.runtime();
+    let mut entry = AccessLogEntry::new(direction, Protocol::Tcp, wall);
+    entry.downstream_remote = Some(peer);
+    entry.source_service = Some(shared.source_service(direction).to_owned());
+    let outcome = async {
+        let wc = router::pick_cluster(&tcp.clusters, fastrand::u64(..)).ok_or_else(|| {
+            (
+                ResponseFlag::NoCluster,
+                format!("{} has no backend with a non-zero weight", tcp.stat_prefix),
+            )
+        })?;
+        entry.upstream_cluster = Some(wc.name.clone());
+        let cluster = rt.cluster(&wc.name).ok_or_else(|| {
+            (
+                ResponseFlag::NoCluster,
+                format!("cluster {:?} is not loaded", wc.name),
+            )
+        })?;
+        entry.destination_service = cluster.config.service.clone().or(Some(wc.name.clone()));
+        let pick = cluster.balancer.pick(None).ok_or_else(|| {
+            (
+                ResponseFlag::NoHealthyUpstream,
+                format!("cluster {} has no endpoints", wc.name),
+            )
+        })?;
+        entry.upstream_host = Some(pick.address());
+        let connect = tokio::time::timeout(
+            cluster.config.connect_timeout,
+            TcpStream::connect(pick.address()),
+        )
+        .await;
+        let upstream = match connect {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                pick.failed();
+                return Err((
+                    ResponseFlag::UpstreamConnectFailure,
+                    format!("connecting to {} failed: {e}", pick.address()),
+                ));
+            }
+            Err(_) => {
+                pick.failed();
+                return Err((
+                    ResponseFlag::UpstreamConnectFailure,
+                    format!("connecting to {} timed out", pick.address()),
+                ));
+            }
+        };
+        pick.complete(start.elapsed());
+        let _ = upstream.set_nodelay(true);
+        let _ = downstream.set_nodelay(true);
+        let series = shared.tcp_series(
+            direction,
+            entry.destination_service.as_deref().unwrap_or("unknown"),
+        );
+        series.opened();
+        let (received, sent) = copy_both(downstream, upstream, prefix, tcp.idle_timeout).await;
+        series.received(received);
+        series.sent(sent);
+        series.closed();
+        drop(pick);
+        Ok((received, sent))
+    }
+    .await;
+    match outcome {
+        Ok((received, sent)) => {
+            entry.bytes_received = received;
+            entry.bytes_sent = sent;
+        }
+        Err((flag, reason)) => {
+            tracing::debug!(%peer, flag = flag.code(), %reason, "TCP connection refused");
+            entry.response_flags = vec![flag];
+            entry.reason = Some(reason);
+        }
+    }
+    entry.duration = start.elapsed();
+    if shared.access_log_enabled() {
+        shared.access_log(entry);
+    }
+}
+
+/// Copies until both directions have closed, or no byte moved for `idle`.
+/// Returns (bytes downstream -> upstream, bytes upstream -> downstream).
+async fn copy_both(
+    downstream: TcpStream,
+    upstream: TcpStream,
+    prefix: Bytes,
+    idle: Option<Duration>,
+) -> (u64, u64) {
+    let (down_r, down_w) = downstream.into_split();
+    let (up_r, mut up_w) = upstream.into_split();
+    if !prefix.is_empty() && up_w.write_all(&prefix).await.is_err() {
+        return (0, 0);
+    }
+    let epoch = Instant::now();
+    let activity = Arc::new(AtomicU64::new(0));
+    let up_bytes = Arc::new(AtomicU64::new(prefix.len() as u64));
+    let down_bytes = Arc::new(AtomicU64::new(0));
+    let to_up = pipe(down_r, up_w, up_bytes.clone(), activity.clone(), epoch);
+    let to_down = pipe(up_r, down_w, down_bytes.clone(), activity.clone(), epoch);
+    let both = async { tokio::join!(to_up, to_down) };
+    let watchdog = async {
+        let Some(idle) = idle.filter(|d| !d.is_zero()) else {
+            return std::future::pending::<()>().await;
+        };
+        loop {
+            let last = Duration::from_millis(activity.load(Ordering::Relaxed));
+            let deadline = epoch + last + idle;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    };
+    tokio::select! {
+        _ = both => {}
+        () = watchdog => tracing::debug!("TCP connection idle timeout"),
+    }
+    (
+        up_bytes.load(Ordering::Relaxed),
+        down_bytes.load(Ordering::Relaxed),
+    )
+}
+
+async fn pipe(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    total: Arc<AtomicU64>,
+    activity: Arc<AtomicU64>,
+    epoch: Instant,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+        total.fetch_add(n as u64, Ordering::Relaxed);
+        activity.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+    let _ = to.shutdown().await;
+}

@@ -1,0 +1,282 @@
+//! Connections to upstream endpoints: an HTTP/1.1 pool of idle keep-alive
+//! connections and one multiplexed HTTP/2 connection per endpoint.
+//!
+//! Pools are keyed by endpoint address and protocol, shared by every cluster
+//! that lists the endpoint, and survive config updates, so a reload does not
+//! reconnect. An HTTP/1.1 connection goes back to its pool only once its
+//! response body has been read to the end (see [`Returner`]); idle ones are
+//! closed after the cluster's idle timeout. Non-goals: TLS (added with mTLS),
+//! per-endpoint connection limits (circuit breaking comes with TrafficPolicy).
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::accesslog::ResponseFlag;
+use crate::body::Body;
+
+/// Why an upstream request failed before a response arrived.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connection to {addr} refused")]
+    ConnectRefused { addr: SocketAddr },
+    #[error("connecting to {addr} timed out after {timeout:?}")]
+    ConnectTimeout { addr: SocketAddr, timeout: Duration },
+    #[error("connecting to {addr} failed: {source}")]
+    Connect { addr: SocketAddr, source: io::Error },
+    #[error("HTTP handshake with {addr} failed: {source}")]
+    Handshake {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
+    #[error("upstream {addr} reset the request: {source}")]
+    Reset {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
+}
+
+impl UpstreamError {
+    /// Envoy-style response flag.
+    pub fn flag(&self) -> ResponseFlag {
+        match self {
+            Self::ConnectRefused { .. } | Self::ConnectTimeout { .. } | Self::Connect { .. } => {
+                ResponseFlag::UpstreamConnectFailure
+            }
+            Self::Handshake { .. } | Self::Reset { .. } => ResponseFlag::UpstreamReset,
+        }
+    }
+
+    /// Nothing reached the upstream application, so a retry is safe.
+    pub fn is_connect(&self) -> bool {
+        matches!(
+            self,
+            Self::ConnectRefused { .. } | Self::ConnectTimeout { .. } | Self::Connect { .. }
+        )
+    }
+}
+
+/// How to reach one endpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct Target {
+    pub addr: SocketAddr,
+    pub http2: bool,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Option<Duration>,
+}
+
+/// All upstream pools of a proxy.
+#[derive(Debug, Default)]
+pub struct Pools {
+    h1: Mutex<HashMap<SocketAddr, Arc<H1Pool>>>,
+    h2: Mutex<HashMap<SocketAddr, Arc<H2Slot>>>,
+}
+
+#[derive(Debug, Default)]
+struct H1Pool {
+    idle: Mutex<Vec<IdleConn>>,
+}
+
+#[derive(Debug)]
+struct IdleConn {
+    sender: http1::SendRequest<Body>,
+    since: Instant,
+}
+
+#[derive(Debug, Default)]
+struct H2Slot {
+    conn: tokio::sync::Mutex<Option<http2::SendRequest<Body>>>,
+}
+
+/// A connection lent for one request.
+#[derive(Debug)]
+pub enum Lease {
+    Http1 {
+        sender: Http1Sender,
+        returner: Returner,
+        /// Taken from the idle pool (it may have gone stale meanwhile).
+        reused: bool,
+    },
+    Http2(http2::SendRequest<Body>),
+}
+
+/// The sending half of an upstream HTTP/1.1 connection.
+pub type Http1Sender = http1::SendRequest<Body>;
+
+/// Puts an HTTP/1.1 connection back into its pool once its response is done.
+#[derive(Debug, Clone)]
+pub struct Returner {
+    pool: Weak<H1Pool>,
+}
+
+impl Returner {
+    pub fn give_back(&self, sender: http1::SendRequest<Body>) {
+        if sender.is_closed() {
+            return;
+        }
+        if let Some(pool) = self.pool.upgrade() {
+            let mut idle = lock(&pool.idle);
+            // Bound idle connections per endpoint; beyond that, close.
+            if idle.len() < 1024 {
+                idle.push(IdleConn {
+                    sender,
+                    since: Instant::now(),
+                });
+            }
+        }
+    }
+}
+
+impl Pools {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// A connection ready to take one request.
+    pub async fn lease(&self, target: &Target) -> Result<Lease, UpstreamError> {
+        if target.http2 {
+            return self.lease_h2(target).await.map(Lease::Http2);
+        }
+        let pool = lock(&self.h1).entry(target.addr).or_default().clone();
+        loop {
+            let candidate = {
+                let mut idle = lock(&pool.idle);
+                idle.pop()
+            };
+            let Some(mut conn) = candidate else { break };
+            if conn.sender.is_closed() || expired(conn.since, target.idle_timeout) {
+                continue;
+            }
+            if conn.sender.ready().await.is_ok() {
+                return Ok(Lease::Http1 {
+                    sender: conn.sender,
+                    returner: Returner {
+                        pool: Arc::downgrade(&pool),
+                    },
+                    reused: true,
+                });
+            }
+        }
+        let sender = connect_h1(target).await?;
+        Ok(Lease::Http1 {
+            sender,
+            returner: Returner {
+                pool: Arc::downgrade(&pool),
+            },
+            reused: false,
+        })
+    }
+
+    async fn lease_h2(&self, target: &Target) -> Result<http2::SendRequest<Body>, UpstreamError> {
+        let slot = lock(&self.h2).entry(target.addr).or_default().clone();
+        let mut conn = slot.conn.lock().await;
+        if let Some(sender) = conn.as_ref() {
+            if !sender.is_closed() {
+                return Ok(sender.clone());
+            }
+        }
+        let sender = connect_h2(target).await?;
+        *conn = Some(sender.clone());
+        Ok(sender)
+    }
+
+    /// Closes idle HTTP/1.1 connections past their timeout and forgets empty
+    /// pools. Called periodically.
+    pub fn sweep(&self, idle_timeout: Duration) {
+        let mut h1 = lock(&self.h1);
+        h1.retain(|_, pool| {
+            let mut idle = lock(&pool.idle);
+            idle.retain(|c| !c.sender.is_closed() && !expired(c.since, Some(idle_timeout)));
+            !idle.is_empty() || Arc::strong_count(pool) > 1
+        });
+        drop(h1);
+        lock(&self.h2).retain(|_, slot| match slot.conn.try_lock() {
+            Ok(conn) => conn.as_ref().is_some_and(|s| !s.is_closed()),
+            Err(_) => true,
+        });
+    }
+
+    /// Number of idle HTTP/1.1 connections (for tests and /config_dump).
+    pub fn idle_http1(&self) -> usize {
+        lock(&self.h1).values().map(|p| lock(&p.idle).len()).sum()
+    }
+}
+
+/// A fresh connection for a request that upgrades (WebSocket): it is never
+/// pooled, since after the upgrade it carries the upgraded protocol.
+pub async fn connect_upgrade(target: &Target) -> Result<http1::SendRequest<Body>, UpstreamError> {
+    connect_h1(target).await
+}
+
+async fn connect(target: &Target) -> Result<TcpStream, UpstreamError> {
+    let addr = target.addr;
+    let stream = match tokio::time::timeout(target.connect_timeout, TcpStream::connect(addr)).await
+    {
+        Err(_) => {
+            return Err(UpstreamError::ConnectTimeout {
+                addr,
+                timeout: target.connect_timeout,
+            })
+        }
+        Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            return Err(UpstreamError::ConnectRefused { addr })
+        }
+        Ok(Err(source)) => return Err(UpstreamError::Connect { addr, source }),
+        Ok(Ok(s)) => s,
+    };
+    // Latency matters more than packet count for proxied request/response.
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+async fn connect_h1(target: &Target) -> Result<http1::SendRequest<Body>, UpstreamError> {
+    let addr = target.addr;
+    let stream = connect(target).await?;
+    let (sender, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|source| UpstreamError::Handshake { addr, source })?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(%addr, error = %e, "upstream HTTP/1.1 connection ended");
+        }
+    });
+    Ok(sender)
+}
+
+async fn connect_h2(target: &Target) -> Result<http2::SendRequest<Body>, UpstreamError> {
+    let addr = target.addr;
+    let stream = connect(target).await?;
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .adaptive_window(true)
+        .keep_alive_interval(Duration::from_secs(30));
+    let (sender, conn) = builder
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|source| UpstreamError::Handshake { addr, source })?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(%addr, error = %e, "upstream HTTP/2 connection ended");
+        }
+    });
+    Ok(sender)
+}
+
+fn expired(since: Instant, timeout: Option<Duration>) -> bool {
+    timeout.is_some_and(|t| since.elapsed() >= t)
+}
+
+/// Locks a std mutex, recovering from poisoning: the data inside (idle
+/// connection lists) stays valid even if a holder panicked.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -1,0 +1,11 @@
+//! End-to-end tests of the proxy through real sockets: a standalone proxy
+//! (the same code `meshwork proxy --config` runs) in front of real backends.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod harness;
+
+mod basics;
+mod lb;
+mod lifecycle;
+mod protocols;
+mod routing;
