@@ -172,7 +172,10 @@ fn load_document(
                 c,
                 None,
                 None,
-                format!("invalid YAML: {}", clean_message(&e)),
+                format!(
+                    "invalid YAML: {}",
+                    shift_lines(&clean_message(&e), chunk.first_line)
+                ),
             ));
         }
     };
@@ -330,6 +333,25 @@ fn clean_message(e: &serde_yaml::Error) -> String {
     s
 }
 
+/// Rewrites `line N` in a parser message (relative to the document) into
+/// file lines.
+fn shift_lines(msg: &str, offset: usize) -> String {
+    let mut out = String::with_capacity(msg.len());
+    let mut rest = msg;
+    while let Some(i) = rest.find("line ") {
+        let (head, tail) = rest.split_at(i + 5);
+        out.push_str(head);
+        let digits = tail.bytes().take_while(u8::is_ascii_digit).count();
+        match tail[..digits].parse::<usize>() {
+            Ok(n) => out.push_str(&(n + offset).to_string()),
+            Err(_) => out.push_str(&tail[..digits]),
+        }
+        rest = &tail[digits..];
+    }
+    out.push_str(rest);
+    out
+}
+
 fn value_kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "nothing",
@@ -371,6 +393,15 @@ mod tests {
         let r = load_str("f", "---\n# nothing\n---\n\n---\n").unwrap();
         assert!(r.is_empty());
         assert!(load_str("f", "").unwrap().is_empty());
+    }
+
+    #[test]
+    fn parser_positions_are_file_lines() {
+        assert_eq!(
+            shift_lines("x at line 4 column 9, in line 3", 10),
+            "x at line 14 column 9, in line 13"
+        );
+        assert_eq!(shift_lines("no lines; line x", 10), "no lines; line x");
     }
 
     #[test]

@@ -182,10 +182,23 @@ async fn envoy_accepts_translation_and_routes_the_same() {
     let dir = scratch("envoy");
     let cfg = dir.join("mesh.yaml");
     let yaml = mesh_yaml(&[("reviews", v1.addr), ("reviews-v2", v2.addr)])
-        + "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: reviews}\nspec:\n  parentRefs: [{kind: Service, name: reviews, port: 80}]\n  rules:\n\
-           - matches: [{headers: [{name: end-user, value: jason}]}]\n    backendRefs: [{name: reviews-v2, port: 80}]\n\
-           - matches: [{path: {type: PathPrefix, value: /api}}]\n    filters:\n    - type: URLRewrite\n      urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v1}}\n    - type: ResponseHeaderModifier\n      responseHeaderModifier: {set: [{name: x-route, value: api}]}\n    backendRefs: [{name: reviews, port: 80}]\n\
-           - backendRefs: [{name: reviews, port: 80}]\n";
+        + r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews}
+spec:
+  parentRefs: [{kind: Service, name: reviews, port: 80}]
+  rules:
+  - matches: [{headers: [{name: end-user, value: jason}]}]
+    backendRefs: [{name: reviews-v2, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /api}}]
+    filters:
+    - type: URLRewrite
+      urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v1}}
+    - type: ResponseHeaderModifier
+      responseHeaderModifier: {set: [{name: x-route, value: api}]}
+    backendRefs: [{name: reviews, port: 80}]
+  - backendRefs: [{name: reviews, port: 80}]
+"#;
     std::fs::write(&cfg, &yaml).unwrap();
     let envoy_port = testkit::free_port();
     let envoy_admin = testkit::free_port();

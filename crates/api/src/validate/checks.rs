@@ -112,17 +112,22 @@ pub(crate) fn header_value(s: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Compiles a user regex the way it will be used (anchored full match).
+/// Compiles a user regex the way it will be used (anchored full match). The
+/// error names the user's pattern, not the anchored one.
 pub(crate) fn regex(s: &str) -> Result<regex::Regex, String> {
-    regex::RegexBuilder::new(&format!("^(?:{s})$"))
-        .size_limit(REGEX_SIZE_LIMIT)
-        .build()
-        .map_err(|e| {
-            format!(
-                "invalid regular expression {s:?}: {}",
-                one_line(&e.to_string())
-            )
-        })
+    let build = |p: &str| {
+        regex::RegexBuilder::new(p)
+            .size_limit(REGEX_SIZE_LIMIT)
+            .build()
+    };
+    let err = |e: regex::Error| {
+        format!(
+            "invalid regular expression {s:?}: {}",
+            one_line(&e.to_string())
+        )
+    };
+    build(s).map_err(err)?;
+    build(&format!("^(?:{s})$")).map_err(err)
 }
 
 fn one_line(s: &str) -> String {

@@ -194,6 +194,85 @@ fn non_ascii_authorities_do_not_panic() {
     assert_eq!(vhost_name(&t, "abé"), Some("pre"));
 }
 
+/// Envoy's rules written the slow, obvious way: scan every domain.
+fn reference_vhost(hosts: &[VirtualHost], authority: &str) -> Option<usize> {
+    let host = authority.to_ascii_lowercase();
+    let domains = || {
+        hosts
+            .iter()
+            .enumerate()
+            .flat_map(|(i, v)| v.domains.iter().map(move |d| (i, d.to_ascii_lowercase())))
+    };
+    if let Some((i, _)) = domains().find(|(_, d)| *d == host) {
+        return Some(i);
+    }
+    let best = |candidates: Vec<(usize, usize)>| candidates.into_iter().max_by_key(|c| c.1);
+    let suffix = best(
+        domains()
+            .filter(|(_, d)| d.len() > 1 && d.starts_with('*'))
+            .filter(|(_, d)| host.len() > d.len() - 1 && host.ends_with(&d[1..]))
+            .map(|(i, d)| (i, d.len()))
+            .collect(),
+    );
+    if let Some((i, _)) = suffix {
+        return Some(i);
+    }
+    let prefix = best(
+        domains()
+            .filter(|(_, d)| d.len() > 1 && !d.starts_with('*') && d.ends_with('*'))
+            .filter(|(_, d)| host.len() > d.len() - 1 && host.starts_with(&d[..d.len() - 1]))
+            .map(|(i, d)| (i, d.len()))
+            .collect(),
+    );
+    if let Some((i, _)) = prefix {
+        return Some(i);
+    }
+    domains().find(|(_, d)| d == "*").map(|(i, _)| i)
+}
+
+#[test]
+fn indexed_lookup_agrees_with_a_full_scan() {
+    let mut rng = fastrand::Rng::with_seed(42);
+    let word = |rng: &mut fastrand::Rng| -> String {
+        let parts = ["a", "b", "A", ".", "-", ":80", "x.", ".y", "ab"];
+        (0..rng.usize(0..4))
+            .map(|_| parts[rng.usize(..parts.len())])
+            .collect()
+    };
+    let mut tables = 0;
+    for _ in 0..3000 {
+        let hosts: Vec<VirtualHost> = (0..rng.usize(1..5))
+            .map(|i| {
+                let domains: Vec<String> = (0..rng.usize(1..4))
+                    .map(|_| match rng.u8(0..5) {
+                        0 => format!("*{}", word(&mut rng)),
+                        1 => format!("{}*", word(&mut rng)),
+                        _ => word(&mut rng),
+                    })
+                    .collect();
+                let refs: Vec<&str> = domains.iter().map(String::as_str).collect();
+                vh(&i.to_string(), &refs)
+            })
+            .collect();
+        // Duplicate domains are refused at load time; skip those sets.
+        let Ok(t) = RouteTable::new("rc".into(), hosts.clone()) else {
+            continue;
+        };
+        tables += 1;
+        for _ in 0..20 {
+            let authority = word(&mut rng);
+            let got = select_vhost(&t, &authority).map(|v| v.name.parse::<usize>().unwrap());
+            assert_eq!(
+                got,
+                reference_vhost(&hosts, &authority),
+                "authority {authority:?} against {:?}",
+                hosts.iter().map(|h| &h.domains).collect::<Vec<_>>()
+            );
+        }
+    }
+    assert!(tables > 500, "only {tables} valid tables generated");
+}
+
 // ---------------------------------------------------------------------------
 // Routes: paths
 
