@@ -49,6 +49,7 @@ ensure_apt "${TEST_APT_PACKAGES[@]}"
 step "Python interop peers (.venv-interop)"
 ensure_interop_venv
 
-# Last, so that cargo's own summary lines close the output.
-step "cargo test --workspace --locked"
-cargo test --workspace --locked
+# Last, so that cargo's own summary lines close the output. --no-fail-fast:
+# one failing test binary must not hide the results of the others in CI.
+step "cargo test --workspace --locked --no-fail-fast"
+cargo test --workspace --locked --no-fail-fast

@@ -79,8 +79,9 @@ struct Inner {
     shared: Arc<Shared>,
     listeners: AsyncMutex<Option<ListenerSet>>,
     bound: Mutex<Vec<(String, SocketAddr)>>,
-    /// Content of the file behind the active config, to skip no-op reloads.
-    last_text: Mutex<String>,
+    /// The last file content tried and why it was refused (`None`: it is
+    /// active). Held across a whole reload, so reloads never interleave.
+    last: AsyncMutex<(String, Option<String>)>,
     ready: std::sync::atomic::AtomicBool,
 }
 
@@ -99,7 +100,7 @@ impl Proxy {
             shared: shared.clone(),
             listeners: AsyncMutex::new(Some(ListenerSet::new(shared.clone(), watch))),
             bound: Mutex::new(Vec::new()),
-            last_text: Mutex::new(String::new()),
+            last: AsyncMutex::new((String::new(), None)),
             ready: std::sync::atomic::AtomicBool::new(false),
         });
         inner.reload(true).await?;
@@ -183,19 +184,24 @@ fn trigger_watch(trigger: &drain::Trigger) -> drain::Watch {
 impl Inner {
     async fn reload(&self, initial: bool) -> Result<(), Error> {
         let path = &self.opts.config;
+        let mut last = self.last.lock().await;
         let text = tokio::fs::read_to_string(path)
             .await
             .map_err(|source| Error::Read {
                 path: path.clone(),
                 source,
             })?;
-        if !initial && *lock(&self.last_text) == text {
-            return Ok(());
+        if !initial && last.0 == text {
+            // Unchanged since the last attempt: same answer as then.
+            return match &last.1 {
+                None => Ok(()),
+                Some(reason) => Err(Error::Invalid(reason.clone())),
+            };
         }
         let result = self.apply_text(path, &text).await;
         match &result {
             Ok(version) => {
-                *lock(&self.last_text) = text;
+                *last = (text, None);
                 self.shared.metrics.config_accepted("all", version);
                 if !initial {
                     tracing::info!(%version, file = %path.display(), "config reloaded");
@@ -203,7 +209,7 @@ impl Inner {
             }
             Err(e) => {
                 // Remember the refused text too, so it is reported once, not every poll.
-                *lock(&self.last_text) = text;
+                *last = (text, Some(e.to_string()));
                 self.shared.metrics.config_rejected("all");
                 tracing::error!(file = %path.display(), "config refused, keeping the last good one:\n{e}");
             }

@@ -113,10 +113,22 @@ pub fn redirect_location(
     uri: &Uri,
 ) -> String {
     let final_scheme = r.scheme.as_deref().unwrap_or(scheme);
-    let port = r.port.map(|p| format!(":{p}")).unwrap_or_default();
+    // A redirected port that is the new scheme's default is left out of the
+    // Location (Gateway API: no `:80` with http, no `:443` with https), but
+    // still replaces the request's port.
+    let default_port = match final_scheme {
+        s if s.eq_ignore_ascii_case("https") => Some(443),
+        s if s.eq_ignore_ascii_case("http") => Some(80),
+        _ => None,
+    };
+    let port = r
+        .port
+        .filter(|p| Some(*p) != default_port)
+        .map(|p| format!(":{p}"))
+        .unwrap_or_default();
     let host = match &r.host {
         Some(h) => h.as_str(),
-        None => request_host(authority, final_scheme, scheme, !port.is_empty()),
+        None => request_host(authority, final_scheme, scheme, r.port.is_some()),
     };
     let current = uri.path_and_query().map_or("", |pq| pq.as_str());
     let path: Cow<'_, str> = match &r.path {

@@ -201,7 +201,9 @@ pub(crate) fn load_assignment(
     let endpoints = groups
         .into_values()
         .map(|ws| {
-            let total: u32 = ws.iter().map(|w| w.value.spec.weight).sum();
+            let total = ws
+                .iter()
+                .fold(0u32, |acc, w| acc.saturating_add(w.value.spec.weight));
             LocalityLbEndpoints {
                 locality: ws.first().map(|w| locality(&w.value)),
                 lb_endpoints: ws

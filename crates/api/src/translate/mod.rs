@@ -49,6 +49,20 @@ pub struct ProxyContext {
     pub detect_timeout: Duration,
 }
 
+impl Default for ProxyContext {
+    /// meshwork's standard ports on localhost (outbound 15001, inbound
+    /// 15006), no fronted workload, 1 s protocol detection.
+    fn default() -> Self {
+        let lo = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+        ProxyContext {
+            outbound_addr: SocketAddr::new(lo, 15001),
+            inbound_addr: SocketAddr::new(lo, 15006),
+            workload: None,
+            detect_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
 impl ProxyContext {
     /// The namespace the proxy's client lives in: its workload's, else `default`.
     pub fn client_namespace(&self) -> &str {

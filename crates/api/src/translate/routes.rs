@@ -580,7 +580,7 @@ fn http_entries(
             let prefix = (m.path.kind == PathMatchType::PathPrefix)
                 .then(|| normalized_prefix(&m.path.value));
             let action = match redirect {
-                Some(rd) => route::Action::Redirect(redirect_action(rd, prefix)),
+                Some(rd) => route::Action::Redirect(redirect_action(rd, prefix, psp.port)),
                 None => {
                     let mut o = ForwardOpts {
                         timeout,
@@ -731,7 +731,11 @@ fn escape_substitution(s: &str) -> String {
     s.replace('\\', "\\\\")
 }
 
-fn redirect_action(rd: &RequestRedirect, prefix: Option<&str>) -> RedirectAction {
+fn redirect_action(
+    rd: &RequestRedirect,
+    prefix: Option<&str>,
+    service_port: u32,
+) -> RedirectAction {
     let code = match rd.status_code {
         301 => redirect_action::RedirectResponseCode::MovedPermanently,
         303 => redirect_action::RedirectResponseCode::SeeOther,
@@ -739,12 +743,15 @@ fn redirect_action(rd: &RequestRedirect, prefix: Option<&str>) -> RedirectAction
         308 => redirect_action::RedirectResponseCode::PermanentRedirect,
         _ => redirect_action::RedirectResponseCode::Found,
     };
-    // Gateway: with a scheme and no port, use the scheme's well-known port
-    // (Envoy then leaves 80/443 out of Location).
+    // Gateway API: without a port, a scheme implies its well-known port; with
+    // neither, the port the request came to (here: the service port). Envoy
+    // keeps the request's port on a scheme change and drops it when the host
+    // changes, so both cases are spelled out (80 needs no spelling out).
     let port = rd.port.unwrap_or(match rd.scheme {
         Some(crate::resources::Scheme::Http) => 80,
         Some(crate::resources::Scheme::Https) => 443,
-        None => 0,
+        None if service_port == 80 => 0,
+        None => service_port,
     });
     let path = rd.path.as_ref().map(|pm| match pm.kind {
         PathModifierType::ReplaceFullPath => redirect_action::PathRewriteSpecifier::PathRedirect(
