@@ -18,20 +18,20 @@
 //! Non-goals: I/O beyond reading one file in [`load_file`], networking, and
 //! Kubernetes status or server-side metadata.
 
+mod envoy;
 mod error;
 mod load;
+mod mesh;
 pub mod resources;
 mod source;
+mod translate;
+mod validate;
 
+pub use envoy::envoy_bootstrap;
 pub use error::{Error, Errors, FieldPath, Seg};
 pub use load::{load_file, load_str};
+pub use mesh::{Key, Mesh};
 pub use resources::{Kind, Resource};
 pub use source::Sourced;
-mod mesh;
-pub use mesh::{Key, Mesh};
-mod validate;
-pub use validate::validate;
-mod translate;
 pub use translate::{names, translate, ProxyContext, Xds};
-mod envoy;
-pub use envoy::envoy_bootstrap;
+pub use validate::validate;

