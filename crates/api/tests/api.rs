@@ -1406,7 +1406,7 @@ fn outbound_listener_detects_http() {
             .as_ref()
             .unwrap()
             .application_protocols,
-        ["http/1.1", "h2c"]
+        ["http/1.0", "http/1.1", "h2c"]
     );
     let h = hcm(l);
     let Some(RouteSpecifier::Rds(rds)) = &h.route_specifier else {

@@ -86,7 +86,7 @@ Try:
   curl -s http://{out}/ -H 'Host: ratings.default:9080'         # service.namespace:port works too
   curl -si -H 'Host: nope' http://{out}/                        # 404 with x-meshwork-error: no_route
   curl -s --http2-prior-knowledge -H 'Host: ratings' http://{out}/
-  echo hello | nc -q1 127.0.0.1 {db}                            # TCP service db
+  echo hello | nc -q1 127.0.0.1 {db}                            # TCP service db (netcat)
   curl -s http://{admin}/metrics | grep meshwork_requests_total
   curl -s http://{admin}/config_dump
   meshwork validate -f {file}

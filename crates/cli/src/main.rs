@@ -5,12 +5,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// mimalloc: the proxy allocates small, short-lived buffers per request;
-/// measured in bench/, it costs less CPU per request than the system
-/// allocator.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 mod demo;
 mod proxy_cmd;
 mod validate;

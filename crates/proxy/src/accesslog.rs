@@ -554,7 +554,13 @@ async fn write_batch(
         }
         Err(e) => {
             dropped.fetch_add(lines, Ordering::Relaxed);
-            tracing::error!(error = %e, "access log writer failed; access logging stops");
+            if e.is_cancelled() {
+                // The runtime is shutting down: nothing is lost that a flush
+                // on shutdown (Proxy::shutdown) did not already write.
+                tracing::debug!("access log writer stopped with the runtime");
+            } else {
+                tracing::error!(error = %e, "access log writer failed; access logging stops");
+            }
             false
         }
     }

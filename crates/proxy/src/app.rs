@@ -106,23 +106,50 @@ impl Proxy {
         inner.reload(true).await?;
         inner.ready.store(true, std::sync::atomic::Ordering::SeqCst);
 
-        let admin_socket = tokio::net::TcpListener::bind(opts.admin_addr)
-            .await
+        let admin_socket = std::net::TcpListener::bind(opts.admin_addr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
             .map_err(|source| Error::Admin {
                 addr: opts.admin_addr,
                 source,
             })?;
         let admin_addr = admin_socket.local_addr().unwrap_or(opts.admin_addr);
         tracing::info!(address = %admin_addr, "admin listening");
+        // The admin server (and /metrics rendering) runs on a thread of its
+        // own, so a scrape never takes time from the data path's workers.
+        let admin_stop = trigger.watch();
+        let source = inner.clone() as Arc<dyn AdminSource>;
+        std::thread::Builder::new()
+            .name("meshwork-admin".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!(error = %e, "admin server: cannot start its runtime");
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    match tokio::net::TcpListener::from_std(admin_socket) {
+                        Ok(socket) => {
+                            admin::serve(socket, source, metrics, log, async move {
+                                admin_stop.signaled().await
+                            })
+                            .await
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "admin server: cannot use its socket")
+                        }
+                    }
+                });
+            })
+            .map_err(|source| Error::Admin {
+                addr: admin_addr,
+                source,
+            })?;
         let mut tasks = Vec::new();
-        let admin_stop = trigger_watch(&trigger);
-        tasks.push(tokio::spawn(admin::serve(
-            admin_socket,
-            inner.clone() as Arc<dyn AdminSource>,
-            metrics,
-            log,
-            async move { admin_stop.signaled().await },
-        )));
         tasks.push(tokio::spawn(watch_file(inner.clone())));
         tasks.push(tokio::spawn(sweep_pools(shared)));
         Ok(Self {
@@ -169,16 +196,12 @@ impl Proxy {
             Some(t) => t.drain(deadline).await,
             None => true,
         };
+        self.inner.shared.flush_access_log().await;
         for t in &self.tasks {
             t.abort();
         }
         done
     }
-}
-
-/// A watch on the global drain for tasks that are not connections.
-fn trigger_watch(trigger: &drain::Trigger) -> drain::Watch {
-    trigger.watch()
 }
 
 impl Inner {

@@ -84,4 +84,9 @@ impl Shared {
     pub fn access_log(&self, entry: AccessLogEntry) {
         self.access_log.log(entry);
     }
+
+    /// Writes out buffered access log lines (shutdown).
+    pub async fn flush_access_log(&self) {
+        self.access_log.flush().await;
+    }
 }

@@ -50,7 +50,11 @@ pub(crate) fn detecting(
         continue_on_listener_filters_timeout: true,
         filter_chains: vec![FilterChain {
             filter_chain_match: Some(FilterChainMatch {
-                application_protocols: vec!["http/1.1".to_string(), "h2c".to_string()],
+                application_protocols: vec![
+                    "http/1.0".to_string(),
+                    "http/1.1".to_string(),
+                    "h2c".to_string(),
+                ],
                 ..Default::default()
             }),
             filters: vec![hcm(name, route_config)],
