@@ -149,9 +149,10 @@ impl Proxy {
                 addr: admin_addr,
                 source,
             })?;
-        let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(watch_file(inner.clone())));
-        tasks.push(tokio::spawn(sweep_pools(shared)));
+        let tasks = vec![
+            tokio::spawn(watch_file(inner.clone())),
+            tokio::spawn(sweep_pools(shared)),
+        ];
         Ok(Self {
             inner,
             drain: Some(trigger),
