@@ -49,7 +49,17 @@ ensure_apt "${TEST_APT_PACKAGES[@]}"
 step "Python interop peers (.venv-interop)"
 ensure_interop_venv
 
-# Last, so that cargo's own summary lines close the output. --no-fail-fast:
-# one failing test binary must not hide the results of the others in CI.
+# Last. --no-fail-fast: one failing test binary must not hide the results
+# of the others in CI. cargo's last summary line belongs to whichever crate
+# runs last (often a doc-test run with 0 tests), so the totals over every
+# test binary close the output.
 step "cargo test --workspace --locked --no-fail-fast"
-cargo test --workspace --locked --no-fail-fast
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
+     END { printf "\n%d passed, %d failed\n", p, f }' "$log"
+exit "$status"
