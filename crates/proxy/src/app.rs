@@ -92,8 +92,7 @@ impl Proxy {
         let metrics = Arc::new(Metrics::new());
         let access_log = AccessLog::new(opts.access_log.clone())
             .map_err(|e| Error::Invalid(format!("access log: {e}")))?;
-        let local_service = None;
-        let shared = Shared::new(metrics.clone(), access_log, local_service);
+        let shared = Shared::new(metrics.clone(), access_log);
         let (trigger, watch) = drain::channel();
         let inner = Arc::new(Inner {
             opts: opts.clone(),
@@ -209,12 +208,22 @@ impl Inner {
     async fn reload(&self, initial: bool) -> Result<(), Error> {
         let path = &self.opts.config;
         let mut last = self.last.lock().await;
-        let text = tokio::fs::read_to_string(path)
-            .await
-            .map_err(|source| Error::Read {
-                path: path.clone(),
-                source,
-            })?;
+        let text = match tokio::fs::read_to_string(path).await {
+            Ok(text) => text,
+            Err(source) => {
+                let e = Error::Read {
+                    path: path.clone(),
+                    source,
+                };
+                // Report a vanished or unreadable file once, not every poll.
+                if last.1.as_deref() != Some(&e.to_string()) {
+                    self.shared.metrics.config_rejected("all");
+                    tracing::error!("{e}; keeping the last good config");
+                    *last = (String::new(), Some(e.to_string()));
+                }
+                return Err(e);
+            }
+        };
         if !initial && last.0 == text {
             // Unchanged since the last attempt: same answer as then.
             return match &last.1 {
@@ -232,10 +241,20 @@ impl Inner {
                 }
             }
             Err(e) => {
-                // Remember the refused text too, so it is reported once, not every poll.
-                *last = (text, Some(e.to_string()));
-                self.shared.metrics.config_rejected("all");
-                tracing::error!(file = %path.display(), "config refused, keeping the last good one:\n{e}");
+                // Remember the refused text too, so it is reported once, not
+                // every poll; except a bind failure, which may succeed on the
+                // next poll once the address is free.
+                let memo = if matches!(e, Error::Bind(_)) {
+                    String::new()
+                } else {
+                    text
+                };
+                let reason = e.to_string();
+                if last.1.as_deref() != Some(reason.as_str()) {
+                    self.shared.metrics.config_rejected("all");
+                    tracing::error!(file = %path.display(), "config refused, keeping the last good one:\n{e}");
+                }
+                *last = (memo, Some(reason));
             }
         }
         result.map(|_| ())
@@ -252,6 +271,10 @@ impl Inner {
             detect_timeout: self.opts.detect_timeout,
         };
         let out = api::translate(&mesh, &ctx);
+        let local_service = ctx.workload.as_ref().and_then(|(ns, name)| {
+            mesh.workload(ns, name)
+                .map(|w| format!("{}.{ns}", w.value.spec.service))
+        });
         let snapshot = xds::from_resources(
             &out.version,
             out.listeners,
@@ -265,15 +288,15 @@ impl Inner {
         let Some(set) = guard.as_mut() else {
             return Err(Error::Invalid("the proxy is shutting down".into()));
         };
-        // Routes and clusters first, so a new listener never sees a runtime
-        // without its routes; a bind failure restores the previous runtime.
+        // Bind first: a config whose listeners cannot be bound is refused
+        // before anything changes. Then routes and clusters, so a new
+        // listener never sees a runtime without its routes; then listeners.
+        let bound = set.bind_new(&snapshot.listeners)?;
         let previous = self.shared.runtime();
-        let runtime = Arc::new(Runtime::build(snapshot, Some(&previous)));
+        let runtime = Arc::new(Runtime::build(snapshot.clone(), Some(&previous)));
         self.shared.set_runtime(runtime);
-        if let Err(e) = set.apply(&self.shared.runtime().snapshot.listeners).await {
-            self.shared.set_runtime(previous);
-            return Err(e.into());
-        }
+        set.commit(&snapshot.listeners, bound);
+        self.shared.set_local_service(local_service);
         *lock(&self.bound) = set.bound();
         Ok(out.version)
     }

@@ -20,7 +20,7 @@ pub enum Protocol {
     Opaque,
     /// Nothing conclusive arrived before the deadline.
     Timeout,
-    /// The peer closed before anything conclusive arrived.
+    /// The peer closed (or failed) before sending anything.
     Closed,
 }
 
@@ -42,6 +42,9 @@ pub async fn detect<T: AsyncRead + Unpin>(io: &mut T, timeout: Duration) -> (Pro
         }
         match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
             Err(_) => return (Protocol::Timeout, buf.freeze()),
+            // A client that sends a few bytes and half-closes (`nc -N`)
+            // is opaque TCP: its bytes must still be delivered.
+            Ok(Ok(0)) if !buf.is_empty() => return (Protocol::Opaque, buf.freeze()),
             Ok(Ok(0)) | Ok(Err(_)) => return (Protocol::Closed, buf.freeze()),
             Ok(Ok(_)) => {}
         }

@@ -9,6 +9,7 @@
 //! itself carry `x-meshwork-error: <reason>` and a body that says why.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -26,7 +27,7 @@ use tokio::time::Instant;
 
 use crate::accesslog::{AccessLogEntry, Protocol, ResponseFlag};
 use crate::balance::{request_hash, Pick};
-use crate::body::{self, Body};
+use crate::body::{self, Body, BoxError};
 use crate::config::model::{Forward, HttpConnectionManager, Route, RouteAction, VirtualHost};
 use crate::filters;
 use crate::router;
@@ -45,13 +46,16 @@ const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Mirrors of requests with bodies larger than this are skipped.
 const MAX_MIRROR_BODY: usize = 1 << 20;
+/// How long a mirrored request may take before it is abandoned.
+const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Per-connection facts every request on it shares.
 #[derive(Debug)]
 pub struct ConnCtx {
     pub shared: Arc<Shared>,
-    pub listener: String,
     pub direction: Direction,
+    /// Held by upgraded tunnels so a drain waits for them (up to its deadline).
+    pub drain: crate::drain::Watch,
     pub hcm: Arc<HttpConnectionManager>,
     pub peer: SocketAddr,
     /// Metric handles this connection used, so keep-alive requests skip the
@@ -138,13 +142,13 @@ async fn route_and_forward(
             if let Ok(v) = HeaderValue::try_from(location) {
                 resp.headers_mut().insert(header::LOCATION, v);
             }
-            apply_response_mods(resp.headers_mut(), vh, route, None);
+            filters::apply_response_headers(vh, route, None, resp.headers_mut());
             resp
         }
         RouteAction::Direct { status, body: text } => {
             let mut resp = Response::new(body::full(text.clone()));
             *resp.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
-            apply_response_mods(resp.headers_mut(), vh, route, None);
+            filters::apply_response_headers(vh, route, None, resp.headers_mut());
             resp
         }
         RouteAction::Forward(fwd) => {
@@ -200,7 +204,26 @@ async fn forward(
     };
     obs.upstream = Some(pick.address());
 
-    let upgrade = is_upgrade(&req);
+    let upgrade = match upgrade_kind(&req) {
+        Upgrade::None => false,
+        Upgrade::WebSocket if conn.hcm.websocket => true,
+        Upgrade::Other(kind) => {
+            return local_reply(
+                obs,
+                StatusCode::FORBIDDEN,
+                ResponseFlag::DownstreamProtocolError,
+                format!("upgrade to {kind:?} is not enabled on this listener (only websocket)"),
+            )
+        }
+        Upgrade::WebSocket => {
+            return local_reply(
+                obs,
+                StatusCode::FORBIDDEN,
+                ResponseFlag::DownstreamProtocolError,
+                "websocket upgrades are not enabled on this listener",
+            )
+        }
+    };
     let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
 
@@ -213,9 +236,7 @@ async fn forward(
     let uri =
         filters::rewrite(&route.matcher.path, fwd, &parts.uri).unwrap_or_else(|| parts.uri.clone());
     strip_hop_by_hop(&mut parts.headers, upgrade);
-    filters::apply_header_mods(&wc.request_headers, &mut parts.headers);
-    filters::apply_header_mods(&route.request_headers, &mut parts.headers);
-    filters::apply_header_mods(&vh.request_headers, &mut parts.headers);
+    filters::apply_request_headers(vh, route, Some(wc), &mut parts.headers);
     if !parts.headers.contains_key(X_REQUEST_ID) {
         parts.headers.insert(X_REQUEST_ID, request_id());
     }
@@ -227,12 +248,7 @@ async fn forward(
         .entry(X_FORWARDED_PROTO)
         .or_insert(HeaderValue::from_static("http"));
 
-    let target = Target {
-        addr: pick.address(),
-        http2: cluster.config.http2,
-        connect_timeout: cluster.config.connect_timeout,
-        idle_timeout: cluster.config.idle_timeout,
-    };
+    let target = target_of(cluster, &pick);
     if let Err(e) = set_target_uri(&mut parts, uri, &authority, target.http2) {
         return local_reply(
             obs,
@@ -251,15 +267,22 @@ async fn forward(
                 .is_none_or(|p| fastrand::u32(0..1_000_000) < p)
         })
         .collect();
-    let body = if mirrors.is_empty() {
-        body.boxed()
+    // Mirroring needs the body twice, so only bodies known to be small are
+    // mirrored; anything larger or open-ended (streams) is forwarded alone.
+    let mirrorable = body
+        .size_hint()
+        .upper()
+        .is_some_and(|n| n <= MAX_MIRROR_BODY as u64);
+    if !mirrors.is_empty() && !mirrorable {
+        tracing::debug!(route = %route.name, "request body too large or streaming: not mirrored");
+    }
+    let body = if mirrors.is_empty() || !mirrorable {
+        body.map_err(BoxError::from).boxed()
     } else {
         match buffer_body(body).await {
             Ok(bytes) => {
-                if bytes.len() <= MAX_MIRROR_BODY {
-                    for m in mirrors {
-                        spawn_mirror(&conn.shared.pools, rt, &m.cluster, &parts, bytes.clone());
-                    }
+                for m in mirrors {
+                    spawn_mirror(&conn.shared.pools, rt, &m.cluster, &parts, bytes.clone());
                 }
                 body::full(bytes)
             }
@@ -297,12 +320,13 @@ async fn forward(
         }
         Ok(Err(err)) => {
             pick.failed();
-            let status = if err.is_connect() {
-                StatusCode::SERVICE_UNAVAILABLE
-            } else {
-                StatusCode::BAD_GATEWAY
-            };
-            return local_reply(obs, status, err.flag(), err.to_string());
+            // Envoy answers 503 for connect failures and resets alike.
+            return local_reply(
+                obs,
+                StatusCode::SERVICE_UNAVAILABLE,
+                err.flag(),
+                err.to_string(),
+            );
         }
         Ok(Ok(ok)) => ok,
     };
@@ -311,23 +335,29 @@ async fn forward(
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(down) = on_upgrade {
             let up = hyper::upgrade::on(&mut resp);
-            tokio::spawn(tunnel(down, up));
+            tokio::spawn(tunnel(down, up, conn.drain.clone()));
         }
     } else {
         strip_hop_by_hop(resp.headers_mut(), false);
     }
-    apply_response_mods(resp.headers_mut(), vh, route, Some(&wc.response_headers));
+    filters::apply_response_headers(vh, route, Some(wc), resp.headers_mut());
     if let Some(cookie) = hash.set_cookie.and_then(|c| HeaderValue::try_from(c).ok()) {
         resp.headers_mut().append(header::SET_COOKIE, cookie);
     }
     obs.upstream_response(resp.headers());
     let (rparts, rbody) = resp.into_parts();
+    // Envoy's route timeout covers the whole response, body included.
+    let deadline = timeout
+        .zip(obs.start)
+        .map(|(t, start)| Box::pin(tokio::time::sleep_until(start + t)));
     let body = Observed {
         inner: rbody,
         returner,
         pick: Some(pick),
         bytes: 0,
         obs: Some(std::mem::take(obs).armed(rparts.status)),
+        deadline,
+        timeout: timeout.unwrap_or_default(),
     };
     Response::from_parts(rparts, body.boxed())
 }
@@ -436,11 +466,16 @@ fn spawn_mirror(
             let _ = set_target_uri(&mut parts, uri, &a, target.http2);
         }
         let req = Request::from_parts(parts, body::full(body));
-        match send_mirror(&pools, &target, req).await {
-            Ok(()) => pick.complete(Duration::ZERO),
-            Err(e) => {
+        // A stalled mirror must not hold a connection and a task forever.
+        match tokio::time::timeout(MIRROR_TIMEOUT, send_mirror(&pools, &target, req)).await {
+            Ok(Ok(())) => pick.complete(Duration::ZERO),
+            Ok(Err(e)) => {
                 pick.failed();
                 tracing::debug!(cluster = %state.config.name, error = %e, "mirror failed");
+            }
+            Err(_) => {
+                pick.failed();
+                tracing::debug!(cluster = %state.config.name, "mirror timed out");
             }
         }
     });
@@ -495,7 +530,11 @@ fn target_of(state: &ClusterState, pick: &Pick) -> Target {
 }
 
 /// Copies bytes both ways between the upgraded downstream and upstream.
-async fn tunnel(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) {
+async fn tunnel(
+    down: hyper::upgrade::OnUpgrade,
+    up: hyper::upgrade::OnUpgrade,
+    _drain: crate::drain::Watch,
+) {
     let (down, up) = match tokio::try_join!(down, up) {
         Ok(pair) => pair,
         Err(e) => {
@@ -544,16 +583,40 @@ fn set_target_uri(
     Ok(())
 }
 
-fn is_upgrade(req: &Request<Incoming>) -> bool {
-    req.version() == Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
-        && req
-            .headers()
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+/// What an HTTP/1.1 request asks to upgrade to.
+enum Upgrade {
+    None,
+    WebSocket,
+    Other(String),
+}
+
+fn upgrade_kind(req: &Request<Incoming>) -> Upgrade {
+    if req.version() != Version::HTTP_11 {
+        return Upgrade::None;
+    }
+    let Some(kind) = req.headers().get(header::UPGRADE) else {
+        return Upgrade::None;
+    };
+    let connection_upgrade = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if !connection_upgrade {
+        return Upgrade::None;
+    }
+    let kind = String::from_utf8_lossy(kind.as_bytes()).trim().to_owned();
+    if kind.eq_ignore_ascii_case("websocket") {
+        Upgrade::WebSocket
+    } else if kind.eq_ignore_ascii_case("h2c") {
+        // curl's `--http2` over http://: serve it as plain HTTP/1.1 (the
+        // Upgrade header is hop-by-hop and dropped), as Envoy does.
+        Upgrade::None
+    } else {
+        Upgrade::Other(kind)
+    }
 }
 
 /// Removes the headers that belong to one hop (RFC 9110 §7.6.1), including
@@ -586,19 +649,6 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     {
         headers.remove(header::TE);
     }
-}
-
-fn apply_response_mods(
-    headers: &mut HeaderMap,
-    vh: &VirtualHost,
-    route: &Route,
-    backend: Option<&crate::config::model::HeaderMods>,
-) {
-    if let Some(b) = backend {
-        filters::apply_header_mods(b, headers);
-    }
-    filters::apply_header_mods(&route.response_headers, headers);
-    filters::apply_header_mods(&vh.response_headers, headers);
 }
 
 async fn buffer_body(body: Incoming) -> Result<Bytes, hyper::Error> {
@@ -784,7 +834,7 @@ impl Observation {
             e.bytes_sent = bytes_sent;
             e.user_agent = self.user_agent;
             e.request_id = self.request_id;
-            e.source_service = Some(shared.source_service(conn.direction).to_owned());
+            e.source_service = Some(shared.source_service(conn.direction).to_string());
             e.destination_service = Some(dest.to_owned());
             shared.access_log(e);
         }
@@ -802,6 +852,8 @@ pin_project_lite::pin_project! {
         pick: Option<Pick>,
         bytes: u64,
         obs: Option<Observation>,
+        deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+        timeout: Duration,
     }
 
     impl PinnedDrop for Observed {
@@ -824,14 +876,30 @@ pin_project_lite::pin_project! {
 
 impl http_body::Body for Observed {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
-        let polled = this.inner.as_mut().poll_frame(cx);
+        if let Some(deadline) = this.deadline.as_mut() {
+            if deadline.as_mut().poll(cx).is_ready() {
+                *this.deadline = None;
+                this.returner.take();
+                let reason = format!(
+                    "the response was not complete within the route timeout ({:?})",
+                    this.timeout
+                );
+                if let Some(mut obs) = this.obs.take() {
+                    obs.flag = Some(ResponseFlag::UpstreamTimeout);
+                    obs.reason = Some(reason.clone());
+                    obs.record(*this.bytes);
+                }
+                return Poll::Ready(Some(Err(reason.into())));
+            }
+        }
+        let polled = this.inner.as_mut().poll_frame(cx).map_err(BoxError::from);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {

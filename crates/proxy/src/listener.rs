@@ -53,6 +53,12 @@ pub struct ListenerSet {
     running: HashMap<String, Running>,
 }
 
+/// Sockets bound for an update that is not committed yet.
+#[derive(Debug)]
+pub struct Bound {
+    fresh: Vec<(String, Arc<Listener>, TcpListener)>,
+}
+
 #[derive(Debug)]
 struct Running {
     configured: SocketAddr,
@@ -70,13 +76,10 @@ impl ListenerSet {
         }
     }
 
-    /// Makes the running listeners match `wanted`. On a bind error nothing
-    /// changes.
-    pub async fn apply(
-        &mut self,
-        wanted: &HashMap<String, Arc<Listener>>,
-    ) -> Result<(), BindError> {
-        // Bind every new or moved listener first, so failure changes nothing.
+    /// Step one of an update: binds every new or moved listener of
+    /// `wanted`. On error nothing has changed; on success nothing has changed
+    /// yet either, until [`ListenerSet::commit`].
+    pub fn bind_new(&self, wanted: &HashMap<String, Arc<Listener>>) -> Result<Bound, BindError> {
         let mut fresh = Vec::new();
         for (name, l) in wanted {
             let keep = self
@@ -92,6 +95,14 @@ impl ListenerSet {
                 fresh.push((name.clone(), l.clone(), socket));
             }
         }
+        Ok(Bound { fresh })
+    }
+
+    /// Step two: makes the running listeners match `wanted`, starting the
+    /// sockets `bound` holds, swapping the chains of listeners that stay and
+    /// draining the ones that are gone or moved.
+    pub fn commit(&mut self, wanted: &HashMap<String, Arc<Listener>>, bound: Bound) {
+        let Bound { fresh } = bound;
         // Stop listeners that are gone or moved.
         let stale: Vec<String> = self
             .running
@@ -136,7 +147,6 @@ impl ListenerSet {
                 },
             );
         }
-        Ok(())
     }
 
     /// Name and bound address of every listener.
@@ -242,8 +252,8 @@ impl Connection {
             (Protocol::Http1 | Protocol::Http2, Some(hcm), _) => {
                 let ctx = Arc::new(ConnCtx {
                     shared: self.shared.clone(),
-                    listener: self.name.clone(),
                     direction,
+                    drain: self.global.clone(),
                     hcm: Arc::new(hcm.clone()),
                     peer,
                     series: Default::default(),

@@ -17,23 +17,34 @@ pub struct Shared {
     pub pools: Arc<Pools>,
     pub metrics: Arc<Metrics>,
     access_log: AccessLog,
-    /// The mesh service (`name.namespace`) of the workload this proxy fronts.
-    local_service: Option<String>,
+    /// The mesh service (`name.namespace`) of the workload this proxy
+    /// fronts, `unknown` without one; follows config reloads.
+    local_service: ArcSwap<String>,
+    unknown: Arc<String>,
 }
 
 impl Shared {
-    pub fn new(
-        metrics: Arc<Metrics>,
-        access_log: AccessLog,
-        local_service: Option<String>,
-    ) -> Arc<Self> {
+    pub fn new(metrics: Arc<Metrics>, access_log: AccessLog) -> Arc<Self> {
+        let unknown = Arc::new("unknown".to_owned());
         Arc::new(Self {
             runtime: ArcSwap::from_pointee(Runtime::default()),
             pools: Pools::new(),
             metrics,
             access_log,
-            local_service,
+            local_service: ArcSwap::new(unknown.clone()),
+            unknown,
         })
+    }
+
+    /// Sets the service of the fronted workload (`name.namespace`).
+    pub fn set_local_service(&self, service: Option<String>) {
+        match service {
+            Some(s) if *self.local_service.load_full() != s => {
+                self.local_service.store(Arc::new(s))
+            }
+            Some(_) => {}
+            None => self.local_service.store(self.unknown.clone()),
+        }
     }
 
     /// The runtime requests start from now.
@@ -47,10 +58,10 @@ impl Shared {
 
     /// Who sent traffic in this direction: the local service for outbound;
     /// for inbound, not known until mTLS identifies peers.
-    pub fn source_service(&self, direction: Direction) -> &str {
+    pub fn source_service(&self, direction: Direction) -> Arc<String> {
         match direction {
-            Direction::Outbound => self.local_service.as_deref().unwrap_or("unknown"),
-            Direction::Inbound => "unknown",
+            Direction::Outbound => self.local_service.load_full(),
+            Direction::Inbound => self.unknown.clone(),
         }
     }
 
@@ -63,7 +74,7 @@ impl Shared {
     ) -> Arc<HttpSeries> {
         self.metrics.http(&HttpLabels {
             direction,
-            source_service: self.source_service(direction).to_owned(),
+            source_service: self.source_service(direction).to_string(),
             destination_service: destination.to_owned(),
             route: route.to_owned(),
         })
@@ -72,7 +83,7 @@ impl Shared {
     pub fn tcp_series(&self, direction: Direction, destination: &str) -> Arc<TcpSeries> {
         self.metrics.tcp(&TcpLabels {
             direction,
-            source_service: self.source_service(direction).to_owned(),
+            source_service: self.source_service(direction).to_string(),
             destination_service: destination.to_owned(),
         })
     }

@@ -15,6 +15,7 @@ use tokio::time::Instant;
 
 use crate::accesslog::{AccessLogEntry, Protocol, ResponseFlag};
 use crate::config::model::TcpProxy;
+use crate::metrics::TcpSeries;
 use crate::router;
 use crate::shared::{Direction, Shared};
 
@@ -32,7 +33,7 @@ pub async fn proxy(
     let rt = shared.runtime();
     let mut entry = AccessLogEntry::new(direction, Protocol::Tcp, wall);
     entry.downstream_remote = Some(peer);
-    entry.source_service = Some(shared.source_service(direction).to_owned());
+    entry.source_service = Some(shared.source_service(direction).to_string());
     let outcome = async {
         let wc = router::pick_cluster(&tcp.clusters, fastrand::u64(..)).ok_or_else(|| {
             (
@@ -85,9 +86,8 @@ pub async fn proxy(
             entry.destination_service.as_deref().unwrap_or("unknown"),
         );
         series.opened();
-        let (received, sent) = copy_both(downstream, upstream, prefix, tcp.idle_timeout).await;
-        series.received(received);
-        series.sent(sent);
+        let (received, sent) =
+            copy_both(downstream, upstream, prefix, tcp.idle_timeout, &series).await;
         series.closed();
         drop(pick);
         Ok((received, sent))
@@ -117,18 +117,37 @@ async fn copy_both(
     upstream: TcpStream,
     prefix: Bytes,
     idle: Option<Duration>,
+    series: &Arc<TcpSeries>,
 ) -> (u64, u64) {
     let (down_r, down_w) = downstream.into_split();
     let (up_r, mut up_w) = upstream.into_split();
-    if !prefix.is_empty() && up_w.write_all(&prefix).await.is_err() {
-        return (0, 0);
+    if !prefix.is_empty() {
+        if up_w.write_all(&prefix).await.is_err() {
+            return (0, 0);
+        }
+        series.received(prefix.len() as u64);
     }
     let epoch = Instant::now();
     let activity = Arc::new(AtomicU64::new(0));
     let up_bytes = Arc::new(AtomicU64::new(prefix.len() as u64));
     let down_bytes = Arc::new(AtomicU64::new(0));
-    let to_up = pipe(down_r, up_w, up_bytes.clone(), activity.clone(), epoch);
-    let to_down = pipe(up_r, down_w, down_bytes.clone(), activity.clone(), epoch);
+    // Counted as bytes move, so /metrics is current for long connections.
+    let to_up = pipe(
+        down_r,
+        up_w,
+        up_bytes.clone(),
+        activity.clone(),
+        epoch,
+        |n| series.received(n),
+    );
+    let to_down = pipe(
+        up_r,
+        down_w,
+        down_bytes.clone(),
+        activity.clone(),
+        epoch,
+        |n| series.sent(n),
+    );
     let both = async { tokio::join!(to_up, to_down) };
     let watchdog = async {
         let Some(idle) = idle.filter(|d| !d.is_zero()) else {
@@ -159,6 +178,7 @@ async fn pipe(
     total: Arc<AtomicU64>,
     activity: Arc<AtomicU64>,
     epoch: Instant,
+    count: impl Fn(u64),
 ) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
@@ -170,6 +190,7 @@ async fn pipe(
             break;
         }
         total.fetch_add(n as u64, Ordering::Relaxed);
+        count(n as u64);
         activity.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
     let _ = to.shutdown().await;

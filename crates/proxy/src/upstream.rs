@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper::client::conn::{http1, http2};
@@ -115,9 +115,11 @@ pub enum Lease {
 pub type Http1Sender = http1::SendRequest<Body>;
 
 /// Puts an HTTP/1.1 connection back into its pool once its response is done.
+/// Holding the pool keeps the sweeper from forgetting it while connections
+/// of it are lent out.
 #[derive(Debug, Clone)]
 pub struct Returner {
-    pool: Weak<H1Pool>,
+    pool: Arc<H1Pool>,
 }
 
 impl Returner {
@@ -125,15 +127,13 @@ impl Returner {
         if sender.is_closed() {
             return;
         }
-        if let Some(pool) = self.pool.upgrade() {
-            let mut idle = lock(&pool.idle);
-            // Bound idle connections per endpoint; beyond that, close.
-            if idle.len() < 1024 {
-                idle.push(IdleConn {
-                    sender,
-                    since: Instant::now(),
-                });
-            }
+        let mut idle = lock(&self.pool.idle);
+        // Bound idle connections per endpoint; beyond that, close.
+        if idle.len() < 1024 {
+            idle.push(IdleConn {
+                sender,
+                since: Instant::now(),
+            });
         }
     }
 }
@@ -143,39 +143,28 @@ impl Pools {
         Arc::new(Self::default())
     }
 
-    /// A connection ready to take one request.
+    /// A connection ready to take one request: an idle pooled one if any
+    /// is still usable, else a new one.
     pub async fn lease(&self, target: &Target) -> Result<Lease, UpstreamError> {
         if target.http2 {
             return self.lease_h2(target).await.map(Lease::Http2);
         }
-        let pool = lock(&self.h1).entry(target.addr).or_default().clone();
+        let pool = self.h1_pool(target.addr);
         loop {
-            let candidate = {
-                let mut idle = lock(&pool.idle);
-                idle.pop()
-            };
+            let candidate = lock(&pool.idle).pop();
             let Some(mut conn) = candidate else { break };
             if conn.sender.is_closed() || expired(conn.since, target.idle_timeout) {
                 continue;
             }
-            if conn.sender.ready().await.is_ok() {
+            if usable(&mut conn.sender).await {
                 return Ok(Lease::Http1 {
                     sender: conn.sender,
-                    returner: Returner {
-                        pool: Arc::downgrade(&pool),
-                    },
+                    returner: Returner { pool },
                     reused: true,
                 });
             }
         }
-        let sender = connect_h1(target).await?;
-        Ok(Lease::Http1 {
-            sender,
-            returner: Returner {
-                pool: Arc::downgrade(&pool),
-            },
-            reused: false,
-        })
+        self.lease_fresh(target).await
     }
 
     /// A new connection for one request (upgrades, and the retry after a
@@ -184,15 +173,17 @@ impl Pools {
         if target.http2 {
             return self.lease_h2(target).await.map(Lease::Http2);
         }
-        let pool = lock(&self.h1).entry(target.addr).or_default().clone();
+        let pool = self.h1_pool(target.addr);
         let sender = connect_h1(target).await?;
         Ok(Lease::Http1 {
             sender,
-            returner: Returner {
-                pool: Arc::downgrade(&pool),
-            },
+            returner: Returner { pool },
             reused: false,
         })
+    }
+
+    fn h1_pool(&self, addr: SocketAddr) -> Arc<H1Pool> {
+        lock(&self.h1).entry(addr).or_default().clone()
     }
 
     async fn lease_h2(&self, target: &Target) -> Result<http2::SendRequest<Body>, UpstreamError> {
@@ -222,11 +213,6 @@ impl Pools {
             Ok(conn) => conn.as_ref().is_some_and(|s| !s.is_closed()),
             Err(_) => true,
         });
-    }
-
-    /// Number of idle HTTP/1.1 connections (for tests and /config_dump).
-    pub fn idle_http1(&self) -> usize {
-        lock(&self.h1).values().map(|p| lock(&p.idle).len()).sum()
     }
 }
 
@@ -284,6 +270,22 @@ async fn connect_h2(target: &Target) -> Result<http2::SendRequest<Body>, Upstrea
         }
     });
     Ok(sender)
+}
+
+/// Whether a pooled connection can take a request now. One yield lets its
+/// connection task finish the previous exchange; a connection still busy
+/// after that (its request body is still being written because the upstream
+/// answered early) is dropped rather than waited for.
+async fn usable(sender: &mut http1::SendRequest<Body>) -> bool {
+    for attempt in 0..2 {
+        let ready = std::future::poll_fn(|cx| std::task::Poll::Ready(sender.poll_ready(cx))).await;
+        match ready {
+            std::task::Poll::Ready(r) => return r.is_ok(),
+            std::task::Poll::Pending if attempt == 0 => tokio::task::yield_now().await,
+            std::task::Poll::Pending => {}
+        }
+    }
+    false
 }
 
 fn expired(since: Instant, timeout: Option<Duration>) -> bool {

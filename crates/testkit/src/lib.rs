@@ -9,6 +9,8 @@
 //!   `/status/<code>` answers that code, `/bytes/<n>` sends n bytes.
 //!   [`Backend::http_slow`] is the same server, slow on every request.
 //!   [`Backend::connections`] counts accepted connections (pooling tests).
+//! - [`Backend::slow_body`] answers HTTP/1.1 headers and half the body at
+//!   once, the rest after a delay (a response that streams slowly).
 //! - [`Backend::tcp_echo`] echoes bytes; [`Backend::server_first`] greets
 //!   first and then echoes (like SMTP or MySQL).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -163,6 +165,49 @@ impl Backend {
                 let mut buf = [0u8; 1024];
                 let _ = stream.read(&mut buf).await;
                 drop(stream);
+            }
+        });
+        Backend {
+            name: name.to_owned(),
+            addr,
+            hits,
+            seen: Arc::new(Mutex::new(Vec::new())),
+            conns: Arc::new(AtomicUsize::new(0)),
+            task,
+        }
+    }
+
+    /// Sends status line, headers and `hello` at once, then ` world` after
+    /// `delay` (content-length 11), for every request on its connections.
+    pub async fn slow_body(name: &str, delay: Duration) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let h = hits.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let h = h.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) => {}
+                        }
+                        h.fetch_add(1, Ordering::SeqCst);
+                        let head = b"HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\nhello";
+                        if stream.write_all(head).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(delay).await;
+                        if stream.write_all(b" world").await.is_err() {
+                            return;
+                        }
+                    }
+                });
             }
         });
         Backend {

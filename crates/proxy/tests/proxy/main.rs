@@ -5,6 +5,7 @@
 mod harness;
 
 mod basics;
+mod edges;
 mod lb;
 mod lifecycle;
 mod protocols;

@@ -500,10 +500,13 @@ fn http_connection_manager(h: &hcm::HttpConnectionManager) -> Res<model::HttpCon
         }
     };
 
-    let idle_timeout = match common_http_protocol_options {
-        None => None,
-        Some(o) => common_protocol_idle_timeout(o).at("common_http_protocol_options")?,
-    };
+    // Downstream timeouts are not enforced by the data path yet: refuse them
+    // rather than accept and ignore them.
+    deny!(
+        stream_idle_timeout,
+        request_timeout,
+        common_http_protocol_options
+    );
 
     let mut websocket = false;
     for (i, u) in upgrade_configs.iter().enumerate() {
@@ -530,9 +533,9 @@ fn http_connection_manager(h: &hcm::HttpConnectionManager) -> Res<model::HttpCon
         stat_prefix: stat_prefix.clone(),
         route_config_name,
         inline_routes,
-        stream_idle_timeout: opt_duration(stream_idle_timeout, "stream_idle_timeout")?,
-        request_timeout: opt_duration(request_timeout, "request_timeout")?,
-        idle_timeout,
+        stream_idle_timeout: None,
+        request_timeout: None,
+        idle_timeout: None,
         websocket,
     })
 }
