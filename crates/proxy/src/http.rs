@@ -24,6 +24,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::accesslog::{AccessLogEntry, Protocol, ResponseFlag};
 use crate::balance::{request_hash, Pick};
@@ -87,7 +88,11 @@ pub async fn handle(
 ) -> Result<Response<Body>, Infallible> {
     let rt = conn.shared.runtime();
     let mut obs = Observation::start(&conn, &req);
-    let response = route_and_forward(&conn, &rt, req, &mut obs).await;
+    // One span per request (inside the connection's span).
+    let span = tracing::debug_span!("request", method = %req.method(), authority = %obs.authority, path = %req.uri().path());
+    let response = route_and_forward(&conn, &rt, req, &mut obs)
+        .instrument(span)
+        .await;
     Ok(obs.finish_response(response))
 }
 
@@ -276,11 +281,24 @@ async fn forward(
     if !mirrors.is_empty() && !mirrorable {
         tracing::debug!(route = %route.name, "request body too large or streaming: not mirrored");
     }
-    let body = if mirrors.is_empty() || !mirrorable {
+    let body = if (mirrors.is_empty() || !mirrorable) && obs.detailed {
+        // Count what the client actually sent (chunked bodies have no length).
+        let counter = obs.received.clone();
+        body.map_frame(move |f| {
+            if let Some(d) = f.data_ref() {
+                counter.fetch_add(d.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+            f
+        })
+        .map_err(BoxError::from)
+        .boxed()
+    } else if mirrors.is_empty() || !mirrorable {
         body.map_err(BoxError::from).boxed()
     } else {
         match buffer_body(body).await {
             Ok(bytes) => {
+                obs.received
+                    .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 for m in mirrors {
                     spawn_mirror(&conn.shared.pools, rt, &m.cluster, &parts, bytes.clone());
                 }
@@ -732,7 +750,8 @@ struct Observation {
     local_flag: Option<ResponseFlag>,
     grpc_status: Option<String>,
     status: Option<StatusCode>,
-    bytes_received: u64,
+    /// Request body bytes forwarded so far (counted when the log is on).
+    received: Arc<std::sync::atomic::AtomicU64>,
     /// Fields only the access log needs are captured when it is on.
     detailed: bool,
 }
@@ -753,11 +772,6 @@ impl Observation {
             obs.path = req.uri().path().to_owned();
             obs.user_agent = header_str(req.headers(), &header::USER_AGENT);
             obs.request_id = header_str(req.headers(), &X_REQUEST_ID);
-            obs.bytes_received = req
-                .headers()
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok()?.parse().ok())
-                .unwrap_or(0);
         }
         obs
     }
@@ -830,7 +844,7 @@ impl Observation {
             e.upstream_cluster = self.cluster;
             e.upstream_host = self.upstream;
             e.downstream_remote = Some(conn.peer);
-            e.bytes_received = self.bytes_received;
+            e.bytes_received = self.received.load(std::sync::atomic::Ordering::Relaxed);
             e.bytes_sent = bytes_sent;
             e.user_agent = self.user_agent;
             e.request_id = self.request_id;

@@ -18,6 +18,7 @@ use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
+use tracing::Instrument;
 
 use crate::config::model::Listener;
 use crate::detect::{self, Protocol};
@@ -212,7 +213,10 @@ async fn accept_loop(
             global: global.clone(),
             series: series.clone(),
         };
-        tokio::spawn(conn.serve(stream, peer));
+        // One span per connection: every log line of it names the listener
+        // and the peer (free when debug logging is off).
+        let span = tracing::debug_span!("conn", listener = %name, %peer);
+        tokio::spawn(conn.serve(stream, peer).instrument(span));
     }
     tracing::debug!(listener = %name, "stopped accepting");
 }

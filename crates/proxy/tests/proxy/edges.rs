@@ -126,3 +126,31 @@ async fn a_sidecar_labels_outbound_traffic_with_its_own_service() {
         .await;
     assert_eq!(n, 1.0);
 }
+
+#[tokio::test]
+async fn the_access_log_counts_chunked_request_bodies() {
+    let b = Backend::http("web").await;
+    let h = Harness::start(&http_service("web", &[&b])).await;
+    // Raw HTTP/1.1 with a chunked body of 5000 bytes (no content-length).
+    let mut s = TcpStream::connect(h.outbound()).await.unwrap();
+    let chunk = vec![b'x'; 1000];
+    let mut req = b"POST /upload HTTP/1.1\r\nhost: web\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n".to_vec();
+    for _ in 0..5 {
+        req.extend_from_slice(b"3e8\r\n");
+        req.extend_from_slice(&chunk);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    s.write_all(&req).await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    assert!(
+        out.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    assert_eq!(b.seen()[0].body.len(), 5000);
+    let log = h.access_log().await;
+    let line = log.iter().find(|l| l["path"] == "/upload").expect("logged");
+    assert_eq!(line["bytes_received"], 5000);
+}
