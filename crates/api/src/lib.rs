@@ -33,5 +33,6 @@ pub use load::{load_file, load_str};
 pub use mesh::{Key, Mesh};
 pub use resources::{Kind, Resource};
 pub use source::Sourced;
+pub use translate::grpc_api_listener;
 pub use translate::{names, translate, ProxyContext, Xds};
 pub use validate::validate;

@@ -58,14 +58,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         std::fs::write(&file, demo_yaml(v1, v2, ratings, db, args.db_port))
             .with_context(|| format!("writing {}", file.display()))?;
         let opts = proxy::Options {
-            config: file.clone(),
+            source: proxy::app::Source::File {
+                path: file.clone(),
+                poll_interval: Duration::from_millis(500),
+            },
             outbound_addr: args.outbound_addr,
             inbound_addr: "127.0.0.1:0".parse()?,
             admin_addr: args.admin_addr,
             workload: None,
             access_log: proxy::accesslog::Target::File(dir.join("access.log")),
             detect_timeout: Duration::from_secs(1),
-            poll_interval: Duration::from_millis(500),
         };
         let proxy = proxy::Proxy::start(opts, log)
             .await

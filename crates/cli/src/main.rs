@@ -5,8 +5,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod apply;
+mod control_cmd;
 mod demo;
 mod proxy_cmd;
+mod resources;
 mod validate;
 
 #[derive(Debug, Parser)]
@@ -20,8 +23,18 @@ struct Cli {
 enum Command {
     /// Run the mesh on this machine with sample services and print what to try.
     Demo(demo::Args),
-    /// Run a sidecar proxy (standalone: configured from a mesh YAML file).
-    Proxy(proxy_cmd::Args),
+    /// Run the control plane: store, resource API, registry, xDS server.
+    Control(control_cmd::Args),
+    /// Run a sidecar proxy, fed by a control plane (--control) or a mesh YAML file (--config).
+    Proxy(Box<proxy_cmd::Args>),
+    /// Create or update resources from YAML/JSON files through the control plane.
+    Apply(apply::Args),
+    /// List resources (a table, or -o yaml|json), or show one.
+    Get(resources::GetArgs),
+    /// Delete a resource.
+    Delete(resources::DeleteArgs),
+    /// Show a service: ports, routes, policy, endpoints and callers.
+    Describe(resources::DescribeArgs),
     /// Check mesh YAML files; print every error and exit non-zero if any.
     Validate(validate::Args),
     /// Print the xDS resources the translator makes from mesh YAML files.
@@ -31,8 +44,13 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Control(args) => control_cmd::run(args),
         Command::Demo(args) => demo::run(args),
-        Command::Proxy(args) => proxy_cmd::run(args),
+        Command::Proxy(args) => proxy_cmd::run(*args),
+        Command::Apply(args) => apply::run(args),
+        Command::Get(args) => resources::get(args),
+        Command::Delete(args) => resources::delete(args),
+        Command::Describe(args) => resources::describe(args),
         Command::Validate(args) => validate::run(args),
         Command::Translate(args) => validate::translate(args),
     };

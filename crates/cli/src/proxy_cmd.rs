@@ -10,10 +10,36 @@ use anyhow::Context as _;
 use proxy::accesslog::Target;
 
 #[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["config", "control"])))]
 pub struct Args {
-    /// Mesh YAML file to run from; watched, changes apply without dropping connections.
+    /// Standalone: mesh YAML file to run from; watched, changes apply without dropping connections.
     #[arg(long, short = 'c')]
-    config: PathBuf,
+    config: Option<PathBuf>,
+    /// Control-plane xDS address(es), `host:port[,host:port...]`; tried in turn.
+    #[arg(long, value_delimiter = ',')]
+    control: Vec<String>,
+    /// With --control: the Service this proxy's workload belongs to (registers it).
+    #[arg(long, requires = "control")]
+    service: Option<String>,
+    /// With --service: its namespace.
+    #[arg(long, default_value = "default")]
+    namespace: String,
+    /// With --service: the port the local application listens on.
+    #[arg(long, requires = "service")]
+    app_port: Option<u16>,
+    /// With --service: the address the application is reached at (default: the inbound address's IP,
+    /// or 127.0.0.1 when that is unspecified).
+    #[arg(long)]
+    address: Option<std::net::IpAddr>,
+    /// With --service: the workload name (default: `<service>-<pid>`).
+    #[arg(long)]
+    name: Option<String>,
+    /// With --service: labels, `key=value[,key=value...]`.
+    #[arg(long, value_delimiter = ',')]
+    labels: Vec<String>,
+    /// With --service: locality, `region/zone`.
+    #[arg(long)]
+    locality: Option<String>,
     /// Where applications send outbound requests (explicit mode).
     #[arg(long, default_value = "127.0.0.1:15001")]
     outbound_addr: SocketAddr,
@@ -53,15 +79,25 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         "off" | "" => Target::Off,
         path => Target::File(PathBuf::from(path)),
     };
+    let source = match &args.config {
+        Some(path) => proxy::app::Source::File {
+            path: path.clone(),
+            poll_interval: Duration::from_millis(args.poll_ms.max(50)),
+        },
+        None => control_source(&args)?,
+    };
+    let what = match &args.config {
+        Some(p) => p.display().to_string(),
+        None => format!("control plane {}", args.control.join(",")),
+    };
     let opts = proxy::Options {
-        config: args.config.clone(),
+        source,
         outbound_addr: args.outbound_addr,
         inbound_addr: args.inbound_addr,
         admin_addr: args.admin_addr,
         workload: args.workload.clone(),
         access_log,
         detect_timeout: Duration::from_millis(args.detect_timeout_ms),
-        poll_interval: Duration::from_millis(args.poll_ms.max(50)),
     };
     let workers = args.workers.max(1);
     // One worker: a current-thread runtime, no cross-thread wakeups.
@@ -80,7 +116,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     rt.block_on(async move {
         let proxy = proxy::Proxy::start(opts, log)
             .await
-            .with_context(|| format!("starting the proxy from {}", args.config.display()))?;
+            .with_context(|| format!("starting the proxy from {what}"))?;
         for (name, addr) in proxy.listeners() {
             tracing::info!(listener = %name, %addr, "ready");
         }
@@ -97,7 +133,96 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     })
 }
 
-async fn wait_for_signal() {
+/// The xDS client's options: servers and the node that registers this
+/// proxy's workload (metadata the control plane's registry reads).
+fn control_source(args: &Args) -> anyhow::Result<proxy::app::Source> {
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
+    let s = |v: String| Value {
+        kind: Some(Kind::StringValue(v)),
+    };
+    let mut fields = std::collections::HashMap::new();
+    fields.insert("inbound_addr".to_owned(), s(args.inbound_addr.to_string()));
+    fields.insert(
+        "outbound_addr".to_owned(),
+        s(args.outbound_addr.to_string()),
+    );
+    let mut id = format!("proxy-{}", std::process::id());
+    let mut cluster = String::new();
+    if let Some(service) = &args.service {
+        let name = args
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("{service}-{}", std::process::id()));
+        id = format!("{name}.{}", args.namespace);
+        cluster = service.clone();
+        let address = args.address.unwrap_or(match args.inbound_addr.ip() {
+            ip if ip.is_unspecified() => std::net::IpAddr::from([127, 0, 0, 1]),
+            ip => ip,
+        });
+        fields.insert("service".to_owned(), s(service.clone()));
+        fields.insert("namespace".to_owned(), s(args.namespace.clone()));
+        fields.insert("address".to_owned(), s(address.to_string()));
+        if let Some(port) = args.app_port {
+            fields.insert(
+                "app_port".to_owned(),
+                Value {
+                    kind: Some(Kind::NumberValue(f64::from(port))),
+                },
+            );
+        }
+        let mut labels = std::collections::HashMap::new();
+        for l in &args.labels {
+            let (k, v) = l
+                .split_once('=')
+                .with_context(|| format!("label {l:?}: expected key=value"))?;
+            labels.insert(k.to_owned(), s(v.to_owned()));
+        }
+        if !labels.is_empty() {
+            fields.insert(
+                "labels".to_owned(),
+                Value {
+                    kind: Some(Kind::StructValue(Struct { fields: labels })),
+                },
+            );
+        }
+        if let Some(l) = &args.locality {
+            fields.insert("locality".to_owned(), s(l.clone()));
+        }
+    }
+    let servers = args
+        .control
+        .iter()
+        .filter(|a| !a.is_empty())
+        .map(|a| {
+            if a.starts_with("http://") || a.starts_with("https://") {
+                a.clone()
+            } else {
+                format!("http://{a}")
+            }
+        })
+        .collect();
+    Ok(proxy::app::Source::Control {
+        client: Box::new(proxy::xds_client::ClientOptions {
+            servers,
+            node: Node {
+                id,
+                cluster: cluster.clone(),
+                user_agent_name: "meshwork".to_owned(),
+                metadata: Some(Struct { fields }),
+                ..Default::default()
+            },
+            connect_timeout: Duration::from_secs(2),
+            max_backoff: Duration::from_secs(10),
+        }),
+        service: args
+            .service
+            .as_ref()
+            .map(|svc| format!("{svc}.{}", args.namespace)),
+    })
+}
+
+pub(crate) async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     match signal(SignalKind::terminate()) {
         Ok(mut term) => {

@@ -2,11 +2,14 @@
 //! start the listeners and the admin server, follow config changes, drain on
 //! shutdown.
 //!
-//! Standalone mode runs the mesh translator (`api`) in-process over a YAML
-//! file and feeds its xDS output through the same `config::xds` conversion a
-//! control plane's would take, so there is one config path. The file is
-//! polled; a change that fails to load, validate, convert or bind is refused
-//! with the reason in the log, and the last good config stays active.
+//! Two sources feed one config path: a control plane over ADS
+//! ([`crate::xds_client`]), or standalone mode, which runs the mesh
+//! translator (`api`) in-process over a YAML file and feeds its xDS output
+//! through the same `config::xds` conversion. Either way a snapshot is
+//! installed by [`Inner::install`]: listeners bound first, then routes and
+//! clusters swapped, then listeners switched. A change that fails to load,
+//! validate, convert or bind is refused with the reason in the log (and as a
+//! NACK to a control plane), and the last good config stays active.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -26,11 +29,26 @@ use crate::metrics::Metrics;
 use crate::runtime::Runtime;
 use crate::shared::Shared;
 
+/// Where the config comes from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// Standalone: a mesh YAML file, checked every `poll_interval`.
+    File {
+        path: PathBuf,
+        poll_interval: Duration,
+    },
+    /// A control plane over ADS. `service` (`name.namespace`) labels this
+    /// sidecar's outbound metrics.
+    Control {
+        client: Box<crate::xds_client::ClientOptions>,
+        service: Option<String>,
+    },
+}
+
 /// Everything `meshwork proxy` is told on its command line.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// The mesh YAML file (standalone mode).
-    pub config: PathBuf,
+    pub source: Source,
     pub outbound_addr: SocketAddr,
     pub inbound_addr: SocketAddr,
     pub admin_addr: SocketAddr,
@@ -39,8 +57,6 @@ pub struct Options {
     pub access_log: crate::accesslog::Target,
     /// Protocol detection bound for listeners that sniff.
     pub detect_timeout: Duration,
-    /// How often the config file is checked for changes.
-    pub poll_interval: Duration,
 }
 
 /// Why the proxy could not start or a config was refused.
@@ -86,8 +102,10 @@ struct Inner {
 }
 
 impl Proxy {
-    /// Loads the config, binds every listener and the admin server. Fails if
-    /// the initial config is invalid or cannot be bound.
+    /// Starts the proxy. From a file: loads it, binds every listener and the
+    /// admin server, and fails if the config is invalid or cannot be bound.
+    /// From a control plane: starts the admin server and the xDS client and
+    /// returns at once; `/ready` turns 200 with the first listeners.
     pub async fn start(opts: Options, log: LogHandle) -> Result<Self, Error> {
         let metrics = Arc::new(Metrics::new());
         let access_log = AccessLog::new(opts.access_log.clone())
@@ -102,8 +120,10 @@ impl Proxy {
             last: AsyncMutex::new((String::new(), None)),
             ready: std::sync::atomic::AtomicBool::new(false),
         });
-        inner.reload(true).await?;
-        inner.ready.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Source::File { .. } = &opts.source {
+            inner.reload(true).await?;
+            inner.ready.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
 
         let admin_socket = std::net::TcpListener::bind(opts.admin_addr)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
@@ -148,10 +168,22 @@ impl Proxy {
                 addr: admin_addr,
                 source,
             })?;
-        let tasks = vec![
-            tokio::spawn(watch_file(inner.clone())),
-            tokio::spawn(sweep_pools(shared)),
-        ];
+        let mut tasks = vec![tokio::spawn(sweep_pools(shared.clone()))];
+        match &opts.source {
+            Source::File { poll_interval, .. } => {
+                tasks.push(tokio::spawn(watch_file(inner.clone(), *poll_interval)));
+            }
+            Source::Control { client, service } => {
+                shared.set_local_service(service.clone());
+                let (tx, rx) = tokio::sync::mpsc::channel(4);
+                tasks.push(tokio::spawn(crate::xds_client::run(
+                    (**client).clone(),
+                    tx,
+                    trigger.watch(),
+                )));
+                tasks.push(tokio::spawn(apply_updates(inner.clone(), rx)));
+            }
+        }
         Ok(Self {
             inner,
             drain: Some(trigger),
@@ -178,8 +210,14 @@ impl Proxy {
     }
 
     /// Re-reads the config file now (tests; the poller does the same).
+    /// A no-op with a control plane.
     pub async fn reload(&self) -> Result<(), Error> {
         self.inner.reload(false).await
+    }
+
+    /// Whether a config is active (what `/ready` reports).
+    pub fn is_ready(&self) -> bool {
+        self.inner.ready.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Graceful shutdown: stop accepting, let in-flight requests finish (idle
@@ -206,7 +244,9 @@ impl Proxy {
 
 impl Inner {
     async fn reload(&self, initial: bool) -> Result<(), Error> {
-        let path = &self.opts.config;
+        let Source::File { path, .. } = &self.opts.source else {
+            return Ok(());
+        };
         let mut last = self.last.lock().await;
         let text = match tokio::fs::read_to_string(path).await {
             Ok(text) => text,
@@ -283,22 +323,106 @@ impl Inner {
             out.endpoints,
         )
         .map_err(|e| Error::Nack(e.to_string()))?;
-        let snapshot: Arc<Snapshot> = Arc::new(snapshot);
+        self.install(Arc::new(snapshot)).await?;
+        self.shared.set_local_service(local_service);
+        Ok(out.version)
+    }
+
+    /// Makes `snapshot` the active config. Binds new listeners first: a
+    /// config that cannot be bound is refused before anything changes. Then
+    /// routes and clusters, so a new listener never sees a runtime without
+    /// its routes; then listeners.
+    async fn install(&self, snapshot: Arc<Snapshot>) -> Result<(), Error> {
         let mut guard = self.listeners.lock().await;
         let Some(set) = guard.as_mut() else {
             return Err(Error::Invalid("the proxy is shutting down".into()));
         };
-        // Bind first: a config whose listeners cannot be bound is refused
-        // before anything changes. Then routes and clusters, so a new
-        // listener never sees a runtime without its routes; then listeners.
         let bound = set.bind_new(&snapshot.listeners)?;
         let previous = self.shared.runtime();
         let runtime = Arc::new(Runtime::build(snapshot.clone(), Some(&previous)));
         self.shared.set_runtime(runtime);
         set.commit(&snapshot.listeners, bound);
-        self.shared.set_local_service(local_service);
         *lock(&self.bound) = set.bound();
-        Ok(out.version)
+        Ok(())
+    }
+
+    /// Applies one xDS update on top of the active config.
+    async fn apply_update(&self, update: xds::Update) -> crate::xds_client::Verdict {
+        let kind = update_kind(&update);
+        let previous = self.shared.runtime().snapshot.clone();
+        let result = match xds::apply(&previous, update) {
+            Ok(next) => {
+                let next = Arc::new(next);
+                self.install(next.clone())
+                    .await
+                    .map(|()| next)
+                    .map_err(|e| e.to_string())
+            }
+            Err(nack) => Err(nack.to_string()),
+        };
+        match result {
+            Ok(snapshot) => {
+                let version = versions_of(&snapshot, kind);
+                self.shared.metrics.config_accepted(kind, &version);
+                if !snapshot.listeners.is_empty() {
+                    self.ready.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                Ok(needs(&snapshot))
+            }
+            Err(reason) => {
+                self.shared.metrics.config_rejected(kind);
+                Err(reason)
+            }
+        }
+    }
+}
+
+fn update_kind(u: &xds::Update) -> &'static str {
+    if u.listeners.is_some() {
+        "listeners"
+    } else if u.routes.is_some() {
+        "routes"
+    } else if u.clusters.is_some() {
+        "clusters"
+    } else {
+        "endpoints"
+    }
+}
+
+fn versions_of(s: &Snapshot, kind: &str) -> String {
+    match kind {
+        "listeners" => s.versions.listeners.clone(),
+        "routes" => s.versions.routes.clone(),
+        "clusters" => s.versions.clusters.clone(),
+        _ => s.versions.endpoints.clone(),
+    }
+}
+
+/// The RouteConfigurations and ClusterLoadAssignments `s` refers to.
+fn needs(s: &Snapshot) -> crate::xds_client::Needs {
+    let mut n = crate::xds_client::Needs::default();
+    for l in s.listeners.values() {
+        if let Some(h) = &l.http {
+            if h.inline_routes.is_none() {
+                n.routes.insert(h.route_config_name.clone());
+            }
+        }
+    }
+    for c in s.clusters.values() {
+        if c.static_endpoints.is_none() {
+            n.endpoints.insert(c.eds_name.clone());
+        }
+    }
+    n
+}
+
+async fn apply_updates(
+    inner: Arc<Inner>,
+    mut rx: tokio::sync::mpsc::Receiver<crate::xds_client::Request>,
+) {
+    while let Some((update, reply)) = rx.recv().await {
+        let verdict = inner.apply_update(update).await;
+        let _ = reply.send(verdict);
     }
 }
 
@@ -326,8 +450,8 @@ fn split_workload(s: &str) -> (String, String) {
     }
 }
 
-async fn watch_file(inner: Arc<Inner>) {
-    let mut tick = tokio::time::interval(inner.opts.poll_interval);
+async fn watch_file(inner: Arc<Inner>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;

@@ -32,5 +32,6 @@ pub mod runtime;
 pub mod shared;
 mod tcp;
 pub mod upstream;
+pub mod xds_client;
 
 pub use app::{Options, Proxy};

@@ -14,7 +14,8 @@
 //! that client.
 //!
 //! Non-goals: scoping the output to the services a proxy calls (the control
-//! plane filters), mTLS secrets, and `api_listener`s for proxyless gRPC.
+//! plane filters), mTLS secrets, and `api_listener`s for proxyless gRPC
+//! (the control plane adds them on request with [`grpc_api_listener`]).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -28,11 +29,13 @@ use crate::mesh::{Key, Mesh};
 use crate::resources::{AppProtocol, ServicePort};
 
 mod clusters;
+mod grpc;
 mod listeners;
 mod routes;
 mod util;
 
 pub(crate) use clusters::socket_address;
+pub use grpc::grpc_api_listener;
 pub(crate) use listeners::HCM;
 
 /// What the translator needs to know about the proxy it translates for.

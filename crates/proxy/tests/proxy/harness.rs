@@ -56,14 +56,16 @@ impl Harness {
         let access_log = dir.join("access.log");
         std::fs::write(&file, yaml).unwrap();
         let opts = Options {
-            config: file.clone(),
+            source: proxy::app::Source::File {
+                path: file.clone(),
+                poll_interval: Duration::from_millis(50),
+            },
             outbound_addr: "127.0.0.1:0".parse().unwrap(),
             inbound_addr: "127.0.0.1:0".parse().unwrap(),
             admin_addr: "127.0.0.1:0".parse().unwrap(),
             workload: workload.map(str::to_owned),
             access_log: Target::File(access_log.clone()),
             detect_timeout: Duration::from_millis(300),
-            poll_interval: Duration::from_millis(50),
         };
         let (subscriber, log) = log_handle();
         let proxy = Proxy::start(opts, log).await?;

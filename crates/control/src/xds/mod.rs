@@ -1,0 +1,366 @@
+//! The xDS server: Aggregated Discovery Service (ADS) over gRPC, state of
+//! the world and delta, for meshwork proxies, Envoy and proxyless gRPC.
+//!
+//! Purpose: turn the validated mesh (a `watch` of [`api::Mesh`], fed by the
+//! store) plus the workloads live proxies registered ([`Registry`]) into
+//! each connected proxy's configuration, and keep it current.
+//!
+//! Contract:
+//! - Per proxy: `api::translate(mesh ∪ registered workloads, ProxyContext {
+//!   workload: the proxy's own, addresses from its node metadata })`, done
+//!   as a shared base (everything but the inbound side, translated once per
+//!   distinct listener addresses and client namespace) plus the proxy's own
+//!   inbound side. A proxy that lists the services it calls
+//!   (`upstreams` in its node metadata) gets only those, the backends their
+//!   routes send to, and its inbound side; one that does not gets every
+//!   service (it may call any).
+//! - Changes of the mesh or of the registry are debounced ([`DEBOUNCE`]):
+//!   a burst of changes makes one new merged mesh, then every stream pushes
+//!   the types whose selected resources changed version.
+//! - ACKs and NACKs are tracked per proxy and per type; [`XdsServer::status_json`]
+//!   and [`XdsServer::proxy_json`] expose them (proxy-status / proxy-config).
+//! - Bad requests (no node, unknown type URL, undecodable message) end that
+//!   stream with `INVALID_ARGUMENT` and a message saying what is served;
+//!   nothing a client sends can panic the server.
+//! - [`XdsServer::serve`] ends every stream when its shutdown future
+//!   completes, so graceful shutdown does not wait for long-lived streams.
+//!
+//! Non-goals (for now): inferring what a proxy calls when it does not say,
+//! TLS on the xDS port (comes with the CA), and xdstp:// names.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use api::{Mesh, ProxyContext};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    aggregated_discovery_service_server::{
+        AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+    },
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::registry::{self, Registry};
+
+mod snapshot;
+mod status;
+mod stream;
+
+use snapshot::{Base, Snapshot};
+use status::ProxyRecord;
+
+/// How long a change waits for more changes before it is pushed.
+pub const DEBOUNCE: Duration = Duration::from_millis(50);
+
+/// Largest request accepted (a DiscoveryRequest is small; a NACK's
+/// error_detail is the largest part).
+const MAX_REQUEST: usize = 4 * 1024 * 1024;
+
+/// Why the server stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum XdsError {
+    #[error("xDS server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// The ADS server. Cheap to clone: clones share the same state, so one can
+/// serve while another answers status queries.
+#[derive(Clone)]
+pub struct XdsServer {
+    shared: Arc<Shared>,
+    mesh: watch::Receiver<Arc<Mesh>>,
+}
+
+/// The merged mesh streams translate from.
+#[derive(Debug, Clone)]
+pub(crate) struct Merged {
+    pub(crate) generation: u64,
+    pub(crate) mesh: Arc<Mesh>,
+    /// Registered workloads left out, with the reason.
+    pub(crate) skipped: Vec<(String, String)>,
+}
+
+pub(crate) struct Shared {
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) merged: watch::Sender<Merged>,
+    pub(crate) stopping: watch::Sender<bool>,
+    cache: Mutex<Cache>,
+    proxies: Mutex<BTreeMap<u64, Arc<Mutex<ProxyRecord>>>>,
+    next_record: AtomicU64,
+}
+
+#[derive(Default)]
+struct Cache {
+    bases: HashMap<String, CacheEntry<Base>>,
+    snapshots: HashMap<String, CacheEntry<Snapshot>>,
+}
+
+struct CacheEntry<T> {
+    generation: u64,
+    item: Weak<T>,
+}
+
+struct Ads {
+    shared: Arc<Shared>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section here is a single map operation: a panic in one
+    // cannot leave the data inconsistent, so a poisoned lock is still fine.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl XdsServer {
+    /// A server translating `mesh` (the validated resources) plus what
+    /// proxies register in `registry`.
+    pub fn new(mesh: watch::Receiver<Arc<Mesh>>, registry: Arc<Registry>) -> Self {
+        let current = mesh.borrow().clone();
+        let (merged_mesh, skipped) = registry::merge(&current, &registry.workloads());
+        let shared = Arc::new(Shared {
+            registry,
+            merged: watch::channel(Merged {
+                generation: 1,
+                mesh: merged_mesh,
+                skipped,
+            })
+            .0,
+            stopping: watch::channel(false).0,
+            cache: Mutex::new(Cache::default()),
+            proxies: Mutex::new(BTreeMap::new()),
+            next_record: AtomicU64::new(1),
+        });
+        XdsServer { shared, mesh }
+    }
+
+    /// Serves ADS on `listener` until `shutdown` completes, then ends every
+    /// stream and returns.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), XdsError> {
+        let debouncer = tokio::spawn(debounce(
+            self.shared.clone(),
+            self.mesh.clone(),
+            self.shared.registry.subscribe(),
+            self.shared.stopping.subscribe(),
+        ));
+        let svc = AggregatedDiscoveryServiceServer::new(Ads {
+            shared: self.shared.clone(),
+        })
+        .max_decoding_message_size(MAX_REQUEST);
+        let stopping = self.shared.stopping.clone();
+        let signal = async move {
+            shutdown.await;
+            stopping.send_replace(true);
+        };
+        tracing::info!(addr = ?listener.local_addr().ok(), "xDS server listening");
+        let result = tonic::transport::Server::builder()
+            // Detect dead peers on idle streams.
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            // One service: no router needed (tonic's router pulls in axum).
+            .serve_with_incoming_shutdown(
+                svc,
+                tonic::transport::server::TcpIncoming::from(listener),
+                signal,
+            )
+            .await;
+        self.shared.stopping.send_replace(true);
+        debouncer.abort();
+        result.map_err(XdsError::from)
+    }
+
+    /// proxy-status: every connected proxy (one entry per stream) with, per
+    /// type, the version sent, the version ACKed and the last NACK.
+    pub fn status_json(&self) -> Value {
+        let records: Vec<Arc<Mutex<ProxyRecord>>> =
+            lock(&self.shared.proxies).values().cloned().collect();
+        let mut list: Vec<Value> = records.iter().map(|r| lock(r).summary()).collect();
+        list.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
+        Value::Array(list)
+    }
+
+    /// proxy-config: the proxy `id` (its most recent stream), with the name
+    /// and version of every resource it holds.
+    pub fn proxy_json(&self, id: &str) -> Option<Value> {
+        let records: Vec<Arc<Mutex<ProxyRecord>>> =
+            lock(&self.shared.proxies).values().cloned().collect();
+        records
+            .iter()
+            .rev()
+            .map(|r| lock(r))
+            .find(|r| r.id == id)
+            .map(|r| r.detail())
+    }
+
+    /// Registered workloads the mesh could not take, with the reason
+    /// (unknown service, name taken by a static Workload, invalid).
+    pub fn skipped_workloads(&self) -> Vec<(String, String)> {
+        self.shared.merged.borrow().skipped.clone()
+    }
+}
+
+/// What `GET /api/v1/proxies[/{id}]` answers.
+impl crate::api::ProxyStatus for XdsServer {
+    fn proxies(&self) -> Value {
+        self.status_json()
+    }
+
+    fn proxy(&self, id: &str) -> Option<Value> {
+        self.proxy_json(id)
+    }
+}
+
+impl Shared {
+    /// The snapshot for `ctx` (limited to `scope`) at the current merged
+    /// generation, shared by every stream with the same context and scope;
+    /// its base is shared by every stream with the same base context.
+    pub(crate) fn snapshot(
+        &self,
+        ctx: &ProxyContext,
+        scope: Option<&BTreeSet<String>>,
+    ) -> Arc<Snapshot> {
+        let merged = self.merged.borrow().clone();
+        let key = format!("{ctx:?}/{scope:?}");
+        let mut cache = lock(&self.cache);
+        let prev = match cache.snapshots.get(&key) {
+            Some(e) => match e.item.upgrade() {
+                Some(s) if e.generation == merged.generation => return s,
+                other => other,
+            },
+            None => None,
+        };
+        let bctx = snapshot::base_context(ctx);
+        let bkey = format!("{bctx:?}");
+        let base = match cache.bases.get(&bkey) {
+            Some(e) => match e.item.upgrade() {
+                Some(b) if e.generation == merged.generation => Ok(b),
+                other => Err(other),
+            },
+            None => Err(None),
+        };
+        let base = base.unwrap_or_else(|prev| {
+            let b = Arc::new(Base::build(&merged.mesh, &bctx, prev.as_deref()));
+            cache.bases.insert(
+                bkey,
+                CacheEntry {
+                    generation: merged.generation,
+                    item: Arc::downgrade(&b),
+                },
+            );
+            b
+        });
+        let snap = Arc::new(Snapshot::build(
+            &merged.mesh,
+            ctx,
+            scope,
+            base,
+            prev.as_deref(),
+        ));
+        cache.snapshots.insert(
+            key,
+            CacheEntry {
+                generation: merged.generation,
+                item: Arc::downgrade(&snap),
+            },
+        );
+        // Forget contexts no stream uses any more.
+        cache.snapshots.retain(|_, e| e.item.strong_count() > 0);
+        cache.bases.retain(|_, e| e.item.strong_count() > 0);
+        snap
+    }
+
+    fn remember(&self, record: ProxyRecord) -> (u64, Arc<Mutex<ProxyRecord>>) {
+        let id = self.next_record.fetch_add(1, Ordering::Relaxed);
+        let r = Arc::new(Mutex::new(record));
+        lock(&self.proxies).insert(id, r.clone());
+        (id, r)
+    }
+
+    fn forget(&self, id: u64) {
+        if let Some(r) = lock(&self.proxies).remove(&id) {
+            tracing::info!(node = %lock(&r).id, "xDS stream closed");
+        }
+    }
+
+    fn recompute(&self, mesh: &Arc<Mesh>) {
+        let (merged, skipped) = registry::merge(mesh, &self.registry.workloads());
+        self.merged.send_modify(|m| {
+            m.generation += 1;
+            m.mesh = merged;
+            m.skipped = skipped;
+        });
+    }
+}
+
+/// Waits for mesh or registry changes, lets a burst settle for [`DEBOUNCE`],
+/// then publishes one merged mesh.
+async fn debounce(
+    shared: Arc<Shared>,
+    mut mesh: watch::Receiver<Arc<Mesh>>,
+    mut registry: watch::Receiver<u64>,
+    mut stopping: watch::Receiver<bool>,
+) {
+    let mut mesh_open = true;
+    // Catch up with anything that changed between `new` and `serve`.
+    mesh.mark_changed();
+    loop {
+        tokio::select! {
+            r = mesh.changed(), if mesh_open => {
+                if r.is_err() {
+                    // The store went away: keep serving the last mesh.
+                    mesh_open = false;
+                    continue;
+                }
+            }
+            r = registry.changed() => {
+                if r.is_err() {
+                    return;
+                }
+            }
+            _ = stopping.changed() => return,
+        }
+        tokio::time::sleep(DEBOUNCE).await;
+        registry.borrow_and_update();
+        let current = mesh.borrow_and_update().clone();
+        shared.recompute(&current);
+    }
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for Ads {
+    type StreamAggregatedResourcesStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
+    type DeltaAggregatedResourcesStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(stream::run_sotw(
+            self.shared.clone(),
+            request.into_inner(),
+            tx,
+        ));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(stream::run_delta(
+            self.shared.clone(),
+            request.into_inner(),
+            tx,
+        ));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

@@ -1,0 +1,661 @@
+//! Per-proxy snapshots: the translator's output indexed by type and name,
+//! with a version per resource, shared wherever proxies are alike.
+//!
+//! Contract:
+//! - A [`Base`] holds everything that depends only on the mesh and on the
+//!   proxy's listener addresses and client namespace (outbound listeners,
+//!   routes, every service's clusters and endpoints). Proxies that agree on
+//!   those share one `Base` (`Arc`): with N proxies the mesh is translated
+//!   once, not N times.
+//! - A [`Snapshot`] is a `Base` plus what only this proxy has: its inbound
+//!   listener, route and clusters (translated from its own Service and
+//!   Workload alone) and, when the proxy declared the services it calls
+//!   (`upstreams` in its node metadata), the scope that hides the rest.
+//! - Every resource carries a version that changes only when its content
+//!   changes: building compares each resource with the one of the same name
+//!   in the previous build (protobuf equality, since map fields do not encode
+//!   deterministically) and keeps the old version and allocation when equal.
+//!   That is what lets delta streams skip unchanged resources and
+//!   state-of-the-world streams skip unchanged types.
+//! - Proxyless gRPC clients ask for Listeners by service host name; they get
+//!   an `api_listener` whose RDS name is that host name, and a
+//!   RouteConfiguration of that name holding only the matching virtual host.
+//!
+//! Non-goals: deciding what a stream subscribed to (see `stream`).
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Arc;
+
+use api::{names, Mesh, ProxyContext, Resource};
+use envoy_types::pb::envoy::config::cluster::v3::{cluster::LbPolicy, Cluster};
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::listener::v3::{filter, Listener};
+use envoy_types::pb::envoy::config::route::v3::{route, route_action, RouteConfiguration};
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{tcp_proxy, TcpProxy};
+use envoy_types::pb::google::protobuf::Any;
+use prost::{Message, Name};
+
+/// The four resource types served, in the order Envoy warms them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) enum TypeKind {
+    Cluster,
+    Endpoints,
+    Listener,
+    Route,
+}
+
+impl TypeKind {
+    pub(crate) const ALL: [TypeKind; 4] = [
+        TypeKind::Cluster,
+        TypeKind::Endpoints,
+        TypeKind::Listener,
+        TypeKind::Route,
+    ];
+
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+
+    pub(crate) fn url(self) -> String {
+        match self {
+            TypeKind::Cluster => Cluster::type_url(),
+            TypeKind::Endpoints => ClusterLoadAssignment::type_url(),
+            TypeKind::Listener => Listener::type_url(),
+            TypeKind::Route => RouteConfiguration::type_url(),
+        }
+    }
+
+    pub(crate) fn from_url(url: &str) -> Option<TypeKind> {
+        TypeKind::ALL.into_iter().find(|k| k.url() == url)
+    }
+
+    /// The word used in status JSON.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            TypeKind::Cluster => "clusters",
+            TypeKind::Endpoints => "endpoints",
+            TypeKind::Listener => "listeners",
+            TypeKind::Route => "routes",
+        }
+    }
+
+    /// Types whose empty subscription means "everything" (LDS, CDS).
+    pub(crate) fn wildcard_by_default(self) -> bool {
+        matches!(self, TypeKind::Cluster | TypeKind::Listener)
+    }
+
+    /// The list of served type URLs, for error messages.
+    pub(crate) fn served() -> String {
+        let v: Vec<String> = TypeKind::ALL.iter().map(|k| k.url()).collect();
+        v.join(", ")
+    }
+}
+
+/// One xDS resource (boxed: the messages differ in size by kilobytes, and
+/// an endpoint assignment should not pay for a cluster).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Res {
+    Listener(Box<Listener>),
+    Route(Box<RouteConfiguration>),
+    Cluster(Box<Cluster>),
+    Endpoints(Box<ClusterLoadAssignment>),
+}
+
+impl Res {
+    pub(crate) fn to_any(&self) -> Any {
+        fn pack<T: Message + Name>(m: &T) -> Any {
+            Any {
+                type_url: T::type_url(),
+                value: m.encode_to_vec(),
+            }
+        }
+        match self {
+            Res::Listener(m) => pack(m.as_ref()),
+            Res::Route(m) => pack(m.as_ref()),
+            Res::Cluster(m) => pack(m.as_ref()),
+            Res::Endpoints(m) => pack(m.as_ref()),
+        }
+    }
+}
+
+/// A resource and the version of its content.
+#[derive(Debug, Clone)]
+pub(crate) struct Versioned {
+    pub(crate) version: Arc<str>,
+    pub(crate) res: Arc<Res>,
+}
+
+type ByType = [BTreeMap<String, Versioned>; 4];
+
+/// Resources shared by every proxy with the same base context.
+#[derive(Debug)]
+pub(crate) struct Base {
+    version: Arc<str>,
+    resources: ByType,
+    /// Host names a proxyless client may ask for as a Listener: the domains
+    /// of the outbound route configuration's virtual hosts.
+    api_names: HashSet<String>,
+    /// Clusters rewritten for proxyless gRPC (balancers it lacks become
+    /// ROUND_ROBIN), by name; only those that differ.
+    grpc_clusters: BTreeMap<String, Versioned>,
+}
+
+/// Everything one proxy can be sent.
+#[derive(Debug)]
+pub(crate) struct Snapshot {
+    /// Base version, plus this proxy's own part when it has one.
+    pub(crate) version: Arc<str>,
+    base: Arc<Base>,
+    /// This proxy's own resources; they take precedence over `base`.
+    own: ByType,
+    /// When scoped: the base resources this proxy may see, per type.
+    allowed: Option<[HashSet<String>; 4]>,
+}
+
+/// Version of the api_listener resources: their content depends on the name only.
+const API_LISTENER_VERSION: &str = "api-1";
+
+/// The context of the shared part: no fronted workload, but the same client
+/// namespace (a workload name that cannot exist keeps the namespace while
+/// translating no inbound side).
+pub(crate) fn base_context(ctx: &ProxyContext) -> ProxyContext {
+    ProxyContext {
+        workload: ctx
+            .workload
+            .as_ref()
+            .filter(|(ns, _)| ns != api::resources::DEFAULT_NAMESPACE)
+            .map(|(ns, _)| (ns.clone(), String::new())),
+        ..ctx.clone()
+    }
+}
+
+fn versioned(
+    prev: Option<&ByType>,
+    version: &Arc<str>,
+    kind: TypeKind,
+    name: &str,
+    res: Res,
+) -> Versioned {
+    match prev.and_then(|p| p[kind.index()].get(name)) {
+        Some(old) if *old.res == res => old.clone(),
+        _ => Versioned {
+            version: version.clone(),
+            res: Arc::new(res),
+        },
+    }
+}
+
+fn index(xds: api::Xds, prev: Option<&ByType>, version: &Arc<str>) -> ByType {
+    let mut out: ByType = Default::default();
+    let mut put = |kind: TypeKind, name: String, res: Res| {
+        let v = versioned(prev, version, kind, &name, res);
+        out[kind.index()].insert(name, v);
+    };
+    for l in xds.listeners {
+        put(
+            TypeKind::Listener,
+            l.name.clone(),
+            Res::Listener(Box::new(l)),
+        );
+    }
+    for r in xds.routes {
+        put(TypeKind::Route, r.name.clone(), Res::Route(Box::new(r)));
+    }
+    for c in xds.clusters {
+        put(TypeKind::Cluster, c.name.clone(), Res::Cluster(Box::new(c)));
+    }
+    for e in xds.endpoints {
+        put(
+            TypeKind::Endpoints,
+            e.cluster_name.clone(),
+            Res::Endpoints(Box::new(e)),
+        );
+    }
+    out
+}
+
+impl Base {
+    /// Translates `mesh` for `ctx` (a [`base_context`]), reusing versions
+    /// from `prev`.
+    pub(crate) fn build(mesh: &Mesh, ctx: &ProxyContext, prev: Option<&Base>) -> Base {
+        let xds = api::translate(mesh, ctx);
+        let version: Arc<str> = Arc::from(xds.version.as_str());
+        let api_names = xds
+            .route_config(names::OUTBOUND_HTTP)
+            .map(|rc| {
+                rc.virtual_hosts
+                    .iter()
+                    .flat_map(|vh| vh.domains.iter().cloned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let resources = index(xds, prev.map(|p| &p.resources), &version);
+        let mut grpc_clusters = BTreeMap::new();
+        for (name, v) in &resources[TypeKind::Cluster.index()] {
+            if let Res::Cluster(c) = &*v.res {
+                if let Some(rr) = for_grpc(c) {
+                    grpc_clusters.insert(
+                        name.clone(),
+                        Versioned {
+                            version: Arc::from(format!("{}-grpc", v.version)),
+                            res: Arc::new(Res::Cluster(Box::new(rr))),
+                        },
+                    );
+                }
+            }
+        }
+        Base {
+            version,
+            resources,
+            api_names,
+            grpc_clusters,
+        }
+    }
+}
+
+impl Snapshot {
+    /// `base` plus the own part of the proxy `ctx` describes (its inbound
+    /// side, translated from its Service and Workload in `mesh`), limited to
+    /// `scope` (`service.namespace` names) when given.
+    pub(crate) fn build(
+        mesh: &Mesh,
+        ctx: &ProxyContext,
+        scope: Option<&BTreeSet<String>>,
+        base: Arc<Base>,
+        prev: Option<&Snapshot>,
+    ) -> Snapshot {
+        let prev_own = prev.map(|p| &p.own);
+        let mut own: ByType = Default::default();
+        let mut version = base.version.to_string();
+        if let Some(xds) = inbound(mesh, ctx) {
+            version = format!("{version}-{}", xds.version);
+            let v: Arc<str> = Arc::from(version.as_str());
+            own = index(xds, prev_own, &v);
+            // Keep only the inbound side: the rest is in `base`.
+            own[TypeKind::Listener.index()].retain(|n, _| n == names::INBOUND);
+            own[TypeKind::Route.index()].retain(|n, _| n == names::INBOUND);
+            own[TypeKind::Cluster.index()].retain(|n, _| n.starts_with("inbound|"));
+            own[TypeKind::Endpoints.index()].clear();
+        }
+        let version: Arc<str> = Arc::from(version.as_str());
+        let allowed = scope.map(|s| {
+            let (allowed, route) = scoped(&base, s);
+            if let Some(route) = route {
+                let v = versioned(
+                    prev_own,
+                    &version,
+                    TypeKind::Route,
+                    names::OUTBOUND_HTTP,
+                    Res::Route(Box::new(route)),
+                );
+                own[TypeKind::Route.index()].insert(names::OUTBOUND_HTTP.to_string(), v);
+            }
+            allowed
+        });
+        Snapshot {
+            version,
+            base,
+            own,
+            allowed,
+        }
+    }
+
+    fn base_allows(&self, kind: TypeKind, name: &str) -> bool {
+        self.allowed
+            .as_ref()
+            .is_none_or(|a| a[kind.index()].contains(name))
+    }
+
+    /// Every resource of `kind` a wildcard subscription gets.
+    pub(crate) fn all(&self, kind: TypeKind, proxyless: bool) -> BTreeMap<String, Versioned> {
+        let mut out: BTreeMap<String, Versioned> = self.base.resources[kind.index()]
+            .iter()
+            .filter(|(n, _)| self.base_allows(kind, n))
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect();
+        if proxyless && kind == TypeKind::Cluster {
+            for (n, v) in &self.base.grpc_clusters {
+                if out.contains_key(n) {
+                    out.insert(n.clone(), v.clone());
+                }
+            }
+        }
+        for (n, v) in &self.own[kind.index()] {
+            out.insert(n.clone(), v.clone());
+        }
+        out
+    }
+
+    /// The resource `name` of `kind`, if it exists. For a proxyless client,
+    /// a Listener (or RouteConfiguration) named like a service host name is
+    /// an `api_listener` (or that host's virtual host alone).
+    pub(crate) fn get(&self, kind: TypeKind, name: &str, proxyless: bool) -> Option<Versioned> {
+        if let Some(v) = self.own[kind.index()].get(name) {
+            return Some(v.clone());
+        }
+        if self.base_allows(kind, name) {
+            if proxyless && kind == TypeKind::Cluster {
+                if let Some(v) = self.base.grpc_clusters.get(name) {
+                    return Some(v.clone());
+                }
+            }
+            if let Some(v) = self.base.resources[kind.index()].get(name) {
+                return Some(v.clone());
+            }
+        }
+        if !self.base.api_names.contains(name) {
+            return None;
+        }
+        match kind {
+            TypeKind::Listener => Some(Versioned {
+                version: Arc::from(API_LISTENER_VERSION),
+                res: Arc::new(Res::Listener(Box::new(api::grpc_api_listener(name, name)))),
+            }),
+            TypeKind::Route if proxyless => {
+                let outbound =
+                    self.base.resources[TypeKind::Route.index()].get(names::OUTBOUND_HTTP)?;
+                let Res::Route(rc) = &*outbound.res else {
+                    return None;
+                };
+                let rc = RouteConfiguration {
+                    name: name.to_string(),
+                    virtual_hosts: rc
+                        .virtual_hosts
+                        .iter()
+                        .filter(|vh| vh.domains.iter().any(|d| d == name))
+                        .cloned()
+                        .collect(),
+                    ..(**rc).clone()
+                };
+                Some(Versioned {
+                    // Derived from outbound_http and the name alone.
+                    version: Arc::from(format!("{}-{name}", outbound.version)),
+                    res: Arc::new(Res::Route(Box::new(rc))),
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether `name` is a Listener only a proxyless client asks for.
+    pub(crate) fn is_api_listener_name(&self, name: &str) -> bool {
+        self.base.api_names.contains(name)
+            && !self.base.resources[TypeKind::Listener.index()].contains_key(name)
+    }
+}
+
+/// The inbound side of the proxy `ctx` describes: its Service and Workload
+/// alone, translated. `None` when it fronts no (known) workload.
+fn inbound(mesh: &Mesh, ctx: &ProxyContext) -> Option<api::Xds> {
+    let (ns, name) = ctx.workload.as_ref()?;
+    let w = mesh.workload(ns, name)?;
+    let svc = mesh.service(ns, &w.value.spec.service)?;
+    let alone = vec![
+        svc.clone().map(Resource::Service),
+        w.clone().map(Resource::Workload),
+    ];
+    match api::validate(alone) {
+        Ok(m) => Some(api::translate(&m, ctx)),
+        // Both validated as part of the whole mesh; alone they cannot fail.
+        // Should they, translate the whole mesh rather than lose the inbound.
+        Err(_) => Some(api::translate(mesh, ctx)),
+    }
+}
+
+/// What a proxy that calls the services in `scope` may see: the outbound
+/// listeners of those services, the clusters (and endpoints) of those
+/// services and of every backend their routes send to, and `outbound_http`
+/// cut to their virtual hosts (returned separately: it replaces the base's).
+fn scoped(
+    base: &Base,
+    scope: &BTreeSet<String>,
+) -> ([HashSet<String>; 4], Option<RouteConfiguration>) {
+    let mut allowed: [HashSet<String>; 4] = Default::default();
+    let mut clusters: HashSet<String> = HashSet::new();
+    let in_scope = |svc_ns: &str| scope.contains(svc_ns);
+    // `outbound|<port>||<service>.<namespace>`
+    for name in base.resources[TypeKind::Cluster.index()].keys() {
+        if let Some(svc) = name
+            .strip_prefix("outbound|")
+            .and_then(|r| r.split_once("||"))
+        {
+            if in_scope(svc.1) {
+                clusters.insert(name.clone());
+            }
+        }
+    }
+    for (name, v) in &base.resources[TypeKind::Listener.index()] {
+        let keep = match name.strip_prefix("outbound_tcp|") {
+            Some(rest) => rest.split_once('|').is_some_and(|(_, s)| in_scope(s)),
+            None => true,
+        };
+        if keep {
+            allowed[TypeKind::Listener.index()].insert(name.clone());
+            if let Res::Listener(l) = &*v.res {
+                tcp_targets(l, &mut clusters);
+            }
+        }
+    }
+    let mut route = None;
+    if let Some(v) = base.resources[TypeKind::Route.index()].get(names::OUTBOUND_HTTP) {
+        if let Res::Route(rc) = &*v.res {
+            let vhosts: Vec<_> = rc
+                .virtual_hosts
+                .iter()
+                .filter(|vh| {
+                    // `<service>.<namespace>:<port>`
+                    vh.name.rsplit_once(':').is_some_and(|(s, _)| in_scope(s))
+                })
+                .cloned()
+                .collect();
+            for vh in &vhosts {
+                for r in &vh.routes {
+                    if let Some(route::Action::Route(a)) = &r.action {
+                        match &a.cluster_specifier {
+                            Some(route_action::ClusterSpecifier::Cluster(c)) => {
+                                clusters.insert(c.clone());
+                            }
+                            Some(route_action::ClusterSpecifier::WeightedClusters(w)) => {
+                                clusters.extend(w.clusters.iter().map(|c| c.name.clone()));
+                            }
+                            _ => {}
+                        }
+                        clusters
+                            .extend(a.request_mirror_policies.iter().map(|m| m.cluster.clone()));
+                    }
+                }
+            }
+            route = Some(RouteConfiguration {
+                virtual_hosts: vhosts,
+                ..(**rc).clone()
+            });
+        }
+    }
+    allowed[TypeKind::Route.index()] = base.resources[TypeKind::Route.index()]
+        .keys()
+        .filter(|n| *n != names::OUTBOUND_HTTP)
+        .cloned()
+        .collect();
+    allowed[TypeKind::Endpoints.index()] = clusters.clone();
+    allowed[TypeKind::Cluster.index()] = clusters;
+    (allowed, route)
+}
+
+/// Clusters a `tcp_proxy` listener sends to.
+fn tcp_targets(l: &Listener, out: &mut HashSet<String>) {
+    for chain in l.filter_chains.iter().chain(l.default_filter_chain.iter()) {
+        for f in &chain.filters {
+            let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+                continue;
+            };
+            if any.type_url != TcpProxy::type_url() {
+                continue;
+            }
+            // Our own encoding; a failure only means no targets to add.
+            let Ok(t) = TcpProxy::decode(any.value.as_slice()) else {
+                continue;
+            };
+            match t.cluster_specifier {
+                Some(tcp_proxy::ClusterSpecifier::Cluster(c)) => {
+                    out.insert(c);
+                }
+                Some(tcp_proxy::ClusterSpecifier::WeightedClusters(w)) => {
+                    out.extend(w.clusters.into_iter().map(|c| c.name));
+                }
+                None => {}
+            }
+        }
+    }
+}
+
+/// `c` as proxyless gRPC can use it, when that differs: gRPC balances with
+/// ROUND_ROBIN, RING_HASH (and, depending on the release, LEAST_REQUEST,
+/// which not every grpcio build accepts), so anything but those two becomes
+/// ROUND_ROBIN.
+fn for_grpc(c: &Cluster) -> Option<Cluster> {
+    let keep = [LbPolicy::RoundRobin as i32, LbPolicy::RingHash as i32];
+    if keep.contains(&c.lb_policy) {
+        return None;
+    }
+    let mut c = c.clone();
+    c.lb_policy = LbPolicy::RoundRobin as i32;
+    c.lb_config = None;
+    Some(c)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    const MESH: &str = r#"
+apiVersion: meshwork.dev/v1alpha1
+kind: Service
+metadata: {name: web}
+spec: {ports: [{name: http, port: 80}]}
+---
+apiVersion: meshwork.dev/v1alpha1
+kind: Service
+metadata: {name: web-v2}
+spec: {ports: [{name: http, port: 80}]}
+---
+apiVersion: meshwork.dev/v1alpha1
+kind: Service
+metadata: {name: db}
+spec: {ports: [{name: tcp, port: 5432, appProtocol: tcp}]}
+---
+apiVersion: meshwork.dev/v1alpha1
+kind: Workload
+metadata: {name: web-0}
+spec: {service: web, address: 10.0.0.1}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: split}
+spec:
+  parentRefs: [{kind: Service, group: "", name: web, port: 80}]
+  rules:
+  - backendRefs: [{name: web, port: 80, weight: 90}, {name: web-v2, port: 80, weight: 10}]
+"#;
+
+    fn mesh(yaml: &str) -> Mesh {
+        api::validate(api::load_str("m.yaml", yaml).unwrap()).unwrap()
+    }
+
+    fn names(m: &BTreeMap<String, Versioned>) -> Vec<&str> {
+        m.keys().map(String::as_str).collect()
+    }
+
+    #[test]
+    fn scope_keeps_called_services_their_route_backends_and_the_inbound_side() {
+        let m = mesh(MESH);
+        let ctx = ProxyContext {
+            workload: Some(("default".into(), "web-0".into())),
+            ..Default::default()
+        };
+        let base = Arc::new(Base::build(&m, &base_context(&ctx), None));
+        let scope: BTreeSet<String> = ["web.default".to_string()].into();
+        let s = Snapshot::build(&m, &ctx, Some(&scope), base.clone(), None);
+        assert_eq!(
+            names(&s.all(TypeKind::Cluster, false)),
+            vec![
+                "inbound|80",
+                "outbound|80||web-v2.default",
+                "outbound|80||web.default"
+            ],
+            "web-v2 is a backend of web's route; db is not called"
+        );
+        assert_eq!(
+            names(&s.all(TypeKind::Listener, false)),
+            vec!["inbound", "outbound_http"],
+            "no listener for db"
+        );
+        let Res::Route(rc) = &*s.get(TypeKind::Route, "outbound_http", false).unwrap().res else {
+            panic!()
+        };
+        let vhosts: Vec<&str> = rc.virtual_hosts.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(vhosts, vec!["web.default:80"]);
+
+        // Unscoped: everything, from the same shared base.
+        let all = Snapshot::build(&m, &ctx, None, base, None);
+        assert_eq!(all.all(TypeKind::Cluster, false).len(), 4);
+        assert!(all
+            .all(TypeKind::Listener, false)
+            .contains_key("outbound_tcp|5432|db.default"));
+    }
+
+    #[test]
+    fn versions_change_only_with_content() {
+        let m1 = mesh(MESH);
+        let ctx = ProxyContext::default();
+        let b1 = Base::build(&m1, &ctx, None);
+        let m2 = mesh(&MESH.replace("10.0.0.1", "10.0.0.9"));
+        let b2 = Base::build(&m2, &ctx, Some(&b1));
+        assert_ne!(b1.version, b2.version);
+        let v = |b: &Base, k: TypeKind, n: &str| b.resources[k.index()][n].version.clone();
+        let web = "outbound|80||web.default";
+        assert_ne!(
+            v(&b1, TypeKind::Endpoints, web),
+            v(&b2, TypeKind::Endpoints, web)
+        );
+        assert_eq!(
+            v(&b1, TypeKind::Cluster, web),
+            v(&b2, TypeKind::Cluster, web)
+        );
+        assert_eq!(
+            v(&b1, TypeKind::Route, "outbound_http"),
+            v(&b2, TypeKind::Route, "outbound_http")
+        );
+    }
+
+    #[test]
+    fn proxyless_names_get_an_api_listener_and_their_virtual_host_alone() {
+        let m = mesh(MESH);
+        let ctx = ProxyContext::default();
+        let s = Snapshot::build(&m, &ctx, None, Arc::new(Base::build(&m, &ctx, None)), None);
+        assert!(s.is_api_listener_name("web.default:80"));
+        assert!(!s.is_api_listener_name("outbound_http"));
+        assert!(s.get(TypeKind::Listener, "nope.default", true).is_none());
+        let Res::Listener(l) = &*s.get(TypeKind::Listener, "web", true).unwrap().res else {
+            panic!()
+        };
+        assert!(l.api_listener.is_some());
+        let Res::Route(rc) = &*s.get(TypeKind::Route, "web", true).unwrap().res else {
+            panic!()
+        };
+        assert_eq!(rc.name, "web");
+        assert_eq!(rc.virtual_hosts.len(), 1);
+        assert!(rc.virtual_hosts[0].domains.iter().any(|d| d == "web"));
+        // gRPC gets round robin instead of the peak-EWMA LEAST_REQUEST.
+        let c = |proxyless| match &*s
+            .get(TypeKind::Cluster, "outbound|80||web.default", proxyless)
+            .unwrap()
+            .res
+        {
+            Res::Cluster(c) => c.lb_policy,
+            _ => panic!(),
+        };
+        assert_eq!(c(false), LbPolicy::LeastRequest as i32);
+        assert_eq!(c(true), LbPolicy::RoundRobin as i32);
+    }
+}

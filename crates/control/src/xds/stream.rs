@@ -1,0 +1,539 @@
+//! One ADS stream: subscriptions, nonces, ACK/NACK, and pushes, for both
+//! state-of-the-world (SotW) and incremental (delta) xDS.
+//!
+//! Contract (the xDS protocol, as Envoy and gRPC clients expect it):
+//! - The first request carries the `Node`; a stream without one is refused
+//!   (`INVALID_ARGUMENT`), as is a request for a type URL this server does
+//!   not serve, or a message that does not decode. The status message says
+//!   what was wrong and what is served.
+//! - Per type URL: the first request subscribes (LDS and CDS with no names,
+//!   or `*`, mean every resource; RDS and EDS name theirs). A request
+//!   carrying the nonce of the last response of its type is an ACK, or a
+//!   NACK when it has `error_detail`; a request with an older nonce is stale
+//!   and ignored (SotW), as the protocol says.
+//! - SotW: a response holds every subscribed resource of the type; it is
+//!   sent when the subscription changes, or when the snapshot changes what
+//!   the subscription selects (a type whose resources kept their versions is
+//!   not re-sent).
+//! - Delta: a response holds only resources whose version the client does
+//!   not have, plus `removed_resources`; `initial_resource_versions` of a
+//!   reconnecting client count as held.
+//! - A Listener asked for by a name that is a service host name (`xds:///NAME`)
+//!   marks the stream proxyless: it gets `api_listener`s, and its clusters
+//!   use balancers gRPC implements.
+//!
+//! Non-goals: `resource_locators` / xdstp names, TTLs, on-demand (VHDS).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use api::ProxyContext;
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+    Resource as DeltaResource,
+};
+use envoy_types::pb::google::rpc::Status as RpcStatus;
+use tokio::sync::mpsc;
+use tonic::{Status, Streaming};
+
+use super::snapshot::{Snapshot, TypeKind, Versioned};
+use super::status::{Nack, ProxyRecord, TypeRecord};
+use super::Shared;
+use crate::registry::{NodeInfo, Registration};
+
+/// Which protocol variant a stream speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    Sotw,
+    Delta,
+}
+
+/// Subscription state of one type on one stream.
+#[derive(Debug, Default)]
+struct TypeState {
+    requested: bool,
+    wildcard: bool,
+    names: BTreeSet<String>,
+    last_nonce: String,
+}
+
+/// A stream once its node is known.
+struct Conn {
+    shared: Arc<Shared>,
+    mode: Mode,
+    ctx: ProxyContext,
+    scope: Option<BTreeSet<String>>,
+    record_id: u64,
+    record: Arc<Mutex<ProxyRecord>>,
+    snapshot: Arc<Snapshot>,
+    types: [TypeState; 4],
+    proxyless: bool,
+    nonce: u64,
+    _registration: Option<Registration>,
+}
+
+/// The messages a stream sends, whatever its mode.
+enum Out {
+    Sotw(DiscoveryResponse),
+    Delta(DeltaDiscoveryResponse),
+}
+
+/// A request, whatever its mode, reduced to what the state machine reads.
+struct In {
+    node: Option<Node>,
+    type_url: String,
+    nonce: String,
+    version: String,
+    error: Option<RpcStatus>,
+    /// SotW: the complete set of names.
+    names: Vec<String>,
+    /// Delta.
+    subscribe: Vec<String>,
+    unsubscribe: Vec<String>,
+    initial_versions: BTreeMap<String, String>,
+}
+
+impl From<DiscoveryRequest> for In {
+    fn from(r: DiscoveryRequest) -> In {
+        In {
+            node: r.node,
+            type_url: r.type_url,
+            nonce: r.response_nonce,
+            version: r.version_info,
+            error: r.error_detail,
+            names: r.resource_names,
+            subscribe: Vec::new(),
+            unsubscribe: Vec::new(),
+            initial_versions: BTreeMap::new(),
+        }
+    }
+}
+
+impl From<DeltaDiscoveryRequest> for In {
+    fn from(r: DeltaDiscoveryRequest) -> In {
+        In {
+            node: r.node,
+            type_url: r.type_url,
+            nonce: r.response_nonce,
+            version: String::new(),
+            error: r.error_detail,
+            names: Vec::new(),
+            subscribe: r.resource_names_subscribe,
+            unsubscribe: r.resource_names_unsubscribe,
+            initial_versions: r.initial_resource_versions.into_iter().collect(),
+        }
+    }
+}
+
+/// Runs a SotW stream until the client goes away or the server stops.
+pub(crate) async fn run_sotw(
+    shared: Arc<Shared>,
+    inbound: Streaming<DiscoveryRequest>,
+    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+) {
+    let send = |o: Out| match o {
+        Out::Sotw(r) => Some(Ok(r)),
+        Out::Delta(_) => None,
+    };
+    run(shared, Mode::Sotw, inbound, tx, send).await
+}
+
+/// Runs a delta stream until the client goes away or the server stops.
+pub(crate) async fn run_delta(
+    shared: Arc<Shared>,
+    inbound: Streaming<DeltaDiscoveryRequest>,
+    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+) {
+    let send = |o: Out| match o {
+        Out::Delta(r) => Some(Ok(r)),
+        Out::Sotw(_) => None,
+    };
+    run(shared, Mode::Delta, inbound, tx, send).await
+}
+
+async fn run<Req, Resp>(
+    shared: Arc<Shared>,
+    mode: Mode,
+    mut inbound: Streaming<Req>,
+    tx: mpsc::Sender<Result<Resp, Status>>,
+    wrap: impl Fn(Out) -> Option<Result<Resp, Status>>,
+) where
+    Req: Into<In>,
+{
+    let mut merged = shared.merged.subscribe();
+    let mut stopping = shared.stopping.subscribe();
+    let mut conn: Option<Conn> = None;
+    loop {
+        let outs = tokio::select! {
+            msg = inbound.message() => match msg {
+                Ok(Some(req)) => match handle(&shared, mode, &mut conn, req.into()) {
+                    Ok(outs) => outs,
+                    Err(status) => {
+                        tracing::info!(error = %status.message(), "refusing xDS stream");
+                        let _ = tx.send(Err(status)).await;
+                        break;
+                    }
+                },
+                Ok(None) => break,
+                Err(status) => {
+                    // A message that does not decode: say so, then end.
+                    let msg = format!("malformed xDS request: {}", status.message());
+                    tracing::info!(error = %msg, "refusing xDS stream");
+                    let _ = tx.send(Err(Status::invalid_argument(msg))).await;
+                    break;
+                }
+            },
+            changed = merged.changed(), if conn.is_some() => {
+                if changed.is_err() {
+                    break;
+                }
+                match conn.as_mut() {
+                    Some(c) => c.refresh(),
+                    None => Vec::new(),
+                }
+            },
+            _ = stopping.changed() => break,
+            _ = tx.closed() => break,
+        };
+        for o in outs {
+            if let Some(m) = wrap(o) {
+                if tx.send(m).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    if let Some(c) = conn {
+        shared.forget(c.record_id);
+    }
+}
+
+fn handle(
+    shared: &Arc<Shared>,
+    mode: Mode,
+    conn: &mut Option<Conn>,
+    req: In,
+) -> Result<Vec<Out>, Status> {
+    if req.type_url.is_empty() {
+        return Err(Status::invalid_argument(format!(
+            "type_url is required on every ADS request (served: {})",
+            TypeKind::served()
+        )));
+    }
+    let Some(kind) = TypeKind::from_url(&req.type_url) else {
+        return Err(Status::invalid_argument(format!(
+            "unknown type URL {:?}: this server serves {}",
+            req.type_url,
+            TypeKind::served()
+        )));
+    };
+    let c = match conn {
+        Some(c) => c,
+        None => conn.insert(Conn::open(shared, mode, req.node.as_ref())?),
+    };
+    Ok(match mode {
+        Mode::Sotw => c.sotw_request(kind, req),
+        Mode::Delta => c.delta_request(kind, req),
+    })
+}
+
+impl Conn {
+    fn open(shared: &Arc<Shared>, mode: Mode, node: Option<&Node>) -> Result<Conn, Status> {
+        let Some(node) = node.filter(|n| !n.id.is_empty()) else {
+            return Err(Status::invalid_argument(
+                "the first request of an ADS stream must carry node.id",
+            ));
+        };
+        let info = NodeInfo::from_node(node)
+            .map_err(|e| Status::invalid_argument(format!("cannot register the workload: {e}")))?;
+        let registration = shared.registry.register(&info);
+        let defaults = ProxyContext::default();
+        let ctx = ProxyContext {
+            outbound_addr: info.outbound_addr.unwrap_or(defaults.outbound_addr),
+            inbound_addr: info.inbound_addr.unwrap_or(defaults.inbound_addr),
+            workload: info.workload_key(),
+            detect_timeout: defaults.detect_timeout,
+        };
+        let record = ProxyRecord {
+            id: info.id.clone(),
+            cluster: info.cluster.clone(),
+            service: info
+                .workload
+                .as_ref()
+                .map(|w| format!("{}.{}", w.spec.service, w.metadata.namespace)),
+            address: info.workload.as_ref().map(|w| w.spec.address.to_string()),
+            connected_at: SystemTime::now(),
+            protocol: match mode {
+                Mode::Sotw => "sotw",
+                Mode::Delta => "delta",
+            },
+            proxyless: false,
+            registration_error: None,
+            types: BTreeMap::new(),
+        };
+        let (record_id, record) = shared.remember(record);
+        tracing::info!(node = %info.id, ?mode, "xDS stream opened");
+        let scope = info.upstreams.clone();
+        Ok(Conn {
+            snapshot: shared.snapshot(&ctx, scope.as_ref()),
+            scope,
+            shared: shared.clone(),
+            mode,
+            ctx,
+            record_id,
+            record,
+            types: Default::default(),
+            proxyless: false,
+            nonce: 0,
+            _registration: registration,
+        })
+    }
+
+    fn record(&self) -> MutexGuard<'_, ProxyRecord> {
+        // Records are plain data updated field by field: a poisoned lock
+        // still holds a usable record.
+        self.record.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records an ACK or NACK if `req` answers the last response of `kind`.
+    /// Returns false for a stale nonce.
+    fn ack(&mut self, kind: TypeKind, req: &In) -> bool {
+        let ts = &self.types[kind.index()];
+        if req.nonce.is_empty() {
+            return true;
+        }
+        if req.nonce != ts.last_nonce {
+            return false;
+        }
+        let mut rec = self.record();
+        let node = rec.id.clone();
+        let t = rec.types.entry(kind).or_default();
+        match &req.error {
+            Some(e) => {
+                let version = if req.version.is_empty() {
+                    t.sent_version.clone()
+                } else {
+                    req.version.clone()
+                };
+                tracing::warn!(node = %node, r#type = kind.as_str(), reason = %e.message, "config NACKed");
+                t.last_nack = Some(Nack {
+                    version: t.sent_version.clone(),
+                    nonce: req.nonce.clone(),
+                    reason: e.message.clone(),
+                    at: SystemTime::now(),
+                });
+                // SotW NACKs carry the version still in use.
+                if self.mode == Mode::Sotw && !req.version.is_empty() {
+                    t.acked_version = Some(version);
+                }
+            }
+            None => {
+                t.acked_version = Some(match self.mode {
+                    Mode::Sotw => req.version.clone(),
+                    Mode::Delta => t.sent_version.clone(),
+                });
+            }
+        }
+        true
+    }
+
+    fn sotw_request(&mut self, kind: TypeKind, req: In) -> Vec<Out> {
+        if !self.ack(kind, &req) {
+            return Vec::new();
+        }
+        let mut wildcard = false;
+        let mut names = BTreeSet::new();
+        for n in req.names {
+            if n == "*" {
+                wildcard = true;
+            } else {
+                names.insert(n);
+            }
+        }
+        if names.is_empty() && kind.wildcard_by_default() {
+            wildcard = true;
+        }
+        let ts = &mut self.types[kind.index()];
+        let changed = !ts.requested || ts.wildcard != wildcard || ts.names != names;
+        ts.requested = true;
+        ts.wildcard = wildcard;
+        ts.names = names;
+        self.note_proxyless(kind);
+        if changed {
+            self.respond(kind, true).into_iter().collect()
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn delta_request(&mut self, kind: TypeKind, req: In) -> Vec<Out> {
+        self.ack(kind, &req);
+        let ts = &mut self.types[kind.index()];
+        let first = !ts.requested;
+        if first {
+            ts.requested = true;
+            if req.subscribe.is_empty() && kind.wildcard_by_default() {
+                ts.wildcard = true;
+            }
+        }
+        let changed = first || !req.subscribe.is_empty() || !req.unsubscribe.is_empty();
+        for n in req.subscribe {
+            if n == "*" {
+                ts.wildcard = true;
+            } else {
+                ts.names.insert(n);
+            }
+        }
+        let mut dropped = Vec::new();
+        for n in req.unsubscribe {
+            if n == "*" {
+                ts.wildcard = false;
+            } else {
+                ts.names.remove(&n);
+                dropped.push(n);
+            }
+        }
+        {
+            let mut rec = self.record();
+            let t = rec.types.entry(kind).or_default();
+            if first {
+                for (n, v) in req.initial_versions {
+                    t.resources.insert(n, Arc::from(v.as_str()));
+                }
+            }
+            for n in dropped {
+                t.resources.remove(&n);
+            }
+        }
+        self.note_proxyless(kind);
+        if changed {
+            self.respond(kind, first).into_iter().collect()
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn note_proxyless(&mut self, kind: TypeKind) {
+        let ts = &self.types[kind.index()];
+        if kind == TypeKind::Listener
+            && !self.proxyless
+            && ts
+                .names
+                .iter()
+                .any(|n| self.snapshot.is_api_listener_name(n))
+        {
+            self.proxyless = true;
+            self.record().proxyless = true;
+        }
+    }
+
+    /// A new merged mesh: rebuild the snapshot and push what changed.
+    fn refresh(&mut self) -> Vec<Out> {
+        self.snapshot = self.shared.snapshot(&self.ctx, self.scope.as_ref());
+        let mut outs = Vec::new();
+        for k in TypeKind::ALL {
+            if self.types[k.index()].requested {
+                outs.extend(self.respond(k, false));
+            }
+        }
+        outs
+    }
+
+    /// What the subscription of `kind` selects in the current snapshot.
+    fn view(&self, kind: TypeKind) -> BTreeMap<String, Versioned> {
+        let ts = &self.types[kind.index()];
+        let mut out = if ts.wildcard {
+            self.snapshot.all(kind, self.proxyless)
+        } else {
+            BTreeMap::new()
+        };
+        for n in &ts.names {
+            if let Some(v) = self.snapshot.get(kind, n, self.proxyless) {
+                out.insert(n.clone(), v);
+            }
+        }
+        out
+    }
+
+    /// The response for `kind` if it tells the client something new (or
+    /// `force`: the client is waiting for a first answer).
+    fn respond(&mut self, kind: TypeKind, force: bool) -> Option<Out> {
+        let view = self.view(kind);
+        let version = self.snapshot.version.to_string();
+        let mut rec = self.record.lock().unwrap_or_else(|p| p.into_inner());
+        let t: &mut TypeRecord = rec.types.entry(kind).or_default();
+        let out = match self.mode {
+            Mode::Sotw => {
+                let same = t.resources.len() == view.len()
+                    && view
+                        .iter()
+                        .all(|(n, v)| t.resources.get(n).is_some_and(|h| *h == v.version));
+                if same && !force {
+                    return None;
+                }
+                self.nonce += 1;
+                let nonce = self.nonce.to_string();
+                t.set_resources(&view);
+                t.sent_version = version.clone();
+                t.sent_nonce = nonce.clone();
+                Out::Sotw(DiscoveryResponse {
+                    version_info: version,
+                    resources: view.values().map(|v| v.res.to_any()).collect(),
+                    type_url: kind.url(),
+                    nonce,
+                    ..Default::default()
+                })
+            }
+            Mode::Delta => {
+                let changed: Vec<(&String, &Versioned)> = view
+                    .iter()
+                    .filter(|(n, v)| t.resources.get(*n) != Some(&v.version))
+                    .collect();
+                let removed: Vec<String> = t
+                    .resources
+                    .keys()
+                    .filter(|n| !view.contains_key(*n))
+                    .cloned()
+                    .collect();
+                if changed.is_empty() && removed.is_empty() && !force {
+                    return None;
+                }
+                self.nonce += 1;
+                let nonce = self.nonce.to_string();
+                let resources = changed
+                    .iter()
+                    .map(|(n, v)| DeltaResource {
+                        name: (*n).clone(),
+                        version: v.version.to_string(),
+                        resource: Some(v.res.to_any()),
+                        ..Default::default()
+                    })
+                    .collect();
+                for (n, v) in &changed {
+                    t.resources.insert((*n).clone(), v.version.clone());
+                }
+                for n in &removed {
+                    t.resources.remove(n);
+                }
+                t.sent_version = version.clone();
+                t.sent_nonce = nonce.clone();
+                Out::Delta(DeltaDiscoveryResponse {
+                    system_version_info: version,
+                    resources,
+                    type_url: kind.url(),
+                    removed_resources: removed,
+                    nonce,
+                    ..Default::default()
+                })
+            }
+        };
+        drop(rec);
+        self.types[kind.index()].last_nonce = match &out {
+            Out::Sotw(r) => r.nonce.clone(),
+            Out::Delta(r) => r.nonce.clone(),
+        };
+        Some(out)
+    }
+}
