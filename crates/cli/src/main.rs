@@ -10,6 +10,7 @@ mod control_cmd;
 mod demo;
 mod proxy_cmd;
 mod resources;
+mod status_cmd;
 mod validate;
 
 #[derive(Debug, Parser)]
@@ -35,6 +36,10 @@ enum Command {
     Delete(resources::DeleteArgs),
     /// Show a service: ports, routes, policy, endpoints and callers.
     Describe(resources::DescribeArgs),
+    /// List connected proxies: what each was sent and acknowledged, and NACK reasons.
+    ProxyStatus(status_cmd::StatusArgs),
+    /// Show the resources one proxy holds.
+    ProxyConfig(status_cmd::ConfigArgs),
     /// Check mesh YAML files; print every error and exit non-zero if any.
     Validate(validate::Args),
     /// Print the xDS resources the translator makes from mesh YAML files.
@@ -51,6 +56,8 @@ fn main() -> ExitCode {
         Command::Get(args) => resources::get(args),
         Command::Delete(args) => resources::delete(args),
         Command::Describe(args) => resources::describe(args),
+        Command::ProxyStatus(args) => status_cmd::status(args),
+        Command::ProxyConfig(args) => status_cmd::config(args),
         Command::Validate(args) => validate::run(args),
         Command::Translate(args) => validate::translate(args),
     };

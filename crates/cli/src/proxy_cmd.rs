@@ -136,34 +136,94 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 /// The xDS client's options: servers and the node that registers this
 /// proxy's workload (metadata the control plane's registry reads).
 fn control_source(args: &Args) -> anyhow::Result<proxy::app::Source> {
+    let workload = args.service.as_ref().map(|service| Registration {
+        service: service.clone(),
+        namespace: args.namespace.clone(),
+        name: args.name.clone(),
+        app_port: args.app_port,
+        address: args.address,
+        labels: args.labels.clone(),
+        locality: args.locality.clone(),
+    });
+    let node = node(
+        args.inbound_addr,
+        args.outbound_addr,
+        workload.as_ref(),
+        None,
+    )?;
+    Ok(proxy::app::Source::Control {
+        client: Box::new(proxy::xds_client::ClientOptions {
+            servers: servers(&args.control),
+            node,
+            connect_timeout: Duration::from_secs(2),
+            max_backoff: Duration::from_secs(10),
+        }),
+        service: workload.map(|w| format!("{}.{}", w.service, w.namespace)),
+    })
+}
+
+/// The workload a sidecar registers with the control plane (`--service`
+/// and the flags that go with it).
+#[derive(Debug, Clone)]
+pub(crate) struct Registration {
+    pub(crate) service: String,
+    pub(crate) namespace: String,
+    /// Default: `<service>-<pid>`.
+    pub(crate) name: Option<String>,
+    pub(crate) app_port: Option<u16>,
+    /// Default: the inbound address's IP, or 127.0.0.1 when unspecified.
+    pub(crate) address: Option<std::net::IpAddr>,
+    /// `key=value` each.
+    pub(crate) labels: Vec<String>,
+    /// `region/zone`.
+    pub(crate) locality: Option<String>,
+}
+
+/// The xDS `Node` a sidecar announces: where it listens, the workload it
+/// registers (if any) and, when given, the services it calls (`upstreams`:
+/// the control plane then sends only those). `meshwork proxy` and
+/// `meshwork demo` both build their nodes here, so the registry sees one shape.
+pub(crate) fn node(
+    inbound_addr: SocketAddr,
+    outbound_addr: SocketAddr,
+    workload: Option<&Registration>,
+    upstreams: Option<&[&str]>,
+) -> anyhow::Result<envoy_types::pb::envoy::config::core::v3::Node> {
     use envoy_types::pb::envoy::config::core::v3::Node;
-    use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
+    use envoy_types::pb::google::protobuf::{value::Kind, ListValue, Struct, Value};
     let s = |v: String| Value {
         kind: Some(Kind::StringValue(v)),
     };
     let mut fields = std::collections::HashMap::new();
-    fields.insert("inbound_addr".to_owned(), s(args.inbound_addr.to_string()));
-    fields.insert(
-        "outbound_addr".to_owned(),
-        s(args.outbound_addr.to_string()),
-    );
+    fields.insert("inbound_addr".to_owned(), s(inbound_addr.to_string()));
+    fields.insert("outbound_addr".to_owned(), s(outbound_addr.to_string()));
+    if let Some(up) = upstreams {
+        fields.insert(
+            "upstreams".to_owned(),
+            Value {
+                kind: Some(Kind::ListValue(ListValue {
+                    values: up.iter().map(|u| s((*u).to_owned())).collect(),
+                })),
+            },
+        );
+    }
     let mut id = format!("proxy-{}", std::process::id());
     let mut cluster = String::new();
-    if let Some(service) = &args.service {
-        let name = args
+    if let Some(w) = workload {
+        let name = w
             .name
             .clone()
-            .unwrap_or_else(|| format!("{service}-{}", std::process::id()));
-        id = format!("{name}.{}", args.namespace);
-        cluster = service.clone();
-        let address = args.address.unwrap_or(match args.inbound_addr.ip() {
+            .unwrap_or_else(|| format!("{}-{}", w.service, std::process::id()));
+        id = format!("{name}.{}", w.namespace);
+        cluster = w.service.clone();
+        let address = w.address.unwrap_or(match inbound_addr.ip() {
             ip if ip.is_unspecified() => std::net::IpAddr::from([127, 0, 0, 1]),
             ip => ip,
         });
-        fields.insert("service".to_owned(), s(service.clone()));
-        fields.insert("namespace".to_owned(), s(args.namespace.clone()));
+        fields.insert("service".to_owned(), s(w.service.clone()));
+        fields.insert("namespace".to_owned(), s(w.namespace.clone()));
         fields.insert("address".to_owned(), s(address.to_string()));
-        if let Some(port) = args.app_port {
+        if let Some(port) = w.app_port {
             fields.insert(
                 "app_port".to_owned(),
                 Value {
@@ -172,7 +232,7 @@ fn control_source(args: &Args) -> anyhow::Result<proxy::app::Source> {
             );
         }
         let mut labels = std::collections::HashMap::new();
-        for l in &args.labels {
+        for l in &w.labels {
             let (k, v) = l
                 .split_once('=')
                 .with_context(|| format!("label {l:?}: expected key=value"))?;
@@ -186,12 +246,22 @@ fn control_source(args: &Args) -> anyhow::Result<proxy::app::Source> {
                 },
             );
         }
-        if let Some(l) = &args.locality {
+        if let Some(l) = &w.locality {
             fields.insert("locality".to_owned(), s(l.clone()));
         }
     }
-    let servers = args
-        .control
+    Ok(Node {
+        id,
+        cluster,
+        user_agent_name: "meshwork".to_owned(),
+        metadata: Some(Struct { fields }),
+        ..Default::default()
+    })
+}
+
+/// Control-plane addresses as the xDS client wants them (`http://host:port`).
+pub(crate) fn servers(addrs: &[String]) -> Vec<String> {
+    addrs
         .iter()
         .filter(|a| !a.is_empty())
         .map(|a| {
@@ -201,25 +271,7 @@ fn control_source(args: &Args) -> anyhow::Result<proxy::app::Source> {
                 format!("http://{a}")
             }
         })
-        .collect();
-    Ok(proxy::app::Source::Control {
-        client: Box::new(proxy::xds_client::ClientOptions {
-            servers,
-            node: Node {
-                id,
-                cluster: cluster.clone(),
-                user_agent_name: "meshwork".to_owned(),
-                metadata: Some(Struct { fields }),
-                ..Default::default()
-            },
-            connect_timeout: Duration::from_secs(2),
-            max_backoff: Duration::from_secs(10),
-        }),
-        service: args
-            .service
-            .as_ref()
-            .map(|svc| format!("{svc}.{}", args.namespace)),
-    })
+        .collect()
 }
 
 pub(crate) async fn wait_for_signal() {

@@ -460,5 +460,49 @@ async fn control_plane_feeds_proxies_and_survives_a_restart() {
         "change after restart applied",
     )
     .await;
+
+    // A config the proxies cannot apply (a TCP service whose local port is
+    // taken on this machine) is NACKed: proxy-status shows the reason, and
+    // traffic keeps flowing on the last good config.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy_port = busy.local_addr().unwrap().port();
+    apply(format!(
+        "{}---\napiVersion: meshwork.dev/v1alpha1\nkind: Service\nmetadata: {{name: db}}\nspec:\n  ports: [{{name: pg, port: 5432, appProtocol: tcp, localPort: {busy_port}}}]\n",
+        route("v2")
+    ))
+    .await;
+    let mut reason = String::new();
+    for _ in 0..100 {
+        let out = meshwork(&["proxy-status", "--control", &api.to_string(), "-o", "json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text.contains("cannot bind") {
+            reason = text;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        reason.contains(&busy_port.to_string()),
+        "NACK reason names the port: {reason}"
+    );
+    let table = meshwork(&["proxy-status", "--control", &api.to_string()]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("NACKED") && table.contains("web-0.default"),
+        "{table}"
+    );
+    let mut c = H1Client::connect(out).await.unwrap();
+    let r = c.get("web", "/").await.unwrap();
+    assert_eq!(
+        r.header("x-version"),
+        Some("v2"),
+        "last good config still serves"
+    );
+    drop(busy);
     drop(control);
 }

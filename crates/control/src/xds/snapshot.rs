@@ -24,7 +24,7 @@
 //! Non-goals: deciding what a stream subscribed to (see `stream`).
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use api::{names, Mesh, ProxyContext, Resource};
 use envoy_types::pb::envoy::config::cluster::v3::{cluster::LbPolicy, Cluster};
@@ -123,9 +123,29 @@ impl Res {
 pub(crate) struct Versioned {
     pub(crate) version: Arc<str>,
     pub(crate) res: Arc<Res>,
+    /// The encoding, made once and shared by every stream that sends it.
+    encoded: Arc<OnceLock<Any>>,
 }
 
-type ByType = [BTreeMap<String, Versioned>; 4];
+impl Versioned {
+    fn new(version: Arc<str>, res: Res) -> Versioned {
+        Versioned {
+            version,
+            res: Arc::new(res),
+            encoded: Arc::default(),
+        }
+    }
+
+    /// The resource packed in an `Any`.
+    pub(crate) fn any(&self) -> Any {
+        self.encoded.get_or_init(|| self.res.to_any()).clone()
+    }
+}
+
+/// Resources by name: what a subscription selects.
+pub(crate) type View = BTreeMap<String, Versioned>;
+
+type ByType = [View; 4];
 
 /// Resources shared by every proxy with the same base context.
 #[derive(Debug)]
@@ -150,6 +170,9 @@ pub(crate) struct Snapshot {
     own: ByType,
     /// When scoped: the base resources this proxy may see, per type.
     allowed: Option<[HashSet<String>; 4]>,
+    /// [`Snapshot::all`], made once per (type, proxyless) and shared by
+    /// every stream of this snapshot.
+    wildcard: [OnceLock<Arc<View>>; 8],
 }
 
 /// Version of the api_listener resources: their content depends on the name only.
@@ -178,10 +201,7 @@ fn versioned(
 ) -> Versioned {
     match prev.and_then(|p| p[kind.index()].get(name)) {
         Some(old) if *old.res == res => old.clone(),
-        _ => Versioned {
-            version: version.clone(),
-            res: Arc::new(res),
-        },
+        _ => Versioned::new(version.clone(), res),
     }
 }
 
@@ -236,10 +256,10 @@ impl Base {
                 if let Some(rr) = for_grpc(c) {
                     grpc_clusters.insert(
                         name.clone(),
-                        Versioned {
-                            version: Arc::from(format!("{}-grpc", v.version)),
-                            res: Arc::new(Res::Cluster(Box::new(rr))),
-                        },
+                        Versioned::new(
+                            Arc::from(format!("{}-grpc", v.version)),
+                            Res::Cluster(Box::new(rr)),
+                        ),
                     );
                 }
             }
@@ -297,6 +317,7 @@ impl Snapshot {
             base,
             own,
             allowed,
+            wildcard: Default::default(),
         }
     }
 
@@ -306,9 +327,15 @@ impl Snapshot {
             .is_none_or(|a| a[kind.index()].contains(name))
     }
 
-    /// Every resource of `kind` a wildcard subscription gets.
-    pub(crate) fn all(&self, kind: TypeKind, proxyless: bool) -> BTreeMap<String, Versioned> {
-        let mut out: BTreeMap<String, Versioned> = self.base.resources[kind.index()]
+    /// Every resource of `kind` a wildcard subscription gets (shared).
+    pub(crate) fn all(&self, kind: TypeKind, proxyless: bool) -> Arc<View> {
+        let slot = &self.wildcard[kind.index() * 2 + usize::from(proxyless)];
+        slot.get_or_init(|| Arc::new(self.build_all(kind, proxyless)))
+            .clone()
+    }
+
+    fn build_all(&self, kind: TypeKind, proxyless: bool) -> View {
+        let mut out: View = self.base.resources[kind.index()]
             .iter()
             .filter(|(n, _)| self.base_allows(kind, n))
             .map(|(n, v)| (n.clone(), v.clone()))
@@ -324,6 +351,32 @@ impl Snapshot {
             out.insert(n.clone(), v.clone());
         }
         out
+    }
+
+    /// What a subscription selects: everything when `wildcard`, plus every
+    /// existing resource in `names`. Shared with [`Snapshot::all`] when the
+    /// names are exactly everything (Envoy asks for every cluster's
+    /// endpoints by name).
+    pub(crate) fn view(
+        &self,
+        kind: TypeKind,
+        wildcard: bool,
+        names: &BTreeSet<String>,
+        proxyless: bool,
+    ) -> Arc<View> {
+        let all = self.all(kind, proxyless);
+        if (wildcard && names.iter().all(|n| all.contains_key(n)))
+            || (names.len() == all.len() && names.iter().eq(all.keys()))
+        {
+            return all;
+        }
+        let mut out = if wildcard { (*all).clone() } else { View::new() };
+        for n in names {
+            if let Some(v) = self.get(kind, n, proxyless) {
+                out.insert(n.clone(), v);
+            }
+        }
+        Arc::new(out)
     }
 
     /// The resource `name` of `kind`, if it exists. For a proxyless client,
@@ -347,10 +400,10 @@ impl Snapshot {
             return None;
         }
         match kind {
-            TypeKind::Listener => Some(Versioned {
-                version: Arc::from(API_LISTENER_VERSION),
-                res: Arc::new(Res::Listener(Box::new(api::grpc_api_listener(name, name)))),
-            }),
+            TypeKind::Listener => Some(Versioned::new(
+                Arc::from(API_LISTENER_VERSION),
+                Res::Listener(Box::new(api::grpc_api_listener(name, name))),
+            )),
             TypeKind::Route if proxyless => {
                 let outbound =
                     self.base.resources[TypeKind::Route.index()].get(names::OUTBOUND_HTTP)?;
@@ -367,11 +420,11 @@ impl Snapshot {
                         .collect(),
                     ..(**rc).clone()
                 };
-                Some(Versioned {
-                    // Derived from outbound_http and the name alone.
-                    version: Arc::from(format!("{}-{name}", outbound.version)),
-                    res: Arc::new(Res::Route(Box::new(rc))),
-                })
+                // Derived from outbound_http and the name alone.
+                Some(Versioned::new(
+                    Arc::from(format!("{}-{name}", outbound.version)),
+                    Res::Route(Box::new(rc)),
+                ))
             }
             _ => None,
         }

@@ -15,7 +15,7 @@ use std::time::SystemTime;
 
 use serde_json::{json, Value};
 
-use super::snapshot::{TypeKind, Versioned};
+use super::snapshot::{TypeKind, View};
 
 /// One stream's view of its proxy.
 #[derive(Debug, Clone)]
@@ -42,8 +42,77 @@ pub(crate) struct TypeRecord {
     pub(crate) sent_nonce: String,
     pub(crate) acked_version: Option<String>,
     pub(crate) last_nack: Option<Nack>,
-    /// What the proxy holds (delta) or was last sent (SotW): name -> version.
-    pub(crate) resources: BTreeMap<String, Arc<str>>,
+    /// What the proxy holds (delta) or was last sent (SotW).
+    pub(crate) resources: Held,
+}
+
+/// The resources a proxy holds, name -> version. Usually exactly a view of
+/// a snapshot, shared with every proxy that got the same view (so a
+/// thousand proxies holding every cluster cost one map, not a thousand);
+/// a map of its own only when the client declared versions itself.
+#[derive(Debug, Clone)]
+pub(crate) enum Held {
+    View(Arc<View>),
+    Versions(BTreeMap<String, Arc<str>>),
+}
+
+impl Default for Held {
+    fn default() -> Self {
+        Held::Versions(BTreeMap::new())
+    }
+}
+
+impl Held {
+    pub(crate) fn get(&self, name: &str) -> Option<&Arc<str>> {
+        match self {
+            Held::View(v) => v.get(name).map(|x| &x.version),
+            Held::Versions(m) => m.get(name),
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Held::View(v) => v.len(),
+            Held::Versions(m) => m.len(),
+        }
+    }
+
+    /// Every (name, version), by name.
+    pub(crate) fn iter(&self) -> Box<dyn Iterator<Item = (&String, &Arc<str>)> + '_> {
+        match self {
+            Held::View(v) => Box::new(v.iter().map(|(n, x)| (n, &x.version))),
+            Held::Versions(m) => Box::new(m.iter()),
+        }
+    }
+
+    /// Runs `f` on a map of its own (copying the shared view first).
+    fn edit(&mut self, f: impl FnOnce(&mut BTreeMap<String, Arc<str>>)) {
+        match self {
+            Held::Versions(m) => f(m),
+            Held::View(v) => {
+                let mut m = v
+                    .iter()
+                    .map(|(n, x)| (n.clone(), x.version.clone()))
+                    .collect();
+                f(&mut m);
+                *self = Held::Versions(m);
+            }
+        }
+    }
+
+    pub(crate) fn insert(&mut self, name: String, version: Arc<str>) {
+        self.edit(|m| {
+            m.insert(name, version);
+        });
+    }
+
+    pub(crate) fn remove(&mut self, name: &str) {
+        if self.get(name).is_some() {
+            self.edit(|m| {
+                m.remove(name);
+            });
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -52,18 +121,6 @@ pub(crate) struct Nack {
     pub(crate) nonce: String,
     pub(crate) reason: String,
     pub(crate) at: SystemTime,
-}
-
-impl TypeRecord {
-    pub(crate) fn set_resources<'a>(
-        &mut self,
-        items: impl IntoIterator<Item = (&'a String, &'a Versioned)>,
-    ) {
-        self.resources = items
-            .into_iter()
-            .map(|(n, v)| (n.clone(), v.version.clone()))
-            .collect();
-    }
 }
 
 impl ProxyRecord {

@@ -38,8 +38,8 @@ use envoy_types::pb::google::rpc::Status as RpcStatus;
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
-use super::snapshot::{Snapshot, TypeKind, Versioned};
-use super::status::{Nack, ProxyRecord, TypeRecord};
+use super::snapshot::{Snapshot, TypeKind, Versioned, View};
+use super::status::{Held, Nack, ProxyRecord, TypeRecord};
 use super::Shared;
 use crate::registry::{NodeInfo, Registration};
 
@@ -312,11 +312,6 @@ impl Conn {
         let t = rec.types.entry(kind).or_default();
         match &req.error {
             Some(e) => {
-                let version = if req.version.is_empty() {
-                    t.sent_version.clone()
-                } else {
-                    req.version.clone()
-                };
                 tracing::warn!(node = %node, r#type = kind.as_str(), reason = %e.message, "config NACKed");
                 t.last_nack = Some(Nack {
                     version: t.sent_version.clone(),
@@ -324,9 +319,9 @@ impl Conn {
                     reason: e.message.clone(),
                     at: SystemTime::now(),
                 });
-                // SotW NACKs carry the version still in use.
+                // A SotW NACK carries the version the client still runs.
                 if self.mode == Mode::Sotw && !req.version.is_empty() {
-                    t.acked_version = Some(version);
+                    t.acked_version = Some(req.version.clone());
                 }
             }
             None => {
@@ -442,19 +437,10 @@ impl Conn {
     }
 
     /// What the subscription of `kind` selects in the current snapshot.
-    fn view(&self, kind: TypeKind) -> BTreeMap<String, Versioned> {
+    fn view(&self, kind: TypeKind) -> Arc<View> {
         let ts = &self.types[kind.index()];
-        let mut out = if ts.wildcard {
-            self.snapshot.all(kind, self.proxyless)
-        } else {
-            BTreeMap::new()
-        };
-        for n in &ts.names {
-            if let Some(v) = self.snapshot.get(kind, n, self.proxyless) {
-                out.insert(n.clone(), v);
-            }
-        }
-        out
+        self.snapshot
+            .view(kind, ts.wildcard, &ts.names, self.proxyless)
     }
 
     /// The response for `kind` if it tells the client something new (or
@@ -466,21 +452,26 @@ impl Conn {
         let t: &mut TypeRecord = rec.types.entry(kind).or_default();
         let out = match self.mode {
             Mode::Sotw => {
-                let same = t.resources.len() == view.len()
-                    && view
-                        .iter()
-                        .all(|(n, v)| t.resources.get(n).is_some_and(|h| *h == v.version));
+                let same = match &t.resources {
+                    Held::View(held) if Arc::ptr_eq(held, &view) => true,
+                    held => {
+                        held.len() == view.len()
+                            && view
+                                .iter()
+                                .all(|(n, v)| held.get(n).is_some_and(|h| *h == v.version))
+                    }
+                };
                 if same && !force {
                     return None;
                 }
                 self.nonce += 1;
                 let nonce = self.nonce.to_string();
-                t.set_resources(&view);
+                t.resources = Held::View(view.clone());
                 t.sent_version = version.clone();
                 t.sent_nonce = nonce.clone();
                 Out::Sotw(DiscoveryResponse {
                     version_info: version,
-                    resources: view.values().map(|v| v.res.to_any()).collect(),
+                    resources: view.values().map(Versioned::any).collect(),
                     type_url: kind.url(),
                     nonce,
                     ..Default::default()
@@ -489,11 +480,12 @@ impl Conn {
             Mode::Delta => {
                 let changed: Vec<(&String, &Versioned)> = view
                     .iter()
-                    .filter(|(n, v)| t.resources.get(*n) != Some(&v.version))
+                    .filter(|(n, v)| t.resources.get(n) != Some(&v.version))
                     .collect();
                 let removed: Vec<String> = t
                     .resources
-                    .keys()
+                    .iter()
+                    .map(|(n, _)| n)
                     .filter(|n| !view.contains_key(*n))
                     .cloned()
                     .collect();
@@ -507,16 +499,13 @@ impl Conn {
                     .map(|(n, v)| DeltaResource {
                         name: (*n).clone(),
                         version: v.version.to_string(),
-                        resource: Some(v.res.to_any()),
+                        resource: Some(v.any()),
                         ..Default::default()
                     })
                     .collect();
-                for (n, v) in &changed {
-                    t.resources.insert((*n).clone(), v.version.clone());
-                }
-                for n in &removed {
-                    t.resources.remove(n);
-                }
+                // The client now holds exactly the view: every entry it
+                // lacked was sent, everything else it had was removed.
+                t.resources = Held::View(view.clone());
                 t.sent_version = version.clone();
                 t.sent_nonce = nonce.clone();
                 Out::Delta(DeltaDiscoveryResponse {

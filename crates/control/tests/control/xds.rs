@@ -599,6 +599,29 @@ async fn delta_sends_only_changed_resources_and_removals() {
     assert_eq!(third.removed_resources, vec!["outbound|80||web-v2.default"]);
     let status = cp.server.status_json();
     assert_eq!(status[0]["protocol"], "delta");
+
+    // A reconnecting client that declares what it holds gets nothing again.
+    let held = second.resources[0].clone();
+    let (tx2, rx2) = mpsc::channel(8);
+    tx2.send(DeltaDiscoveryRequest {
+        node: Some(node("delta-1")),
+        type_url: EDS.to_string(),
+        resource_names_subscribe: vec![held.name.clone()],
+        initial_resource_versions: [(held.name.clone(), held.version.clone())].into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut again = cp
+        .client()
+        .await
+        .delta_aggregated_resources(ReceiverStream::new(rx2))
+        .await
+        .unwrap()
+        .into_inner();
+    let fresh = again.message().await.unwrap().unwrap();
+    assert!(fresh.resources.is_empty(), "{fresh:?}");
+    assert!(fresh.removed_resources.is_empty());
 }
 
 #[tokio::test]
@@ -627,6 +650,23 @@ async fn unknown_type_urls_and_missing_nodes_get_a_clear_error() {
                 ..Default::default()
             },
             "must carry node.id",
+        ),
+        (
+            DiscoveryRequest {
+                node: Some(Node {
+                    metadata: Some(Struct {
+                        fields: [
+                            ("service".to_string(), sv("web")),
+                            ("address".to_string(), sv("not-an-ip")),
+                        ]
+                        .into(),
+                    }),
+                    ..node("web-9.default")
+                }),
+                type_url: CDS.to_string(),
+                ..Default::default()
+            },
+            "metadata.address: \"not-an-ip\" is not an IP address",
         ),
     ] {
         let mut client = cp.client().await;
