@@ -1,255 +1,541 @@
-//! `meshwork demo`: the mesh on one machine with sample services, so a
-//! newcomer sees routing, splitting, metrics and hot reload in a minute.
+//! `meshwork demo`: the whole mesh on one machine, in one process, so a
+//! newcomer sees a control plane steer live traffic in a minute.
 //!
-//! Until the control plane exists this runs one standalone proxy in front of
-//! in-process sample applications (HTTP services that say who they are and a
-//! TCP echo service), from a mesh YAML file written next to the run, which
-//! the user can edit while it runs.
+//! What runs (all on 127.0.0.1, no root):
+//! - a control plane (`control::app::Control`) with an in-memory store (or
+//!   `--data-dir`), its resource API and xDS server;
+//! - the demo mesh ([`mesh`]), applied through that API
+//!   (`POST /api/v1/apply`) like `meshwork apply` does;
+//! - a sample application ([`apps`]): `frontend` (HTTP) calls `catalog`
+//!   (gRPC), split 90/10 between `catalog-v1` (two instances) and
+//!   `catalog-v2`, which call `inventory` (TCP). Every instance has its own
+//!   sidecar (`proxy::Proxy` fed by the control plane, registering its
+//!   workload with the node `proxy_cmd::node` builds, as `meshwork proxy
+//!   --service` does);
+//! - steady traffic to `frontend` through a `traffic` sidecar ([`traffic`]),
+//!   summed up every few seconds: which catalog version answered, errors.
+//!
+//! The catalog split is written to a file beside the run; `meshwork apply`
+//! of an edited copy changes the live split.
+//!
+//! Ports: `--control-port P` gives the API P and xDS P+1; `--mesh-port M`
+//! gives instance k (in the order printed) M+10k (application), +1
+//! (sidecar outbound), +2 (inbound), +3 (admin). 0: the OS picks every port.
+//!
+//! Non-goals: transparent capture (the apps call their sidecar explicitly),
+//! mTLS (not in the mesh yet), surviving the loss of its own control plane
+//! (it is in the same process).
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
+use anyhow::{anyhow, bail, Context as _};
 use bytes::Bytes;
-use http_body_util::Full;
-use hyper::service::service_fn;
+use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+
+use crate::proxy_cmd::Registration;
+
+mod apps;
+mod mesh;
+mod traffic;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    #[arg(long, default_value = "127.0.0.1:15001")]
-    outbound_addr: SocketAddr,
-    #[arg(long, default_value = "127.0.0.1:15000")]
-    admin_addr: SocketAddr,
-    /// Local port of the demo TCP service `db`.
-    #[arg(long, default_value_t = 15432)]
-    db_port: u16,
-    /// Where to write the demo's mesh YAML.
+    /// Control plane ports: the API on this port, xDS on the next (0: any free ports).
+    #[arg(long, default_value_t = 16000)]
+    control_port: u16,
+    /// First port of the services: instance k uses this + 10k (app), +1 (sidecar outbound),
+    /// +2 (inbound), +3 (admin). 0: any free ports.
+    #[arg(long, default_value_t = 16100)]
+    mesh_port: u16,
+    /// Directory for the files the demo writes (mesh, split, access logs); default: a new temp dir.
     #[arg(long)]
     dir: Option<PathBuf>,
-    /// Exit after this many seconds (0: run until Ctrl-C).
+    /// Keep the control plane's resources in this directory (default: in memory).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Requests per second sent to the frontend.
+    #[arg(long, default_value_t = 5.0)]
+    rps: f64,
+    /// Seconds between summary lines.
+    #[arg(long, default_value_t = 5)]
+    every: u64,
+    /// Stop after this many seconds of traffic (0: run until Ctrl-C).
     #[arg(long, default_value_t = 0)]
     seconds: u64,
+    /// Log filter for the control plane and sidecars (stderr).
+    #[arg(long, default_value = "warn")]
+    log_level: String,
 }
 
+/// One service instance of the sample app (or the traffic's own sidecar).
+struct Instance {
+    /// Workload name, e.g. `catalog-v1-0`.
+    name: &'static str,
+    /// Its Service; `None` for the traffic sidecar, which registers nothing.
+    service: Option<&'static str>,
+    version: Option<&'static str>,
+    /// What its sidecar calls (the control plane sends only those).
+    upstreams: &'static [&'static str],
+    /// What the app speaks, for the table.
+    protocol: &'static str,
+}
+
+const INSTANCES: [Instance; 6] = [
+    Instance {
+        name: "traffic",
+        service: None,
+        version: None,
+        upstreams: &["frontend"],
+        protocol: "-",
+    },
+    Instance {
+        name: "frontend-0",
+        service: Some("frontend"),
+        version: None,
+        upstreams: &["catalog"],
+        protocol: "HTTP",
+    },
+    Instance {
+        name: "catalog-v1-0",
+        service: Some("catalog-v1"),
+        version: Some("v1"),
+        upstreams: &["inventory"],
+        protocol: "gRPC",
+    },
+    Instance {
+        name: "catalog-v1-1",
+        service: Some("catalog-v1"),
+        version: Some("v1"),
+        upstreams: &["inventory"],
+        protocol: "gRPC",
+    },
+    Instance {
+        name: "catalog-v2-0",
+        service: Some("catalog-v2"),
+        version: Some("v2"),
+        upstreams: &["inventory"],
+        protocol: "gRPC",
+    },
+    Instance {
+        name: "inventory-0",
+        service: Some("inventory"),
+        version: None,
+        upstreams: &[],
+        protocol: "TCP",
+    },
+];
+
+/// A started instance: its app's address and its sidecar.
+struct Running {
+    spec: &'static Instance,
+    app: Option<SocketAddr>,
+    sidecar: proxy::Proxy,
+}
+
+/// How long the sidecars get to receive their config and the app to answer.
+const READY_WITHIN: Duration = Duration::from_secs(30);
+
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let log = proxy::logging::init("info", false);
+    if !(args.rps > 0.0 && args.rps <= 1000.0) {
+        bail!("--rps must be between 0 and 1000");
+    }
+    let log = proxy::logging::init(&args.log_level, false);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(async move {
-        let v1 = http_app("reviews-v1").await?;
-        let v2 = http_app("reviews-v2").await?;
-        let ratings = http_app("ratings").await?;
-        let db = tcp_echo().await?;
-        let dir = args
-            .dir
-            .clone()
-            .unwrap_or_else(|| std::env::temp_dir().join(format!("meshwork-demo-{}", std::process::id())));
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let file = dir.join("mesh.yaml");
-        std::fs::write(&file, demo_yaml(v1, v2, ratings, db, args.db_port))
-            .with_context(|| format!("writing {}", file.display()))?;
-        let opts = proxy::Options {
-            source: proxy::app::Source::File {
-                path: file.clone(),
-                poll_interval: Duration::from_millis(500),
-            },
-            outbound_addr: args.outbound_addr,
-            inbound_addr: "127.0.0.1:0".parse()?,
-            admin_addr: args.admin_addr,
-            workload: None,
-            access_log: proxy::accesslog::Target::File(dir.join("access.log")),
-            detect_timeout: Duration::from_secs(1),
-        };
-        let proxy = proxy::Proxy::start(opts, log)
-            .await
-            .context("starting the demo proxy (is something else on its ports? try --outbound-addr/--admin-addr)")?;
-        let out = proxy.listener("outbound_http").unwrap_or(args.outbound_addr);
-        let admin = proxy.admin_addr();
-        println!(
-            r#"
-meshwork demo is running: one sidecar proxy, three HTTP services, one TCP service.
+    rt.block_on(demo(args, log))
+}
 
-  mesh config (edit it; changes apply live):  {file}
-  access log (JSON lines):                    {log}
-  admin:                                      http://{admin}/
+async fn demo(args: Args, log: proxy::logging::LogHandle) -> anyhow::Result<ExitCode> {
+    let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let at = |base: u16, offset: u16| -> anyhow::Result<SocketAddr> {
+        if base == 0 {
+            return Ok(SocketAddr::new(lo, 0));
+        }
+        base.checked_add(offset)
+            .map(|p| SocketAddr::new(lo, p))
+            .ok_or_else(|| anyhow!("port {base} + {offset} is past 65535; pick a lower base port"))
+    };
 
-Try:
-  curl -s -H 'Host: reviews' http://{out}/                      # 90% reviews-v1, 10% reviews-v2
-  curl -s -H 'Host: reviews' -H 'end-user: jason' http://{out}/ # always reviews-v2
-  curl -s http://{out}/ -H 'Host: ratings.default:9080'         # service.namespace:port works too
-  curl -si -H 'Host: nope' http://{out}/                        # 404 with x-meshwork-error: no_route
-  curl -s --http2-prior-knowledge -H 'Host: ratings' http://{out}/
-  echo hello | nc -q1 127.0.0.1 {db}                            # TCP service db (netcat)
-  curl -s http://{admin}/metrics | grep meshwork_requests_total
-  curl -s http://{admin}/config_dump
-  meshwork validate -f {file}
+    // Files beside the run.
+    let dir = args.dir.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("meshwork-demo-{}", std::process::id()))
+    });
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
 
-Ctrl-C stops it.
-"#,
-            file = file.display(),
-            log = dir.join("access.log").display(),
-            db = args.db_port,
-        );
-        let stop = async {
-            if args.seconds > 0 {
-                tokio::time::sleep(Duration::from_secs(args.seconds)).await;
-            } else {
-                let _ = tokio::signal::ctrl_c().await;
+    // 1. The control plane.
+    let control = control::app::Control::start(control::app::Options {
+        data_dir: args.data_dir.clone(),
+        xds_addr: at(args.control_port, 1)?,
+        api_addr: at(args.control_port, 0)?,
+        grace: Duration::from_secs(10),
+    })
+    .await
+    .map_err(|e| match e {
+        // The library's hint names `meshwork control`'s flags; say ours.
+        control::app::Error::Bind { what, addr, source } => anyhow!(
+            "the demo's control plane cannot bind its {what} port {addr}: {source}; \
+             is another demo or `meshwork control` running? Pick other ports with \
+             --control-port P (0: any free ports)"
+        ),
+        e => anyhow::Error::new(e).context("starting the demo's control plane"),
+    })?;
+    let (api, xds) = (control.api_addr(), control.xds_addr());
+
+    // 2. The mesh, through the API.
+    let mesh_file = dir.join("mesh.yaml");
+    let split_file = dir.join("catalog-split.yaml");
+    let split = mesh::split(90, 10).replace(
+        "THIS_FILE --control API_ADDR",
+        &format!("{} --control {api}", split_file.display()),
+    );
+    for (file, text) in [(&mesh_file, mesh::MESH), (&split_file, split.as_str())] {
+        std::fs::write(file, text).with_context(|| format!("writing {}", file.display()))?;
+    }
+    apply(
+        api,
+        &[("mesh.yaml", mesh::MESH), ("catalog-split.yaml", &split)],
+    )
+    .await
+    .context("applying the demo mesh")?;
+
+    // 3. The instances: app socket first (its port is registered), then the
+    //    sidecar, then the app once the sidecar has its listeners.
+    let mut running = Vec::new();
+    let mut app_listeners = Vec::new();
+    for (k, spec) in INSTANCES.iter().enumerate() {
+        let base = k as u16 * 10;
+        let app = match spec.service {
+            Some(_) => {
+                let l = TcpListener::bind(at(args.mesh_port, base)?)
+                    .await
+                    .with_context(|| {
+                        format!("binding {}'s port (busy? pick others with --mesh-port M; 0: any free ports)", spec.name)
+                    })?;
+                let addr = l.local_addr()?;
+                app_listeners.push(Some(l));
+                Some(addr)
+            }
+            None => {
+                app_listeners.push(None);
+                None
             }
         };
-        stop.await;
-        proxy.shutdown(Duration::from_secs(5)).await;
-        Ok(ExitCode::SUCCESS)
-    })
-}
+        let outbound = at(args.mesh_port, base + 1)?;
+        let inbound = at(args.mesh_port, base + 2)?;
+        let registration = spec.service.map(|service| Registration {
+            service: service.to_owned(),
+            namespace: "default".to_owned(),
+            name: Some(spec.name.to_owned()),
+            app_port: app.map(|a| a.port()),
+            address: Some(lo),
+            labels: spec
+                .version
+                .map(|v| vec![format!("version={v}")])
+                .unwrap_or_default(),
+            locality: None,
+        });
+        let mut node = crate::proxy_cmd::node(
+            inbound,
+            outbound,
+            registration.as_ref(),
+            Some(spec.upstreams),
+        )?;
+        if spec.service.is_none() {
+            node.id = spec.name.to_owned();
+        }
+        let opts = proxy::Options {
+            source: proxy::app::Source::Control {
+                client: Box::new(proxy::xds_client::ClientOptions {
+                    servers: crate::proxy_cmd::servers(&[xds.to_string()]),
+                    node,
+                    connect_timeout: Duration::from_secs(2),
+                    max_backoff: Duration::from_secs(2),
+                }),
+                service: spec.service.map(|s| format!("{s}.default")),
+            },
+            outbound_addr: outbound,
+            inbound_addr: inbound,
+            admin_addr: at(args.mesh_port, base + 3)?,
+            workload: None,
+            access_log: proxy::accesslog::Target::File(
+                dir.join(format!("access-{}.log", spec.name)),
+            ),
+            detect_timeout: Duration::from_secs(1),
+        };
+        let sidecar = proxy::Proxy::start(opts, log.clone())
+            .await
+            .with_context(|| {
+                format!(
+                    "starting {}'s sidecar (ports busy? pick others with --mesh-port M; 0: any free ports)",
+                    spec.name
+                )
+            })?;
+        running.push(Running { spec, app, sidecar });
+    }
 
-fn demo_yaml(
-    v1: SocketAddr,
-    v2: SocketAddr,
-    ratings: SocketAddr,
-    db: SocketAddr,
-    db_port: u16,
-) -> String {
-    format!(
-        r#"# meshwork demo mesh: edit and save; the proxy applies changes live.
-apiVersion: meshwork.dev/v1alpha1
-kind: Service
-metadata: {{name: reviews}}
-spec:
-  ports: [{{name: http, port: 9080, appProtocol: http}}]
----
-apiVersion: meshwork.dev/v1alpha1
-kind: Service
-metadata: {{name: reviews-v1}}
-spec:
-  ports: [{{name: http, port: 9080, appProtocol: http}}]
----
-apiVersion: meshwork.dev/v1alpha1
-kind: Service
-metadata: {{name: reviews-v2}}
-spec:
-  ports: [{{name: http, port: 9080, appProtocol: http}}]
----
-apiVersion: meshwork.dev/v1alpha1
-kind: Service
-metadata: {{name: ratings}}
-spec:
-  ports: [{{name: http, port: 9080, appProtocol: http}}]
----
-apiVersion: meshwork.dev/v1alpha1
-kind: Service
-metadata: {{name: db}}
-spec:
-  ports: [{{name: pg, port: 5432, appProtocol: tcp, localPort: {db_port}}}]
----
-apiVersion: meshwork.dev/v1alpha1
-kind: Workload
-metadata: {{name: reviews-v1-0}}
-spec: {{service: reviews-v1, address: {v1ip}, ports: {{http: {v1port}}}}}
----
-apiVersion: meshwork.dev/v1alpha1
-kind: Workload
-metadata: {{name: reviews-v2-0}}
-spec: {{service: reviews-v2, address: {v2ip}, ports: {{http: {v2port}}}}}
----
-apiVersion: meshwork.dev/v1alpha1
-kind: Workload
-metadata: {{name: ratings-0}}
-spec: {{service: ratings, address: {rip}, ports: {{http: {rport}}}}}
----
-apiVersion: meshwork.dev/v1alpha1
-kind: Workload
-metadata: {{name: db-0}}
-spec: {{service: db, address: {dip}, ports: {{pg: {dport}}}}}
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {{name: reviews}}
-spec:
-  parentRefs: [{{kind: Service, name: reviews, port: 9080}}]
-  rules:
-  - matches: [{{headers: [{{name: end-user, value: jason}}]}}]
-    backendRefs: [{{name: reviews-v2, port: 9080}}]
-  - backendRefs:
-    - {{name: reviews-v1, port: 9080, weight: 90}}
-    - {{name: reviews-v2, port: 9080, weight: 10}}
-"#,
-        v1ip = v1.ip(),
-        v1port = v1.port(),
-        v2ip = v2.ip(),
-        v2port = v2.port(),
-        rip = ratings.ip(),
-        rport = ratings.port(),
-        dip = db.ip(),
-        dport = db.port(),
-    )
-}
-
-/// A sample HTTP application that says who it is.
-async fn http_app(name: &'static str) -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let svc = service_fn(
-                    move |req: hyper::Request<hyper::body::Incoming>| async move {
-                        let body = format!("{name}: {} {}\n", req.method(), req.uri().path());
-                        let resp = hyper::Response::builder()
-                            .header("x-app", name)
-                            .body(Full::new(Bytes::from(body)));
-                        Ok::<_, Infallible>(resp.unwrap_or_default())
+    // Each app needs its sidecar's listener before it can call anything.
+    let deadline = Instant::now() + READY_WITHIN;
+    for (r, listener) in running.iter().zip(app_listeners) {
+        let Some(listener) = listener else { continue };
+        match r.spec.service {
+            Some("frontend") => {
+                let out = wait_listener(&r.sidecar, r.spec.name, "outbound_http", deadline).await?;
+                apps::frontend(listener, out);
+            }
+            Some("inventory") => apps::inventory(listener),
+            _ => {
+                let inventory =
+                    wait_listener(&r.sidecar, r.spec.name, mesh::INVENTORY_LISTENER, deadline)
+                        .await?;
+                apps::catalog(
+                    listener,
+                    apps::Catalog {
+                        version: r.spec.version.unwrap_or("v1"),
+                        instance: r.spec.name.to_owned(),
+                        inventory,
                     },
                 );
-                let mut preface = [0u8; 3];
-                let io = TokioIo::new(stream);
-                let h2 = matches!(io.inner().peek(&mut preface).await, Ok(3) if &preface == b"PRI");
-                if h2 {
-                    let _ = hyper::server::conn::http2::Builder::new(
-                        hyper_util::rt::TokioExecutor::new(),
-                    )
-                    .serve_connection(io, svc)
-                    .await;
-                } else {
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(io, svc)
-                        .await;
-                }
-            });
+            }
         }
-    });
-    Ok(addr)
+    }
+    let traffic = running
+        .iter()
+        .find(|r| r.spec.service.is_none())
+        .ok_or_else(|| anyhow!("the traffic sidecar is missing from the instance list"))?;
+    let traffic_out = wait_listener(&traffic.sidecar, "traffic", "outbound_http", deadline).await?;
+
+    // 4. Wait until a request reaches each version end to end.
+    let mut client = traffic::Client::new(traffic_out);
+    for pin in ["v1", "v2"] {
+        loop {
+            match client.get("/", Some(pin)).await {
+                Ok(a) if a.version == pin => break,
+                result if Instant::now() > deadline => bail!(
+                    "the demo app did not answer through the mesh within {}s (last: {result:?}); \
+                     run with --log-level info to see why",
+                    READY_WITHIN.as_secs()
+                ),
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    print_banner(
+        &args,
+        &dir,
+        api,
+        xds,
+        &running,
+        traffic_out,
+        &mesh_file,
+        &split_file,
+    );
+
+    // 5. Traffic and the summary.
+    let tally = traffic::Shared::default();
+    let load = tokio::spawn(traffic::run(traffic_out, args.rps, tally.clone()));
+    let started = Instant::now();
+    let stop = async {
+        if args.seconds > 0 {
+            tokio::time::sleep(Duration::from_secs(args.seconds)).await;
+        } else {
+            crate::proxy_cmd::wait_for_signal().await;
+        }
+    };
+    tokio::pin!(stop);
+    let mut every = tokio::time::interval_at(
+        tokio::time::Instant::now() + Duration::from_secs(args.every.max(1)),
+        Duration::from_secs(args.every.max(1)),
+    );
+    let mut before = traffic::Tally::default();
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = every.tick() => {
+                let now = traffic::snapshot(&tally);
+                println!("{}", traffic::line(started.elapsed(), &before, &now));
+                before = now;
+            }
+        }
+    }
+    load.abort();
+    let _ = load.await;
+    println!(
+        "{}",
+        traffic::total(started.elapsed(), &traffic::snapshot(&tally))
+    );
+
+    // 6. Stop: sidecars drain, then the control plane.
+    let mut stopping = tokio::task::JoinSet::new();
+    for r in running {
+        stopping.spawn(r.sidecar.shutdown(Duration::from_secs(2)));
+    }
+    while stopping.join_next().await.is_some() {}
+    control.shutdown(Duration::from_secs(2)).await;
+    if args.dir.is_none() {
+        println!("files kept in {}", dir.display());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
-async fn tcp_echo() -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            });
+/// The address of `sidecar`'s listener `name`, once its config has it.
+async fn wait_listener(
+    sidecar: &proxy::Proxy,
+    who: &str,
+    name: &str,
+    deadline: Instant,
+) -> anyhow::Result<SocketAddr> {
+    loop {
+        if let Some(a) = sidecar.listener(name) {
+            return Ok(a);
         }
-    });
-    Ok(addr)
+        if Instant::now() > deadline {
+            bail!(
+                "{who}'s sidecar has no listener {name:?} after {}s: it got no config from the \
+                 control plane (run with --log-level info to see why)",
+                READY_WITHIN.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `POST /api/v1/apply` of `files` (name, YAML) in one request, as
+/// `meshwork apply -f` sends them.
+async fn apply(api: SocketAddr, files: &[(&str, &str)]) -> anyhow::Result<()> {
+    let body = serde_json::to_vec(&control::api::FilesBody {
+        files: files
+            .iter()
+            .map(|(name, text)| control::api::FileBody {
+                name: (*name).to_owned(),
+                text: (*text).to_owned(),
+            })
+            .collect(),
+    })?;
+    let stream = tokio::net::TcpStream::connect(api)
+        .await
+        .with_context(|| format!("connecting to the API at {api}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = hyper::Request::post("/api/v1/apply")
+        .header(hyper::header::HOST, api.to_string())
+        .header(
+            hyper::header::CONTENT_TYPE,
+            control::api::FILES_CONTENT_TYPE,
+        )
+        .body(Full::new(Bytes::from(body)))?;
+    let resp = tokio::time::timeout(Duration::from_secs(30), sender.send_request(req))
+        .await
+        .map_err(|_| anyhow!("the API did not answer within 30s"))??;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    if !status.is_success() {
+        bail!(
+            "the control plane refused it ({status}): {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn print_banner(
+    args: &Args,
+    dir: &std::path::Path,
+    api: SocketAddr,
+    xds: SocketAddr,
+    running: &[Running],
+    traffic_out: SocketAddr,
+    mesh_file: &std::path::Path,
+    split_file: &std::path::Path,
+) {
+    let store = match &args.data_dir {
+        Some(d) => format!("stored in {}", d.display()),
+        None => "stored in memory (gone when the demo stops; --data-dir keeps it)".to_owned(),
+    };
+    let show = |a: Option<SocketAddr>| a.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
+    let mut table = String::new();
+    table.push_str(&format!(
+        "  {:<13} {:<11} {:<22} {:<17} {:<17} {}\n",
+        "instance", "service", "app", "sidecar outbound", "sidecar inbound", "sidecar admin"
+    ));
+    let mut admin_of = std::collections::BTreeMap::new();
+    for r in running {
+        let app = r
+            .app
+            .map(|a| format!("{a} {}", r.spec.protocol))
+            .unwrap_or_else(|| "(traffic generator)".into());
+        admin_of.insert(r.spec.name, r.sidecar.admin_addr());
+        table.push_str(&format!(
+            "  {:<13} {:<11} {:<22} {:<17} {:<17} http://{}\n",
+            r.spec.name,
+            r.spec.service.unwrap_or("-"),
+            app,
+            show(r.sidecar.listener("outbound_http")),
+            show(r.sidecar.listener("inbound")),
+            r.sidecar.admin_addr(),
+        ));
+    }
+    let admin = |name: &str| {
+        admin_of
+            .get(name)
+            .map(|a| a.to_string())
+            .unwrap_or_default()
+    };
+    println!(
+        r#"
+meshwork demo: a control plane, a sample app of {n} instances each with its own sidecar,
+and steady traffic ({rps}/s), all in this process on 127.0.0.1.
+
+control plane
+  API (HTTP)   http://{api}   resources {store}
+  xDS (gRPC)   {xds}
+
+{table}
+request path (every arrow goes through the caller's own sidecar):
+  traffic --HTTP--> frontend --gRPC--> catalog-v1 (90%) | catalog-v2 (10%) --TCP--> inventory
+  the GRPCRoute `catalog` makes the split; catalog-v1's two instances take turns (TrafficPolicy)
+
+files ({dir})
+  applied at start:     {mesh}
+  the split, to edit:   {split}
+  access logs:          {dir}/access-<instance>.log
+
+look
+  curl -s http://{api}/api/v1/resources
+  meshwork get services --control {api}
+  meshwork get grpcroute catalog -o yaml --control {api}
+  meshwork describe service catalog --control {api}
+  meshwork proxy-status --control {api}
+  curl -s http://{fe_admin}/metrics | grep meshwork_requests_total
+  curl -s http://{fe_admin}/config_dump
+  curl -s -H 'Host: frontend' http://{traffic_out}/product/3
+  curl -s -H 'Host: frontend' -H 'x-catalog-version: v2' http://{traffic_out}/
+
+try: change the split (e.g. weights 50 and 50), apply it, and watch the lines below follow
+  $EDITOR {split}
+  meshwork apply -f {split} --control {api}
+
+{stop}
+"#,
+        n = running.iter().filter(|r| r.spec.service.is_some()).count(),
+        rps = args.rps,
+        dir = dir.display(),
+        mesh = mesh_file.display(),
+        split = split_file.display(),
+        fe_admin = admin("frontend-0"),
+        stop = if args.seconds > 0 {
+            format!("running {}s of traffic", args.seconds)
+        } else {
+            "Ctrl-C stops it.".to_owned()
+        },
+    );
 }

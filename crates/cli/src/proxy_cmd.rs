@@ -40,6 +40,10 @@ pub struct Args {
     /// With --service: locality, `region/zone`.
     #[arg(long)]
     locality: Option<String>,
+    /// With --control: the services this workload calls (`svc[.ns][,...]`); its config is then
+    /// scoped to them (and what their routes reach) instead of the whole mesh.
+    #[arg(long, value_delimiter = ',')]
+    upstreams: Vec<String>,
     /// Where applications send outbound requests (explicit mode).
     #[arg(long, default_value = "127.0.0.1:15001")]
     outbound_addr: SocketAddr,

@@ -257,3 +257,51 @@ async fn errors_say_where_and_what_to_do() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `meshwork demo`: control plane, sample app and sidecars in one process;
+/// its traffic reaches both catalog versions through the mesh, error-free.
+#[test]
+fn demo_runs_traffic_through_both_catalog_versions() {
+    let dir = Scratch::new("demo");
+    let out = Command::new(BIN)
+        .args(["demo", "--seconds", "8", "--rps", "20", "--every", "2"])
+        .args(["--control-port", "0", "--mesh-port", "0"])
+        .args(["--dir", dir.path().to_str().unwrap()])
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
+    // It says how to change the split, with the file it wrote.
+    let split = dir.path().join("catalog-split.yaml");
+    assert!(
+        stdout.contains(&format!("meshwork apply -f {}", split.display())),
+        "{stdout}"
+    );
+    assert!(std::fs::read_to_string(&split)
+        .unwrap()
+        .contains("kind: GRPCRoute"));
+    // `demo finished after 8s of traffic: N requests, catalog-v1 A, catalog-v2 B, errors E`
+    let last = stdout
+        .lines()
+        .find(|l| l.starts_with("demo finished"))
+        .unwrap_or_else(|| panic!("no closing line:\n{stdout}\n{stderr}"));
+    let count = |what: &str| -> u64 {
+        let rest = &last[last.find(what).unwrap() + what.len()..];
+        rest.trim_start()
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(count("catalog-v1") > 0, "{last}");
+    assert!(count("catalog-v2") > 0, "{last}");
+    assert_eq!(count("errors"), 0, "{last}\n{stdout}");
+    assert_eq!(
+        count("catalog-v1") + count("catalog-v2"),
+        count("traffic:"),
+        "{last}"
+    );
+}

@@ -18,8 +18,9 @@
 //! - Bad metadata (an unparsable address, a port out of range) is refused
 //!   with a message naming the field; it never panics.
 //! - [`Registry::subscribe`] bumps on every change of the workload set.
-//! - Static Workloads win: [`merge`] drops a registered workload whose name,
-//!   or whose service is unknown, and validates the rest against the mesh.
+//! - Static Workloads win: [`merge`] leaves out a registered workload whose
+//!   name a static Workload already has, or whose Service is unknown (until
+//!   it appears), and validates the rest against the mesh.
 //!
 //! Non-goals: persistence (a restarted control plane learns its workloads
 //! again as proxies reconnect), authentication of what a node claims (join

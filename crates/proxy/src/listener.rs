@@ -308,7 +308,10 @@ impl Connection {
             }
             log_end(&self.name, conn.await);
         } else {
+            // One flattened write per response: measured less CPU per request
+            // than vectored writes for typical small proxied responses.
             let conn = http1::Builder::new()
+                .writev(false)
                 .timer(TokioTimer::new())
                 .keep_alive(true)
                 .serve_connection(io, svc)

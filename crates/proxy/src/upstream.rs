@@ -240,7 +240,9 @@ async fn connect(target: &Target) -> Result<TcpStream, UpstreamError> {
 async fn connect_h1(target: &Target) -> Result<http1::SendRequest<Body>, UpstreamError> {
     let addr = target.addr;
     let stream = connect(target).await?;
+    // Flattened writes, as downstream (see listener.rs).
     let (sender, conn) = http1::Builder::new()
+        .writev(false)
         .handshake(TokioIo::new(stream))
         .await
         .map_err(|source| UpstreamError::Handshake { addr, source })?;

@@ -181,9 +181,27 @@ impl XdsServer {
     pub fn status_json(&self) -> Value {
         let records: Vec<Arc<Mutex<ProxyRecord>>> =
             lock(&self.shared.proxies).values().cloned().collect();
-        let mut list: Vec<Value> = records.iter().map(|r| lock(r).summary()).collect();
+        let mut list: Vec<Value> = records
+            .iter()
+            .map(|r| self.annotate(lock(r).summary()))
+            .collect();
         list.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
         Value::Array(list)
+    }
+
+    /// Says whether the proxy's workload made it into the mesh, and if not
+    /// why (it gets no traffic then).
+    fn annotate(&self, mut v: Value) -> Value {
+        let Some(w) = v["workload"].as_str().map(str::to_string) else {
+            return v;
+        };
+        let merged = self.shared.merged.borrow();
+        let state = match merged.skipped.iter().find(|(k, _)| *k == w) {
+            Some((_, why)) => format!("left out: {why}"),
+            None => "registered".to_string(),
+        };
+        v["registration"] = Value::String(state);
+        v
     }
 
     /// proxy-config: the proxy `id` (its most recent stream), with the name
@@ -196,7 +214,7 @@ impl XdsServer {
             .rev()
             .map(|r| lock(r))
             .find(|r| r.id == id)
-            .map(|r| r.detail())
+            .map(|r| self.annotate(r.detail()))
     }
 
     /// Registered workloads the mesh could not take, with the reason

@@ -173,6 +173,8 @@ pub(crate) struct Snapshot {
     /// [`Snapshot::all`], made once per (type, proxyless) and shared by
     /// every stream of this snapshot.
     wildcard: [OnceLock<Arc<View>>; 8],
+    /// The names of `wildcard`, likewise.
+    all_names: [OnceLock<Arc<BTreeSet<String>>>; 8],
 }
 
 /// Version of the api_listener resources: their content depends on the name only.
@@ -318,6 +320,7 @@ impl Snapshot {
             own,
             allowed,
             wildcard: Default::default(),
+            all_names: Default::default(),
         }
     }
 
@@ -332,6 +335,25 @@ impl Snapshot {
         let slot = &self.wildcard[kind.index() * 2 + usize::from(proxyless)];
         slot.get_or_init(|| Arc::new(self.build_all(kind, proxyless)))
             .clone()
+    }
+
+    /// `names` as a shared set: the snapshot's own when it is every name of
+    /// `kind`, so a thousand proxies asking for everything by name hold one
+    /// set.
+    pub(crate) fn intern(
+        &self,
+        kind: TypeKind,
+        names: BTreeSet<String>,
+        proxyless: bool,
+    ) -> Arc<BTreeSet<String>> {
+        let slot = &self.all_names[kind.index() * 2 + usize::from(proxyless)];
+        let every =
+            slot.get_or_init(|| Arc::new(self.all(kind, proxyless).keys().cloned().collect()));
+        if **every == names {
+            every.clone()
+        } else {
+            Arc::new(names)
+        }
     }
 
     fn build_all(&self, kind: TypeKind, proxyless: bool) -> View {
@@ -370,7 +392,11 @@ impl Snapshot {
         {
             return all;
         }
-        let mut out = if wildcard { (*all).clone() } else { View::new() };
+        let mut out = if wildcard {
+            (*all).clone()
+        } else {
+            View::new()
+        };
         for n in names {
             if let Some(v) = self.get(kind, n, proxyless) {
                 out.insert(n.clone(), v);
@@ -655,6 +681,21 @@ spec:
         assert!(all
             .all(TypeKind::Listener, false)
             .contains_key("outbound_tcp|5432|db.default"));
+    }
+
+    #[test]
+    fn identical_subscriptions_share_one_view() {
+        let m = mesh(MESH);
+        let ctx = ProxyContext::default();
+        let s = Snapshot::build(&m, &ctx, None, Arc::new(Base::build(&m, &ctx, None)), None);
+        let all = s.all(TypeKind::Endpoints, false);
+        let every: BTreeSet<String> = all.keys().cloned().collect();
+        let by_name = s.view(TypeKind::Endpoints, false, &every, false);
+        assert!(Arc::ptr_eq(&all, &by_name), "asking for every name by name");
+        let wildcard = s.view(TypeKind::Endpoints, true, &BTreeSet::new(), false);
+        assert!(Arc::ptr_eq(&all, &wildcard));
+        let one: BTreeSet<String> = ["outbound|80||web.default".to_string()].into();
+        assert_eq!(s.view(TypeKind::Endpoints, false, &one, false).len(), 1);
     }
 
     #[test]

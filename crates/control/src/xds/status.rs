@@ -24,14 +24,14 @@ pub(crate) struct ProxyRecord {
     pub(crate) cluster: String,
     /// `service.namespace` of its registered workload.
     pub(crate) service: Option<String>,
+    /// `namespace/name` of its registered workload.
+    pub(crate) workload: Option<String>,
     pub(crate) address: Option<String>,
     pub(crate) connected_at: SystemTime,
     /// `sotw` or `delta`.
     pub(crate) protocol: &'static str,
     /// Asked for api_listeners (a proxyless gRPC client).
     pub(crate) proxyless: bool,
-    /// Why its workload could not be registered, if it could not.
-    pub(crate) registration_error: Option<String>,
     pub(crate) types: BTreeMap<TypeKind, TypeRecord>,
 }
 
@@ -148,11 +148,11 @@ impl ProxyRecord {
             "id": self.id,
             "cluster": self.cluster,
             "service": self.service,
+            "workload": self.workload,
             "address": self.address,
             "connected_at": rfc3339(self.connected_at),
             "protocol": self.protocol,
             "proxyless": self.proxyless,
-            "registration_error": self.registration_error,
             "types": types,
         })
     }

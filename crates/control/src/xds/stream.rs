@@ -55,7 +55,9 @@ pub(crate) enum Mode {
 struct TypeState {
     requested: bool,
     wildcard: bool,
-    names: BTreeSet<String>,
+    /// Shared with the snapshot when it is every name of the type (Envoy
+    /// subscribes to every cluster's endpoints by name).
+    names: Arc<BTreeSet<String>>,
     last_nonce: String,
 }
 
@@ -177,11 +179,16 @@ async fn run<Req, Resp>(
                     }
                 },
                 Ok(None) => break,
-                Err(status) => {
+                Err(status) if malformed(&status) => {
                     // A message that does not decode: say so, then end.
                     let msg = format!("malformed xDS request: {}", status.message());
                     tracing::info!(error = %msg, "refusing xDS stream");
                     let _ = tx.send(Err(Status::invalid_argument(msg))).await;
+                    break;
+                }
+                Err(status) => {
+                    // The client went away (reset, broken connection).
+                    tracing::debug!(error = %status, "xDS stream ended by the client");
                     break;
                 }
             },
@@ -208,6 +215,15 @@ async fn run<Req, Resp>(
     if let Some(c) = conn {
         shared.forget(c.record_id);
     }
+}
+
+/// Whether a receive error is the client's message (undecodable, too
+/// large) rather than the client going away.
+fn malformed(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+    ) || (status.code() == tonic::Code::Internal && status.message().contains("decode"))
 }
 
 fn handle(
@@ -263,6 +279,10 @@ impl Conn {
                 .workload
                 .as_ref()
                 .map(|w| format!("{}.{}", w.spec.service, w.metadata.namespace)),
+            workload: info
+                .workload
+                .as_ref()
+                .map(|w| format!("{}/{}", w.metadata.namespace, w.metadata.name)),
             address: info.workload.as_ref().map(|w| w.spec.address.to_string()),
             connected_at: SystemTime::now(),
             protocol: match mode {
@@ -270,7 +290,6 @@ impl Conn {
                 Mode::Delta => "delta",
             },
             proxyless: false,
-            registration_error: None,
             types: BTreeMap::new(),
         };
         let (record_id, record) = shared.remember(record);
@@ -351,10 +370,12 @@ impl Conn {
             wildcard = true;
         }
         let ts = &mut self.types[kind.index()];
-        let changed = !ts.requested || ts.wildcard != wildcard || ts.names != names;
+        let changed = !ts.requested || ts.wildcard != wildcard || *ts.names != names;
         ts.requested = true;
         ts.wildcard = wildcard;
-        ts.names = names;
+        if changed {
+            ts.names = self.snapshot.intern(kind, names, self.proxyless);
+        }
         self.note_proxyless(kind);
         if changed {
             self.respond(kind, true).into_iter().collect()
@@ -378,7 +399,7 @@ impl Conn {
             if n == "*" {
                 ts.wildcard = true;
             } else {
-                ts.names.insert(n);
+                Arc::make_mut(&mut ts.names).insert(n);
             }
         }
         let mut dropped = Vec::new();
@@ -386,7 +407,9 @@ impl Conn {
             if n == "*" {
                 ts.wildcard = false;
             } else {
-                ts.names.remove(&n);
+                if ts.names.contains(&n) {
+                    Arc::make_mut(&mut ts.names).remove(&n);
+                }
                 dropped.push(n);
             }
         }
@@ -478,6 +501,9 @@ impl Conn {
                 })
             }
             Mode::Delta => {
+                if !force && matches!(&t.resources, Held::View(h) if Arc::ptr_eq(h, &view)) {
+                    return None;
+                }
                 let changed: Vec<(&String, &Versioned)> = view
                     .iter()
                     .filter(|(n, v)| t.resources.get(n) != Some(&v.version))

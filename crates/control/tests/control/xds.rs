@@ -694,26 +694,30 @@ async fn undecodable_requests_get_a_clear_error_and_the_server_keeps_serving() {
         .connect()
         .await
         .unwrap();
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready().await.unwrap();
-    // 0xff... is not a valid protobuf tag.
-    let garbage = tokio_stream::iter(vec![vec![0xffu8, 0xff, 0xff, 0xff]]);
-    let path = http::uri::PathAndQuery::from_static(
-        "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources",
-    );
-    let result = grpc
-        .streaming(tonic::Request::new(garbage), path, raw::RawCodec)
-        .await;
-    let err = match result {
-        Err(e) => e,
-        Ok(resp) => resp.into_inner().message().await.unwrap_err(),
-    };
-    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
-    assert!(
-        err.message().contains("malformed xDS request"),
-        "{}",
-        err.message()
-    );
+    // 0xff... is not a valid protobuf tag; 5 MiB is over the request limit.
+    for (garbage, expect) in [
+        (vec![0xffu8, 0xff, 0xff, 0xff], "malformed xDS request"),
+        (vec![0u8; 5 << 20], "malformed xDS request"),
+    ] {
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        grpc.ready().await.unwrap();
+        let path = http::uri::PathAndQuery::from_static(
+            "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources",
+        );
+        let result = grpc
+            .streaming(
+                tonic::Request::new(tokio_stream::iter(vec![garbage])),
+                path,
+                raw::RawCodec,
+            )
+            .await;
+        let err = match result {
+            Err(e) => e,
+            Ok(resp) => resp.into_inner().message().await.unwrap_err(),
+        };
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains(expect), "{}", err.message());
+    }
 
     // Still serving.
     let mut client = cp.client().await;
@@ -854,6 +858,8 @@ async fn a_connected_proxy_registers_its_workload_until_the_grace_period_ends() 
             a.iter().any(|p| {
                 p["id"] == "web-1.default"
                     && p["service"] == "web.default"
+                    && p["workload"] == "default/web-1"
+                    && p["registration"] == "registered"
                     && p["address"] == "127.0.0.2"
             })
         })

@@ -104,9 +104,10 @@ impl Harness {
     }
 
     /// Replaces the config file and applies it now.
+    /// Replaces the config file (atomically, by rename, so the 50 ms poller
+    /// never reads half a file) and applies it now.
     pub async fn rewrite(&self, yaml: &str) -> Result<(), proxy::app::Error> {
-        std::fs::write(&self.file, yaml).unwrap();
-        self.proxy.reload().await
+        self.rewrite_atomic(yaml).await
     }
 
     pub async fn admin(&self, path: &str) -> Reply {
