@@ -53,7 +53,8 @@ struct Opts {
     change_timeout: Duration,
 }
 
-const USAGE: &str = "xds-scale [--proxies N] [--services N] [--workloads-per-service N] [--routes N]
+const USAGE: &str =
+    "xds-scale [--proxies N] [--services N] [--workloads-per-service N] [--routes N]
           [--upstreams N] [--changes N] [--store disk|mem] [--meshwork BIN] [--results FILE]
           [--connect-parallel N] [--sync-timeout SECS] [--change-timeout SECS]";
 
@@ -138,7 +139,9 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         return Err("--services, --workloads-per-service, --routes and --upstreams must be at least 1 (the changes touch service 0, its route and its first workload)".into());
     }
     if o.changes > 250 {
-        return Err("--changes: at most 250 (each moves an endpoint to its own 10.250.<n>.77)".into());
+        return Err(
+            "--changes: at most 250 (each moves an endpoint to its own 10.250.<n>.77)".into(),
+        );
     }
     Ok(o)
 }
@@ -346,7 +349,10 @@ async fn timed_changes(
         let t = Instant::now();
         sys::apply(api, &body).await?;
         let apply = t.elapsed();
-        let line = clients.expect(&format!("done {n} "), o.change_timeout + Duration::from_secs(10))?;
+        let line = clients.expect(
+            &format!("done {n} "),
+            o.change_timeout + Duration::from_secs(10),
+        )?;
         let cpu1 = sys::cpu_seconds(&me());
         let ccpu1 = sys::cpu_seconds(&clients.pid());
         let f = kv(&line);
@@ -440,7 +446,9 @@ impl Clients {
                 Ok(l) if l.starts_with(prefix) => return Ok(l),
                 Ok(_) => {}
                 Err(std_mpsc::RecvTimeoutError::Timeout) => {
-                    return Err(format!("the clients did not say {prefix:?} within {timeout:?}"))
+                    return Err(format!(
+                        "the clients did not say {prefix:?} within {timeout:?}"
+                    ))
                 }
                 Err(std_mpsc::RecvTimeoutError::Disconnected) => {
                     return Err(format!("the clients exited before saying {prefix:?}"))
@@ -561,8 +569,8 @@ fn fmt_dur(d: Option<Duration>) -> String {
 fn fmt_bytes(b: Option<u64>) -> String {
     match b {
         None => "n/a".into(),
-        Some(b) if b < 10 * 1024 => format!("{b} B"),
-        Some(b) if b < 10 * 1024 * 1024 => format!("{:.1} KB", b as f64 / 1024.0),
+        Some(b) if b < 1024 => format!("{b} B"),
+        Some(b) if b < 1024 * 1024 => format!("{:.1} KB", b as f64 / 1024.0),
         Some(b) => format!("{:.1} MB", b as f64 / (1024.0 * 1024.0)),
     }
 }
@@ -665,7 +673,11 @@ fn render(o: &Opts, r: &Report) -> String {
         r.started,
         r.git,
         o.proxies,
-        if o.disk { "redb, temporary directory" } else { "in-memory" }
+        if o.disk {
+            "redb, temporary directory"
+        } else {
+            "in-memory"
+        }
     ));
     line(String::new());
     line("| machine | |".into());
@@ -680,7 +692,10 @@ fn render(o: &Opts, r: &Report) -> String {
     line(String::new());
     line("| mesh | |".into());
     line("|---|---|".into());
-    line(format!("| Services (one HTTP port each) | {} |", o.services));
+    line(format!(
+        "| Services (one HTTP port each) | {} |",
+        o.services
+    ));
     line(format!(
         "| static Workloads | {} ({} per service) |",
         o.services * o.workloads,
@@ -774,7 +789,10 @@ fn render(o: &Opts, r: &Report) -> String {
     line("| when | RSS |".into());
     line("|---|---:|".into());
     line(format!("| started, empty | {} |", fmt_bytes(r.rss_start)));
-    line(format!("| mesh applied, no proxy | {} |", fmt_bytes(r.rss_mesh)));
+    line(format!(
+        "| mesh applied, no proxy | {} |",
+        fmt_bytes(r.rss_mesh)
+    ));
     line(format!(
         "| {connected} proxies synced | {} |",
         fmt_bytes(r.rss_connected)
@@ -838,7 +856,11 @@ fn render(o: &Opts, r: &Report) -> String {
     line(String::new());
     let real = |v: &Option<Result<(u64, Duration), String>>| match v {
         None => "not run (no --meshwork binary)".to_string(),
-        Some(Ok((rss, t))) => format!("{} (synced in {})", fmt_bytes(Some(*rss)), fmt_dur(Some(*t))),
+        Some(Ok((rss, t))) => format!(
+            "{} (synced in {})",
+            fmt_bytes(Some(*rss)),
+            fmt_dur(Some(*t))
+        ),
         Some(Err(e)) => format!("failed: {e}"),
     };
     line("| one real `meshwork proxy --control` | VmRSS after sync |".into());
@@ -856,7 +878,10 @@ fn render(o: &Opts, r: &Report) -> String {
     line(String::new());
     line(format!(
         "Simulated clients (child process): {} CPU s in total, peak RSS {}.",
-        r.clients_bye.get("cpu").cloned().unwrap_or_else(|| "?".into()),
+        r.clients_bye
+            .get("cpu")
+            .cloned()
+            .unwrap_or_else(|| "?".into()),
         fmt_bytes(r.clients_bye.get("hwm").and_then(|v| v.parse().ok()))
     ));
     for n in &r.notes {

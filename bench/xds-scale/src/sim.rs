@@ -181,7 +181,11 @@ async fn run(opts: SimOptions) -> Result<(), String> {
                     "done {id} seen={} of={alive} observer_us={} bytes={bytes} lat={}",
                     lat.len(),
                     observer.map_or("-".to_string(), |d| d.as_micros().to_string()),
-                    if list.is_empty() { "-".to_string() } else { list.join(",") },
+                    if list.is_empty() {
+                        "-".to_string()
+                    } else {
+                        list.join(",")
+                    },
                 );
             }
             ["quit"] => break,
@@ -235,7 +239,9 @@ async fn wait_synced(shared: &Shared, started: Instant) {
             last_change = Instant::now();
         }
         let complete = (0..=n)
-            .filter(|k| failed(shared, *k) || shared.stats[*k].types.load(Ordering::Relaxed) == 0b1111)
+            .filter(|k| {
+                failed(shared, *k) || shared.stats[*k].types.load(Ordering::Relaxed) == 0b1111
+            })
             .count();
         let settled = complete == n + 1 && last_change.elapsed() >= quiet;
         if settled || started.elapsed() >= shared.opts.sync_timeout {
@@ -255,7 +261,11 @@ async fn wait_synced(shared: &Shared, started: Instant) {
     let mut sizes: Vec<u64> = synced.iter().map(|k| held(*k)).collect();
     sizes.sort_unstable();
     let failed_n = (0..n).filter(|k| failed(shared, *k)).count();
-    let errors = shared.errors.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let errors = shared
+        .errors
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     let errors: Vec<String> = errors
         .iter()
         .map(|(e, c)| format!("{c}x {}", e.replace([' ', '\n'], "_")))
@@ -358,11 +368,16 @@ async fn client(k: usize, shared: &Shared) -> Result<(), String> {
         .connect()
         .await
         .map_err(|e| format!("connect: {e}"))?;
-    let mut ads = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 << 20);
+    let mut ads =
+        AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 << 20);
     let (tx, rx) = mpsc::channel::<DiscoveryRequest>(16);
     let send = |r: DiscoveryRequest| {
         let tx = tx.clone();
-        async move { tx.send(r).await.map_err(|_| "request channel closed".to_string()) }
+        async move {
+            tx.send(r)
+                .await
+                .map_err(|_| "request channel closed".to_string())
+        }
     };
     let mut first = request(CLUSTER, &[], "", "");
     first.node = Some(node(k, o));

@@ -149,11 +149,17 @@ fn control_source(args: &Args) -> anyhow::Result<proxy::app::Source> {
         labels: args.labels.clone(),
         locality: args.locality.clone(),
     });
+    let upstreams: Vec<&str> = args
+        .upstreams
+        .iter()
+        .map(String::as_str)
+        .filter(|u| !u.is_empty())
+        .collect();
     let node = node(
         args.inbound_addr,
         args.outbound_addr,
         workload.as_ref(),
-        None,
+        (!upstreams.is_empty()).then_some(upstreams.as_slice()),
     )?;
     Ok(proxy::app::Source::Control {
         client: Box::new(proxy::xds_client::ClientOptions {
