@@ -242,7 +242,24 @@ impl NodeInfo {
         let upstreams = upstreams(meta, &err)?;
         let workload = match string_field(meta, "service") {
             None => None,
-            Some(service) => Some(workload_of(node, meta, service, &err)?),
+            Some(service) => {
+                let mut w = workload_of(node, meta, service, &err)?;
+                // Callers reach the workload through its sidecar's inbound
+                // listener, which forwards to the application; the sidecar's
+                // own inbound cluster still targets address:app_port.
+                if let Some(inbound) = inbound_addr.filter(|a| a.port() != 0) {
+                    let ip = if inbound.ip().is_unspecified() {
+                        w.spec.address
+                    } else {
+                        inbound.ip()
+                    };
+                    w.metadata.annotations.insert(
+                        api::resources::SIDECAR_INBOUND_ANNOTATION.to_string(),
+                        SocketAddr::new(ip, inbound.port()).to_string(),
+                    );
+                }
+                Some(w)
+            }
         };
         Ok(NodeInfo {
             id: node.id.clone(),

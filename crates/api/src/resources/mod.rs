@@ -32,6 +32,10 @@ pub const GATEWAY_V1: &str = "gateway.networking.k8s.io/v1";
 pub const GATEWAY_V1ALPHA2: &str = "gateway.networking.k8s.io/v1alpha2";
 
 /// The namespace of a resource that does not say.
+/// Annotation a sidecar puts on the Workload it registers: `ip:port` of its
+/// inbound listener, where callers' proxies send this workload's traffic.
+pub const SIDECAR_INBOUND_ANNOTATION: &str = "meshwork.dev/sidecar-inbound";
+
 pub const DEFAULT_NAMESPACE: &str = "default";
 
 /// The kinds of resource meshwork understands.

@@ -180,6 +180,21 @@ pub struct Locality {
 
 impl Workload {
     /// The port of this workload that serves service port `sp`.
+    /// Where callers send traffic for service port `sp`: the workload's
+    /// sidecar inbound listener when it announced one (the
+    /// [`super::SIDECAR_INBOUND_ANNOTATION`]), else `address:port_for(sp)`.
+    pub fn endpoint_for(&self, sp: &super::ServicePort) -> (std::net::IpAddr, u32) {
+        match self
+            .metadata
+            .annotations
+            .get(super::SIDECAR_INBOUND_ANNOTATION)
+            .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+        {
+            Some(inbound) => (inbound.ip(), u32::from(inbound.port())),
+            None => (self.spec.address, self.port_for(sp)),
+        }
+    }
+
     pub fn port_for(&self, sp: &super::ServicePort) -> u32 {
         self.spec
             .ports

@@ -209,11 +209,8 @@ pub(crate) fn load_assignment(
                 lb_endpoints: ws
                     .iter()
                     .map(|w| {
-                        lb_endpoint(
-                            w.value.spec.address,
-                            w.value.port_for(sp),
-                            w.value.spec.weight,
-                        )
+                        let (ip, port) = w.value.endpoint_for(sp);
+                        lb_endpoint(ip, port, w.value.spec.weight)
                     })
                     .collect(),
                 load_balancing_weight: Some(u32v(total.max(1))),
