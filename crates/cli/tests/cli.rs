@@ -412,6 +412,65 @@ async fn control_plane_feeds_proxies_and_survives_a_restart() {
     )
     .await;
 
+    // An Envoy sidecar fed by the same control plane reaches the same
+    // registered workload (through web-0's sidecar).
+    let envoy_out: SocketAddr = format!("127.0.0.1:{}", testkit::free_port())
+        .parse()
+        .unwrap();
+    let bootstrap = dir.join("envoy.yaml");
+    std::fs::write(
+        &bootstrap,
+        format!(
+            r#"node:
+  id: envoy-client.default
+  cluster: client
+  metadata: {{outbound_addr: "{envoy_out}"}}
+dynamic_resources:
+  ads_config:
+    api_type: GRPC
+    transport_api_version: V3
+    grpc_services: [{{envoy_grpc: {{cluster_name: xds}}}}]
+  cds_config: {{ads: {{}}, resource_api_version: V3}}
+  lds_config: {{ads: {{}}, resource_api_version: V3}}
+static_resources:
+  clusters:
+  - name: xds
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: xds
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {xds_port}}}}}}}}}]}}]
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+"#
+        ),
+    )
+    .unwrap();
+    let _envoy = Guard(
+        Command::new(envoy())
+            .args([
+                "--disable-hot-restart",
+                "--concurrency",
+                "1",
+                "-l",
+                "warning",
+                "-c",
+            ])
+            .arg(&bootstrap)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    get_until(
+        envoy_out,
+        |r| r.backend() == Some("web-app"),
+        "web reachable through Envoy",
+    )
+    .await;
+
     // A route change under steady traffic: no request fails.
     let route = |value: &str| {
         format!(
@@ -458,6 +517,12 @@ async fn control_plane_feeds_proxies_and_survives_a_restart() {
         out,
         |r| r.header("x-version") == Some("v2"),
         "change after restart applied",
+    )
+    .await;
+    get_until(
+        envoy_out,
+        |r| r.header("x-version") == Some("v2"),
+        "Envoy reconnected and follows the change too",
     )
     .await;
 
