@@ -123,7 +123,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         workloads: num(&m, "workloads-per-service", 10)?,
         routes: num(&m, "routes", 100)?,
         upstreams: num(&m, "upstreams", 5)?,
-        changes: num(&m, "changes", 6)?,
+        changes: num(&m, "changes", 4)?,
         disk: match m.get("store").map(String::as_str) {
             None | Some("disk") => true,
             Some("mem") => false,
@@ -133,7 +133,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         results: m.get("results").map(PathBuf::from),
         connect_parallel: num(&m, "connect-parallel", 64)?,
         sync_timeout: Duration::from_secs(num(&m, "sync-timeout", 120)? as u64),
-        change_timeout: Duration::from_secs(num(&m, "change-timeout", 15)? as u64),
+        change_timeout: Duration::from_secs(num(&m, "change-timeout", 30)? as u64),
     };
     if o.services == 0 || o.workloads == 0 || o.routes == 0 || o.upstreams == 0 {
         return Err("--services, --workloads-per-service, --routes and --upstreams must be at least 1 (the changes touch service 0, its route and its first workload)".into());
@@ -187,6 +187,9 @@ struct Report {
     rss_after: Option<u64>,
     hwm: Option<u64>,
     synced: HashMap<String, String>,
+    /// Since the clients started: until the control plane was idle, and
+    /// whether it got there.
+    idle_after_sync: Option<(Duration, Duration, bool)>,
     changes: Vec<ChangeResult>,
     clients_bye: HashMap<String, String>,
     real_full: Option<Result<(u64, Duration), String>>,
@@ -321,17 +324,29 @@ async fn timed_changes(
     clients: &mut Clients,
     r: &mut Report,
 ) -> Result<(), String> {
+    let t = Instant::now();
     let line = clients.expect("synced", o.sync_timeout + Duration::from_secs(30))?;
     r.synced = kv(&line);
-    r.rss_connected = sys::status_bytes(&me(), "VmRSS");
     eprintln!("xds-scale: {line}");
+    // The clients saw no response for a second, but the control plane may
+    // still be translating for registrations that change nothing they hold.
+    let (idle, ok) = wait_idle(o.sync_timeout).await;
+    r.idle_after_sync = Some((t.elapsed(), idle, ok));
+    r.rss_connected = sys::status_bytes(&me(), "VmRSS");
     let synced: usize = r.synced.get("n").and_then(|v| v.parse().ok()).unwrap_or(0);
     if synced == 0 {
         return Err("no simulated proxy got its config; see the synced line".into());
     }
     for n in 0..o.changes {
-        // Quiet time between changes, so each measures one push.
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        // Each change starts from an idle control plane, so it measures one
+        // push and not the tail of the previous one.
+        let (waited, ok) = wait_idle(Duration::from_secs(60)).await;
+        if !ok {
+            r.notes.push(format!(
+                "change {n}: the control plane was still busy after {} of waiting; measured anyway",
+                fmt_dur(Some(waited))
+            ));
+        }
         let (kind, marker, body) = if n % 2 == 0 {
             let value = format!("mark-{n}-{}", std::process::id());
             let body = serde_json::Value::Array(vec![mesh::route_doc(0, &value)]).to_string();
@@ -384,6 +399,25 @@ async fn timed_changes(
         r.changes.push(c);
     }
     Ok(())
+}
+
+/// Waits until this process (the control plane) used less than 5% of one
+/// core over half a second, at most `limit`. Returns the time waited and
+/// whether it became idle.
+async fn wait_idle(limit: Duration) -> (Duration, bool) {
+    let t = Instant::now();
+    let window = Duration::from_millis(500);
+    while t.elapsed() < limit {
+        let c0 = sys::cpu_seconds(&me());
+        tokio::time::sleep(window).await;
+        let c1 = sys::cpu_seconds(&me());
+        match c0.zip(c1) {
+            Some((a, b)) if b - a < 0.05 * window.as_secs_f64() => return (t.elapsed(), true),
+            Some(_) => {}
+            None => return (t.elapsed(), false),
+        }
+    }
+    (t.elapsed(), false)
 }
 
 /// The child process holding the simulated proxies.
@@ -718,15 +752,20 @@ fn render(o: &Opts, r: &Report) -> String {
     line(String::new());
     line("### Connecting".into());
     line(String::new());
-    line("| proxies | streams open | synced (all 4 types) | failed | time until all synced and quiet | errors |".into());
-    line("|---:|---:|---:|---:|---:|---|".into());
+    line("| proxies | streams open | synced (all 4 types) | failed | all synced, no response for 1 s | control plane idle | errors |".into());
+    line("|---:|---:|---:|---:|---:|---:|---|".into());
     line(format!(
-        "| {} | {} | {} | {} | {} s | {} |",
+        "| {} | {} | {} | {} | {} s | {} | {} |",
         o.proxies,
         get("connected"),
         get("n"),
         get("failed"),
         get("secs"),
+        match r.idle_after_sync {
+            Some((total, _, true)) => format!("{} after start", fmt_dur(Some(total))),
+            Some((total, _, false)) => format!("still busy after {}", fmt_dur(Some(total))),
+            None => "-".into(),
+        },
         get("errors")
     ));
     line(String::new());

@@ -31,6 +31,10 @@ pub struct Mesh {
     pub(crate) traffic_policies: BTreeMap<Key, Sourced<TrafficPolicy>>,
     /// Service key -> key of the TrafficPolicy that targets it.
     pub(crate) policy_of: BTreeMap<Key, Key>,
+    /// Service key -> keys of its Workloads, by name: translation asks for
+    /// each service's instances, and a scan per service would make it
+    /// quadratic (1,000 services x 10,000 workloads).
+    pub(crate) workloads_by_service: BTreeMap<Key, Vec<Key>>,
 }
 
 fn key(ns: &str, name: &str) -> Key {
@@ -84,11 +88,22 @@ impl Mesh {
         namespace: &'a str,
         service: &'a str,
     ) -> impl Iterator<Item = &'a Sourced<Workload>> + 'a {
-        self.workloads
-            .range(key(namespace, "")..)
-            .take_while(move |((ns, _), _)| ns == namespace)
-            .map(|(_, w)| w)
-            .filter(move |w| w.value.spec.service == service)
+        self.workloads_by_service
+            .get(&key(namespace, service))
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.workloads.get(k))
+    }
+
+    /// Builds the service -> workloads index (once, when validation is done).
+    pub(crate) fn index_workloads(&mut self) {
+        let mut by: BTreeMap<Key, Vec<Key>> = BTreeMap::new();
+        for (k, w) in &self.workloads {
+            by.entry((k.0.clone(), w.value.spec.service.clone()))
+                .or_default()
+                .push(k.clone());
+        }
+        self.workloads_by_service = by;
     }
 
     /// HTTPRoutes, by namespace then name.

@@ -16,6 +16,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -35,10 +36,16 @@ use tokio::net::{TcpListener, TcpStream};
 pub struct Backend {
     pub name: String,
     pub addr: SocketAddr,
-    hits: Arc<AtomicUsize>,
-    seen: Arc<Mutex<Vec<Seen>>>,
-    conns: Arc<AtomicUsize>,
+    counters: Arc<Counters>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// What a backend counts, shared with its connection tasks.
+#[derive(Debug, Default)]
+struct Counters {
+    hits: AtomicUsize,
+    seen: Mutex<Vec<Seen>>,
+    conns: AtomicUsize,
 }
 
 /// A request as the backend saw it.
@@ -60,22 +67,22 @@ impl Drop for Backend {
 impl Backend {
     /// Requests (or connections, for TCP backends) served so far.
     pub fn hits(&self) -> usize {
-        self.hits.load(Ordering::SeqCst)
+        self.counters.hits.load(Ordering::SeqCst)
     }
 
     pub fn reset_hits(&self) {
-        self.hits.store(0, Ordering::SeqCst);
+        self.counters.hits.store(0, Ordering::SeqCst);
     }
 
     /// Connections accepted so far (HTTP backends; TCP backends count them
     /// in [`Backend::hits`]).
     pub fn connections(&self) -> usize {
-        self.conns.load(Ordering::SeqCst)
+        self.counters.conns.load(Ordering::SeqCst)
     }
 
     /// Requests seen so far (HTTP backends).
     pub fn seen(&self) -> Vec<Seen> {
-        self.seen.lock().unwrap().clone()
+        self.counters.seen.lock().unwrap().clone()
     }
 
     pub fn port(&self) -> u16 {
@@ -98,126 +105,77 @@ impl Backend {
     }
 
     async fn http_with(bind: &str, name: &str, delay: Duration) -> Backend {
-        let listener = TcpListener::bind(bind).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let hits = Arc::new(AtomicUsize::new(0));
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let conns = Arc::new(AtomicUsize::new(0));
-        let (h, s, n, c) = (hits.clone(), seen.clone(), name.to_owned(), conns.clone());
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                c.fetch_add(1, Ordering::SeqCst);
-                let (h, s, n) = (h.clone(), s.clone(), n.clone());
-                tokio::spawn(async move {
-                    let _ = stream.set_nodelay(true);
-                    let mut preface = [0u8; 3];
-                    let is_h2 =
-                        matches!(stream.peek(&mut preface).await, Ok(3) if &preface == b"PRI");
-                    let svc = service_fn(move |req| {
-                        let (n, h, s) = (n.clone(), h.clone(), s.clone());
-                        async move {
-                            if !delay.is_zero() {
-                                tokio::time::sleep(delay).await;
-                            }
-                            echo(n, h, s, req).await
+        let n = name.to_owned();
+        Self::serve(bind, name, move |stream, c| {
+            c.conns.fetch_add(1, Ordering::SeqCst);
+            let (n, c) = (n.clone(), c.clone());
+            async move {
+                let _ = stream.set_nodelay(true);
+                let mut preface = [0u8; 3];
+                let is_h2 = matches!(stream.peek(&mut preface).await, Ok(3) if &preface == b"PRI");
+                let svc = service_fn(move |req| {
+                    let (n, c) = (n.clone(), c.clone());
+                    async move {
+                        if !delay.is_zero() {
+                            tokio::time::sleep(delay).await;
                         }
-                    });
-                    let io = TokioIo::new(stream);
-                    if is_h2 {
-                        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                            .serve_connection(io, svc)
-                            .await;
-                    } else {
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(io, svc)
-                            .with_upgrades()
-                            .await;
+                        echo(n, c, req).await
                     }
                 });
+                let io = TokioIo::new(stream);
+                if is_h2 {
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(io, svc)
+                        .await;
+                } else {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, svc)
+                        .with_upgrades()
+                        .await;
+                }
             }
-        });
-        Backend {
-            name: name.to_owned(),
-            addr,
-            hits,
-            seen,
-            conns,
-            task,
-        }
+        })
+        .await
     }
 
     /// Accepts, reads the start of a request, then closes without answering
     /// (an application that crashes mid-request).
     pub async fn resetter(name: &str) -> Backend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let hits = Arc::new(AtomicUsize::new(0));
-        let h = hits.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((mut stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                h.fetch_add(1, Ordering::SeqCst);
+        Self::serve("127.0.0.1:0", name, |mut stream, c| {
+            c.hits.fetch_add(1, Ordering::SeqCst);
+            async move {
                 let mut buf = [0u8; 1024];
                 let _ = stream.read(&mut buf).await;
-                drop(stream);
             }
-        });
-        Backend {
-            name: name.to_owned(),
-            addr,
-            hits,
-            seen: Arc::new(Mutex::new(Vec::new())),
-            conns: Arc::new(AtomicUsize::new(0)),
-            task,
-        }
+        })
+        .await
     }
 
     /// Sends status line, headers and `hello` at once, then ` world` after
     /// `delay` (content-length 11), for every request on its connections.
     pub async fn slow_body(name: &str, delay: Duration) -> Backend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let hits = Arc::new(AtomicUsize::new(0));
-        let h = hits.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((mut stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let h = h.clone();
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 16 * 1024];
-                    loop {
-                        match stream.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(_) => {}
-                        }
-                        h.fetch_add(1, Ordering::SeqCst);
-                        let head = b"HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\nhello";
-                        if stream.write_all(head).await.is_err() {
-                            return;
-                        }
-                        tokio::time::sleep(delay).await;
-                        if stream.write_all(b" world").await.is_err() {
-                            return;
-                        }
+        Self::serve("127.0.0.1:0", name, move |mut stream, c| {
+            let c = c.clone();
+            async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
                     }
-                });
+                    c.hits.fetch_add(1, Ordering::SeqCst);
+                    let head = b"HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\nhello";
+                    if stream.write_all(head).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(delay).await;
+                    if stream.write_all(b" world").await.is_err() {
+                        return;
+                    }
+                }
             }
-        });
-        Backend {
-            name: name.to_owned(),
-            addr,
-            hits,
-            seen: Arc::new(Mutex::new(Vec::new())),
-            conns: Arc::new(AtomicUsize::new(0)),
-            task,
-        }
+        })
+        .await
     }
 
     /// Echoes every byte back.
@@ -231,42 +189,55 @@ impl Backend {
     }
 
     async fn tcp(name: &str, greeting: Option<&'static [u8]>) -> Backend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let hits = Arc::new(AtomicUsize::new(0));
-        let h = hits.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((mut stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                h.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    if let Some(g) = greeting {
-                        if stream.write_all(g).await.is_err() {
-                            return;
-                        }
+        Self::serve("127.0.0.1:0", name, move |mut stream, c| {
+            c.hits.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if let Some(g) = greeting {
+                    if stream.write_all(g).await.is_err() {
+                        return;
                     }
-                    let mut buf = vec![0u8; 16 * 1024];
-                    loop {
-                        match stream.read(&mut buf).await {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => {
-                                if stream.write_all(&buf[..n]).await.is_err() {
-                                    break;
-                                }
+                }
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if stream.write_all(&buf[..n]).await.is_err() {
+                                break;
                             }
                         }
                     }
-                });
+                }
+            }
+        })
+        .await
+    }
+
+    /// Binds `bind` and runs every accepted connection on its own task until
+    /// the backend is dropped. `on_accept` runs in the accept loop (so what it
+    /// counts is counted before the connection is served) and returns the
+    /// connection's task.
+    async fn serve<A, F>(bind: &str, name: &str, mut on_accept: A) -> Backend
+    where
+        A: FnMut(TcpStream, &Arc<Counters>) -> F + Send + 'static,
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind(bind).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let counters = Arc::new(Counters::default());
+        let c = counters.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                tokio::spawn(on_accept(stream, &c));
             }
         });
         Backend {
             name: name.to_owned(),
             addr,
-            hits,
-            seen: Arc::new(Mutex::new(Vec::new())),
-            conns: Arc::new(AtomicUsize::new(0)),
+            counters,
             task,
         }
     }
@@ -274,11 +245,10 @@ impl Backend {
 
 async fn echo(
     name: String,
-    hits: Arc<AtomicUsize>,
-    seen: Arc<Mutex<Vec<Seen>>>,
+    counters: Arc<Counters>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    hits.fetch_add(1, Ordering::SeqCst);
+    counters.hits.fetch_add(1, Ordering::SeqCst);
     let (parts, body) = req.into_parts();
     let body = body
         .collect()
@@ -302,7 +272,7 @@ async fn echo(
             )
         })
         .collect();
-    seen.lock().unwrap().push(Seen {
+    counters.seen.lock().unwrap().push(Seen {
         method: parts.method.to_string(),
         path: parts.uri.path().to_owned(),
         host: host.clone(),

@@ -20,8 +20,8 @@ use super::ProxyContext;
 use crate::mesh::{backend_port, parent_ports, route_age_key, Key, Mesh, PortClass};
 use crate::resources::{
     BackendView, GrpcFilterType, GrpcRoute, HeaderMatch, HeaderModifier, HttpFilterType, HttpRoute,
-    HttpRouteFilter, HttpRouteMatch, MatchType, PathMatchType, PathModifier, PathModifierType,
-    RequestMirror, RequestRedirect, Service, ServicePort, TcpRoute,
+    HttpRouteFilter, HttpRouteMatch, MatchType, ParentRef, PathMatchType, PathModifier,
+    PathModifierType, RequestMirror, RequestRedirect, Service, ServicePort, TcpRoute,
 };
 use crate::source::Sourced;
 
@@ -33,12 +33,22 @@ pub(crate) enum Attached<'m> {
     Tcp(&'m Sourced<TcpRoute>),
 }
 
-impl Attached<'_> {
+impl<'m> Attached<'m> {
     fn namespace(&self) -> &str {
         match self {
             Attached::Http(r) => &r.value.metadata.namespace,
             Attached::Grpc(r) => &r.value.metadata.namespace,
             Attached::Tcp(r) => &r.value.metadata.namespace,
+        }
+    }
+
+    /// The route's kind, the class of port its parents must have, and its
+    /// parentRefs.
+    fn parents(&self) -> (&'static str, PortClass, &'m [ParentRef]) {
+        match self {
+            Attached::Http(r) => ("HTTPRoute", PortClass::Http, &r.value.spec.parent_refs),
+            Attached::Grpc(r) => ("GRPCRoute", PortClass::Grpc, &r.value.spec.parent_refs),
+            Attached::Tcp(r) => ("TCPRoute", PortClass::Tcp, &r.value.spec.parent_refs),
         }
     }
 }
@@ -51,51 +61,29 @@ pub(crate) struct Attachments<'m> {
 impl<'m> Attachments<'m> {
     pub(crate) fn new(mesh: &'m Mesh) -> Self {
         let mut by_port: BTreeMap<(Key, u32), Vec<Attached<'m>>> = BTreeMap::new();
-        let mut add =
-            |ns: &str, kind: &str, refs: &[crate::resources::ParentRef], class, a: Attached<'m>| {
-                let mut seen = Vec::new();
-                for pr in refs {
-                    if let Ok((svc, ports)) = parent_ports(mesh, ns, kind, pr, class) {
-                        let key: Key = (
-                            svc.value.metadata.namespace.clone(),
-                            svc.value.metadata.name.clone(),
-                        );
-                        for p in ports {
-                            let k = (key.clone(), p.port);
-                            if !seen.contains(&k) {
-                                seen.push(k.clone());
-                                by_port.entry(k).or_default().push(a);
-                            }
+        let routes = mesh
+            .http_routes()
+            .map(Attached::Http)
+            .chain(mesh.grpc_routes().map(Attached::Grpc))
+            .chain(mesh.tcp_routes().map(Attached::Tcp));
+        for a in routes {
+            let (kind, class, refs) = a.parents();
+            let mut seen = Vec::new();
+            for pr in refs {
+                if let Ok((svc, ports)) = parent_ports(mesh, a.namespace(), kind, pr, class) {
+                    let key: Key = (
+                        svc.value.metadata.namespace.clone(),
+                        svc.value.metadata.name.clone(),
+                    );
+                    for p in ports {
+                        let k = (key.clone(), p.port);
+                        if !seen.contains(&k) {
+                            seen.push(k.clone());
+                            by_port.entry(k).or_default().push(a);
                         }
                     }
                 }
-            };
-        for r in mesh.http_routes() {
-            add(
-                &r.value.metadata.namespace,
-                "HTTPRoute",
-                &r.value.spec.parent_refs,
-                PortClass::Http,
-                Attached::Http(r),
-            );
-        }
-        for r in mesh.grpc_routes() {
-            add(
-                &r.value.metadata.namespace,
-                "GRPCRoute",
-                &r.value.spec.parent_refs,
-                PortClass::Grpc,
-                Attached::Grpc(r),
-            );
-        }
-        for r in mesh.tcp_routes() {
-            add(
-                &r.value.metadata.namespace,
-                "TCPRoute",
-                &r.value.spec.parent_refs,
-                PortClass::Tcp,
-                Attached::Tcp(r),
-            );
+            }
         }
         Attachments { by_port }
     }

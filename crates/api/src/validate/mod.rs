@@ -83,6 +83,7 @@ pub fn validate(resources: Vec<Sourced<Resource>>) -> Result<Mesh, Errors> {
     routes::check_routes(&mesh, &mut errors);
 
     if errors.is_empty() {
+        mesh.index_workloads();
         Ok(mesh)
     } else {
         // Report in input order: by file (first appearance), then position.

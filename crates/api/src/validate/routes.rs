@@ -19,6 +19,9 @@ use crate::resources::{
     PathModifier, PathModifierType, RequestMirror, GATEWAY_V1,
 };
 
+/// Where an HTTPRoute's RequestMirror may point (see `check_http_filters`).
+const HTTP_ROUTE: (&str, PortClass) = ("HTTPRoute", PortClass::Http);
+
 /// Who sees a route on a port: everyone (producer route, same namespace as
 /// the Service) or only clients of one namespace (consumer route).
 type Scope = Option<String>;
@@ -87,6 +90,7 @@ pub(crate) fn check_routes(mesh: &Mesh, errors: &mut Errors) {
                 &rp.key("filters"),
                 false,
                 &rule.matches,
+                HTTP_ROUTE,
             );
             let has_redirect = rule
                 .filters
@@ -130,6 +134,7 @@ pub(crate) fn check_routes(mesh: &Mesh, errors: &mut Errors) {
                     &p.key("filters"),
                     true,
                     &rule.matches,
+                    HTTP_ROUTE,
                 );
             }
             if let Some(t) = &rule.timeouts {
@@ -615,6 +620,42 @@ fn http_field_of(t: HttpFilterType) -> &'static str {
     }
 }
 
+/// GRPCRoute filter types are a subset of HTTPRoute's, with the same fields,
+/// so they are checked as HTTPRoute filters; only a mirror's backend is held
+/// to gRPC ports.
+fn check_grpc_filters<T>(
+    ck: &mut Ck<'_, T>,
+    mesh: &Mesh,
+    route_ns: &str,
+    filters: &[GrpcRouteFilter],
+    p: &FieldPath,
+    backend_level: bool,
+) {
+    let as_http: Vec<HttpRouteFilter> = filters
+        .iter()
+        .map(|f| HttpRouteFilter {
+            kind: match f.kind {
+                GrpcFilterType::RequestHeaderModifier => HttpFilterType::RequestHeaderModifier,
+                GrpcFilterType::ResponseHeaderModifier => HttpFilterType::ResponseHeaderModifier,
+                GrpcFilterType::RequestMirror => HttpFilterType::RequestMirror,
+                GrpcFilterType::ExtensionRef => HttpFilterType::ExtensionRef,
+            },
+            request_header_modifier: f.request_header_modifier.clone(),
+            response_header_modifier: f.response_header_modifier.clone(),
+            request_mirror: f.request_mirror.clone(),
+            request_redirect: None,
+            url_rewrite: None,
+            extension_ref: f.extension_ref.clone(),
+            cors: None,
+        })
+        .collect();
+    // No matches: they only matter to RequestRedirect and URLRewrite.
+    let route = ("GRPCRoute", PortClass::Grpc);
+    check_http_filters(ck, mesh, route_ns, &as_http, p, backend_level, &[], route);
+}
+
+/// Checks an HTTPRoute filter list, or a GRPCRoute one converted to it:
+/// `route_kind` and `class` say where a RequestMirror may point.
 #[allow(clippy::too_many_arguments)]
 fn check_http_filters<T>(
     ck: &mut Ck<'_, T>,
@@ -624,6 +665,7 @@ fn check_http_filters<T>(
     p: &FieldPath,
     backend_level: bool,
     matches: &[HttpRouteMatch],
+    (route_kind, class): (&str, PortClass),
 ) {
     ck.max_items(p, filters, 16);
     let mut count: HashMap<HttpFilterType, usize> = HashMap::new();
@@ -677,15 +719,7 @@ fn check_http_filters<T>(
                 None => missing(ck),
             },
             HttpFilterType::RequestMirror => match &f.request_mirror {
-                Some(m) => check_mirror(
-                    ck,
-                    mesh,
-                    route_ns,
-                    m,
-                    &fp.key(want),
-                    "HTTPRoute",
-                    PortClass::Http,
-                ),
+                Some(m) => check_mirror(ck, mesh, route_ns, m, &fp.key(want), route_kind, class),
                 None => missing(ck),
             },
             HttpFilterType::RequestRedirect => {
@@ -738,101 +772,6 @@ fn check_http_filters<T>(
             p,
             "RequestRedirect and URLRewrite filters cannot be used together",
         );
-    }
-}
-
-fn check_grpc_filters<T>(
-    ck: &mut Ck<'_, T>,
-    mesh: &Mesh,
-    route_ns: &str,
-    filters: &[GrpcRouteFilter],
-    p: &FieldPath,
-    backend_level: bool,
-) {
-    ck.max_items(p, filters, 16);
-    let mut count: HashMap<GrpcFilterType, usize> = HashMap::new();
-    for (i, f) in filters.iter().enumerate() {
-        let fp = p.index(i);
-        let want = match f.kind {
-            GrpcFilterType::RequestHeaderModifier => "requestHeaderModifier",
-            GrpcFilterType::ResponseHeaderModifier => "responseHeaderModifier",
-            GrpcFilterType::RequestMirror => "requestMirror",
-            GrpcFilterType::ExtensionRef => "extensionRef",
-        };
-        let set = [
-            ("requestHeaderModifier", f.request_header_modifier.is_some()),
-            (
-                "responseHeaderModifier",
-                f.response_header_modifier.is_some(),
-            ),
-            ("requestMirror", f.request_mirror.is_some()),
-            ("extensionRef", f.extension_ref.is_some()),
-        ];
-        for (field, is_set) in set {
-            if is_set && field != want {
-                ck.err(
-                    &fp.key(field),
-                    format!("must not be set when type is {}", f.kind.as_str()),
-                );
-            }
-        }
-        let n = count.entry(f.kind).or_insert(0);
-        *n += 1;
-        if *n == 2 && f.kind != GrpcFilterType::RequestMirror {
-            ck.err(
-                &fp.key("type"),
-                format!("{} filter cannot be repeated", f.kind.as_str()),
-            );
-        }
-        if backend_level
-            && !matches!(
-                f.kind,
-                GrpcFilterType::RequestHeaderModifier | GrpcFilterType::ResponseHeaderModifier
-            )
-        {
-            ck.err(
-                &fp.key("type"),
-                format!(
-                    "{} is not supported in backendRefs[].filters: only RequestHeaderModifier and ResponseHeaderModifier (put it in the rule's filters)",
-                    f.kind.as_str()
-                ),
-            );
-            continue;
-        }
-        let missing = |ck: &mut Ck<'_, T>| {
-            ck.err(
-                &fp.key(want),
-                format!("must be set when type is {}", f.kind.as_str()),
-            );
-        };
-        match f.kind {
-            GrpcFilterType::RequestHeaderModifier => match &f.request_header_modifier {
-                Some(h) => check_header_modifier(ck, h, &fp.key(want), true),
-                None => missing(ck),
-            },
-            GrpcFilterType::ResponseHeaderModifier => match &f.response_header_modifier {
-                Some(h) => check_header_modifier(ck, h, &fp.key(want), false),
-                None => missing(ck),
-            },
-            GrpcFilterType::RequestMirror => match &f.request_mirror {
-                Some(m) => check_mirror(
-                    ck,
-                    mesh,
-                    route_ns,
-                    m,
-                    &fp.key(want),
-                    "GRPCRoute",
-                    PortClass::Grpc,
-                ),
-                None => missing(ck),
-            },
-            GrpcFilterType::ExtensionRef => {
-                ck.err(
-                    &fp.key("type"),
-                    "ExtensionRef filters are not supported by meshwork",
-                );
-            }
-        }
     }
 }
 

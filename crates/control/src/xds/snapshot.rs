@@ -158,6 +158,9 @@ pub(crate) struct Base {
     /// Clusters rewritten for proxyless gRPC (balancers it lacks become
     /// ROUND_ROBIN), by name; only those that differ.
     grpc_clusters: BTreeMap<String, Versioned>,
+    /// `outbound_http` without its virtual hosts: what a scoped copy starts
+    /// from, so cutting it per proxy never copies every virtual host.
+    route_shell: Option<RouteConfiguration>,
 }
 
 /// Everything one proxy can be sent.
@@ -266,11 +269,21 @@ impl Base {
                 }
             }
         }
+        let route_shell = resources[TypeKind::Route.index()]
+            .get(names::OUTBOUND_HTTP)
+            .and_then(|v| match &*v.res {
+                Res::Route(rc) => Some(RouteConfiguration {
+                    virtual_hosts: Vec::new(),
+                    ..(**rc).clone()
+                }),
+                _ => None,
+            });
         Base {
             version,
             resources,
             api_names,
             grpc_clusters,
+            route_shell,
         }
     }
 }
@@ -544,10 +557,9 @@ fn scoped(
                     }
                 }
             }
-            route = Some(RouteConfiguration {
-                virtual_hosts: vhosts,
-                ..(**rc).clone()
-            });
+            let mut cut = base.route_shell.clone().unwrap_or_default();
+            cut.virtual_hosts = vhosts;
+            route = Some(cut);
         }
     }
     allowed[TypeKind::Route.index()] = base.resources[TypeKind::Route.index()]

@@ -133,6 +133,28 @@ fn header_mods(
     Ok(mods)
 }
 
+/// Request and response mods from the `(to_add, to_remove)` pairs of
+/// `{request,response}_headers_to_{add,remove}` that VirtualHost, Route and
+/// ClusterWeight all carry. Request errors are reported first.
+fn request_response_mods(
+    (request_add, request_remove): (&[core::HeaderValueOption], &[String]),
+    (response_add, response_remove): (&[core::HeaderValueOption], &[String]),
+) -> Res<(HeaderMods, HeaderMods)> {
+    let request = header_mods(
+        request_add,
+        request_remove,
+        "request_headers_to_add",
+        "request_headers_to_remove",
+    )?;
+    let response = header_mods(
+        response_add,
+        response_remove,
+        "response_headers_to_add",
+        "response_headers_to_remove",
+    )?;
+    Ok((request, response))
+}
+
 /// Compile a regex that must match the whole input (RE2 `FullMatch`).
 #[allow(deprecated)]
 fn full_regex(m: &matcher::RegexMatcher) -> Res<Regex> {
@@ -317,22 +339,16 @@ fn virtual_host(vh: &rpb::VirtualHost, max_body: u32) -> Res<model::VirtualHost>
     for (i, r) in routes.iter().enumerate() {
         out.push(route(r, max_body).at(format_args!("routes[{i}]"))?);
     }
+    let (request_headers, response_headers) = request_response_mods(
+        (request_headers_to_add, request_headers_to_remove),
+        (response_headers_to_add, response_headers_to_remove),
+    )?;
     Ok(model::VirtualHost {
         name: name.clone(),
         domains: domains.clone(),
         routes: out,
-        request_headers: header_mods(
-            request_headers_to_add,
-            request_headers_to_remove,
-            "request_headers_to_add",
-            "request_headers_to_remove",
-        )?,
-        response_headers: header_mods(
-            response_headers_to_add,
-            response_headers_to_remove,
-            "response_headers_to_add",
-            "response_headers_to_remove",
-        )?,
+        request_headers,
+        response_headers,
     })
 }
 
@@ -386,22 +402,16 @@ fn route(r: &rpb::Route, max_body: u32) -> Res<model::Route> {
             ))
         }
     };
+    let (request_headers, response_headers) = request_response_mods(
+        (request_headers_to_add, request_headers_to_remove),
+        (response_headers_to_add, response_headers_to_remove),
+    )?;
     Ok(model::Route {
         name: name.clone(),
         matcher,
         action,
-        request_headers: header_mods(
-            request_headers_to_add,
-            request_headers_to_remove,
-            "request_headers_to_add",
-            "request_headers_to_remove",
-        )?,
-        response_headers: header_mods(
-            response_headers_to_add,
-            response_headers_to_remove,
-            "response_headers_to_add",
-            "response_headers_to_remove",
-        )?,
+        request_headers,
+        response_headers,
     })
 }
 
@@ -843,21 +853,15 @@ fn cluster_weight(c: &rpb::weighted_cluster::ClusterWeight) -> Res<WeightedClust
     if name.is_empty() {
         return Err(FieldError::new("name", "must not be empty"));
     }
+    let (request_headers, response_headers) = request_response_mods(
+        (request_headers_to_add, request_headers_to_remove),
+        (response_headers_to_add, response_headers_to_remove),
+    )?;
     Ok(WeightedCluster {
         name: name.clone(),
         weight: weight.as_ref().map_or(0, |w| w.value),
-        request_headers: header_mods(
-            request_headers_to_add,
-            request_headers_to_remove,
-            "request_headers_to_add",
-            "request_headers_to_remove",
-        )?,
-        response_headers: header_mods(
-            response_headers_to_add,
-            response_headers_to_remove,
-            "response_headers_to_add",
-            "response_headers_to_remove",
-        )?,
+        request_headers,
+        response_headers,
     })
 }
 
