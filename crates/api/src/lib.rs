@@ -35,4 +35,4 @@ pub use resources::{Kind, Resource};
 pub use source::Sourced;
 pub use translate::grpc_api_listener;
 pub use translate::{names, translate, ProxyContext, Xds};
-pub use validate::validate;
+pub use validate::{validate, with_workloads};

@@ -137,10 +137,12 @@ async fn futures_join(tasks: Vec<tokio::task::JoinHandle<()>>) {
     }
 }
 
-/// The validated mesh of everything stored.
+/// The validated mesh of everything stored (validated by the commit that
+/// stored it; only after opening is it validated here).
 fn mesh_of(store: &dyn Store) -> Result<Arc<api::Mesh>, Error> {
-    api::validate(store.snapshot().sourced())
-        .map(Arc::new)
+    store
+        .mesh()
+        .map(|(_, m)| m)
         .map_err(|e| Error::Invalid(e.to_string()))
 }
 

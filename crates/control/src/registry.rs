@@ -470,7 +470,7 @@ pub fn merge(mesh: &Arc<Mesh>, workloads: &[Workload]) -> (Arc<Mesh>, Vec<(Strin
             skipped.push((label, e.to_string()));
             continue;
         }
-        extra.push(Sourced::new(src.as_str(), 1, Resource::Workload(w)));
+        extra.push(Sourced::new(src.as_str(), 1, w));
     }
     for (w, why) in &skipped {
         tracing::warn!(workload = %w, reason = %why, "registered workload left out of the mesh");
@@ -478,9 +478,8 @@ pub fn merge(mesh: &Arc<Mesh>, workloads: &[Workload]) -> (Arc<Mesh>, Vec<(Strin
     if extra.is_empty() {
         return (mesh.clone(), skipped);
     }
-    let mut all = mesh.resources();
-    all.extend(extra);
-    match api::validate(all) {
+    // The static mesh is valid already: only the additions are checked.
+    match api::with_workloads(mesh, extra) {
         Ok(m) => (Arc::new(m), skipped),
         Err(e) => {
             // Every workload passed alone; the set can only fail on

@@ -236,6 +236,42 @@ fn check_services(mesh: &Mesh, errors: &mut Errors) {
     }
 }
 
+/// `mesh` plus `extra` Workloads (registered at run time by proxies), each
+/// checked exactly as [`validate`] checks a Workload, without checking the
+/// rest again: the control plane does this on every registration, and the
+/// rest of a large mesh was validated when it was stored.
+pub fn with_workloads(mesh: &Mesh, extra: Vec<Sourced<Workload>>) -> Result<Mesh, Errors> {
+    let mut out = mesh.clone();
+    let mut errors = Errors(Vec::new());
+    for w in extra {
+        let key: Key = (
+            w.value.metadata.namespace.clone(),
+            w.value.metadata.name.clone(),
+        );
+        if let Some(first) = out.workloads.get(&key) {
+            errors.push(w.error(
+                Some(label_of(Kind::Workload, &w.value.metadata)),
+                &FieldPath::root().key("metadata").key("name"),
+                format!(
+                    "duplicate Workload {}/{}: first defined at {}",
+                    key.0,
+                    key.1,
+                    first.place()
+                ),
+            ));
+            continue;
+        }
+        check_workload(&out, &w, &mut errors);
+        out.workloads.insert(key, w);
+    }
+    if errors.is_empty() {
+        out.index_workloads();
+        Ok(out)
+    } else {
+        Err(errors)
+    }
+}
+
 fn check_workload(mesh: &Mesh, w: &Sourced<Workload>, errors: &mut Errors) {
     let wl = &w.value;
     let mut ck = Ck::new(w, label_of(Kind::Workload, &wl.metadata), errors);

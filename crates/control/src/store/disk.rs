@@ -138,7 +138,11 @@ impl Disk {
                 .map_err(|m| self.err(&format!("resource {kind} {namespace}/{name}"), m))?;
             items.insert(stored.key(), std::sync::Arc::new(stored));
         }
-        Ok(State { revision, items })
+        Ok(State {
+            revision,
+            items,
+            mesh: None,
+        })
     }
 }
 
@@ -225,6 +229,10 @@ impl Store for RedbStore {
 
     fn revision(&self) -> u64 {
         self.engine.revision()
+    }
+
+    fn mesh(&self) -> Result<(u64, std::sync::Arc<api::Mesh>), api::Errors> {
+        self.engine.mesh()
     }
 
     fn apply_batch(&self, ops: Vec<Op>) -> Result<Applied, StoreError> {

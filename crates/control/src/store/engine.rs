@@ -37,6 +37,9 @@ pub(crate) trait Persist: Send + Sync {
 pub(crate) struct State {
     pub(crate) revision: u64,
     pub(crate) items: Items,
+    /// The validated mesh of `items`, kept from the commit that produced
+    /// them (`None` after opening: built on first use).
+    pub(crate) mesh: Option<Arc<api::Mesh>>,
 }
 
 /// Committed set in memory plus the serialized write path.
@@ -88,6 +91,19 @@ impl Engine {
 
     pub(crate) fn revision(&self) -> u64 {
         self.current().revision
+    }
+
+    /// The validated mesh of what is stored, with its revision: the one the
+    /// last commit validated, so readers need not validate again.
+    pub(crate) fn mesh(&self) -> Result<(u64, Arc<api::Mesh>), api::Errors> {
+        let st = self.current();
+        match &st.mesh {
+            Some(m) => Ok((st.revision, m.clone())),
+            None => {
+                let set = st.items.values().map(|s| s.sourced()).collect();
+                api::validate(set).map(|m| (st.revision, Arc::new(m)))
+            }
+        }
     }
 
     pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
@@ -185,9 +201,10 @@ impl Engine {
                 set.push(stored.sourced());
             }
         }
-        if let Err(errors) = api::validate(set) {
-            return Err(StoreError::Invalid(store_errors(errors)));
-        }
+        let mesh = match api::validate(set) {
+            Ok(m) => Arc::new(m),
+            Err(errors) => return Err(StoreError::Invalid(store_errors(errors))),
+        };
 
         let Some(persist) = persist else {
             return Ok(Applied {
@@ -216,6 +233,7 @@ impl Engine {
         let next = Arc::new(State {
             revision: next_revision,
             items,
+            mesh: Some(mesh),
         });
         match self.state.write() {
             Ok(mut g) => *g = next,
@@ -314,6 +332,10 @@ impl Store for MemStore {
 
     fn revision(&self) -> u64 {
         self.engine.revision()
+    }
+
+    fn mesh(&self) -> Result<(u64, Arc<api::Mesh>), api::Errors> {
+        self.engine.mesh()
     }
 
     fn apply_batch(&self, ops: Vec<Op>) -> Result<Applied, StoreError> {

@@ -281,6 +281,10 @@ pub trait Store: Send + Sync {
     /// The current revision.
     fn revision(&self) -> u64;
 
+    /// The validated mesh of everything stored (the one the last commit
+    /// validated), with its revision.
+    fn mesh(&self) -> Result<(u64, Arc<api::Mesh>), api::Errors>;
+
     /// Applies every op or none (see the module docs).
     fn apply_batch(&self, ops: Vec<Op>) -> Result<Applied, StoreError>;
 
