@@ -10,6 +10,7 @@
 //! mesh, never sees an `Err` and skips the item if it somehow did).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use crate::resources::{
     AppProtocol, BackendView, GrpcRoute, HttpRoute, Metadata, ParentRef, Resource, Service,
@@ -20,15 +21,17 @@ use crate::source::Sourced;
 /// `(namespace, name)`.
 pub type Key = (String, String);
 
-/// The validated resources of a mesh.
+/// The validated resources of a mesh. Resources are shared (`Arc`), so a
+/// clone (the control plane adds registered workloads to a copy on every
+/// registration) costs the maps, not the resources.
 #[derive(Debug, Clone, Default)]
 pub struct Mesh {
-    pub(crate) services: BTreeMap<Key, Sourced<Service>>,
-    pub(crate) workloads: BTreeMap<Key, Sourced<Workload>>,
-    pub(crate) http_routes: BTreeMap<Key, Sourced<HttpRoute>>,
-    pub(crate) grpc_routes: BTreeMap<Key, Sourced<GrpcRoute>>,
-    pub(crate) tcp_routes: BTreeMap<Key, Sourced<TcpRoute>>,
-    pub(crate) traffic_policies: BTreeMap<Key, Sourced<TrafficPolicy>>,
+    pub(crate) services: BTreeMap<Key, Arc<Sourced<Service>>>,
+    pub(crate) workloads: BTreeMap<Key, Arc<Sourced<Workload>>>,
+    pub(crate) http_routes: BTreeMap<Key, Arc<Sourced<HttpRoute>>>,
+    pub(crate) grpc_routes: BTreeMap<Key, Arc<Sourced<GrpcRoute>>>,
+    pub(crate) tcp_routes: BTreeMap<Key, Arc<Sourced<TcpRoute>>>,
+    pub(crate) traffic_policies: BTreeMap<Key, Arc<Sourced<TrafficPolicy>>>,
     /// Service key -> key of the TrafficPolicy that targets it.
     pub(crate) policy_of: BTreeMap<Key, Key>,
     /// Service key -> keys of its Workloads, by name: translation asks for
@@ -64,22 +67,22 @@ impl Mesh {
 
     /// Services, by namespace then name.
     pub fn services(&self) -> impl Iterator<Item = &Sourced<Service>> {
-        self.services.values()
+        self.services.values().map(|a| &**a)
     }
 
     /// The Service `namespace/name`.
     pub fn service(&self, namespace: &str, name: &str) -> Option<&Sourced<Service>> {
-        self.services.get(&key(namespace, name))
+        self.services.get(&key(namespace, name)).map(|a| &**a)
     }
 
     /// Workloads, by namespace then name.
     pub fn workloads(&self) -> impl Iterator<Item = &Sourced<Workload>> {
-        self.workloads.values()
+        self.workloads.values().map(|a| &**a)
     }
 
     /// The Workload `namespace/name`.
     pub fn workload(&self, namespace: &str, name: &str) -> Option<&Sourced<Workload>> {
-        self.workloads.get(&key(namespace, name))
+        self.workloads.get(&key(namespace, name)).map(|a| &**a)
     }
 
     /// The Workloads of Service `namespace/service`, by name.
@@ -92,7 +95,7 @@ impl Mesh {
             .get(&key(namespace, service))
             .into_iter()
             .flatten()
-            .filter_map(|k| self.workloads.get(k))
+            .filter_map(|k| self.workloads.get(k).map(|a| &**a))
     }
 
     /// Builds the service -> workloads index (once, when validation is done).
@@ -108,22 +111,22 @@ impl Mesh {
 
     /// HTTPRoutes, by namespace then name.
     pub fn http_routes(&self) -> impl Iterator<Item = &Sourced<HttpRoute>> {
-        self.http_routes.values()
+        self.http_routes.values().map(|a| &**a)
     }
 
     /// GRPCRoutes, by namespace then name.
     pub fn grpc_routes(&self) -> impl Iterator<Item = &Sourced<GrpcRoute>> {
-        self.grpc_routes.values()
+        self.grpc_routes.values().map(|a| &**a)
     }
 
     /// TCPRoutes, by namespace then name.
     pub fn tcp_routes(&self) -> impl Iterator<Item = &Sourced<TcpRoute>> {
-        self.tcp_routes.values()
+        self.tcp_routes.values().map(|a| &**a)
     }
 
     /// TrafficPolicies, by namespace then name.
     pub fn traffic_policies(&self) -> impl Iterator<Item = &Sourced<TrafficPolicy>> {
-        self.traffic_policies.values()
+        self.traffic_policies.values().map(|a| &**a)
     }
 
     /// The TrafficPolicy that targets Service `namespace/service`, if any.
@@ -133,7 +136,7 @@ impl Mesh {
         service: &str,
     ) -> Option<&Sourced<TrafficPolicy>> {
         let pk = self.policy_of.get(&key(namespace, service))?;
-        self.traffic_policies.get(pk)
+        self.traffic_policies.get(pk).map(|a| &**a)
     }
 
     /// Every resource, kind by kind, as stored.

@@ -55,22 +55,28 @@ pub fn validate(resources: Vec<Sourced<Resource>>) -> Result<Mesh, Errors> {
         let (value, place) = r.split();
         match value {
             Resource::Service(v) => {
-                mesh.services.insert(key, place.map(|_| v));
+                mesh.services
+                    .insert(key, std::sync::Arc::new(place.map(|_| v)));
             }
             Resource::Workload(v) => {
-                mesh.workloads.insert(key, place.map(|_| v));
+                mesh.workloads
+                    .insert(key, std::sync::Arc::new(place.map(|_| v)));
             }
             Resource::HttpRoute(v) => {
-                mesh.http_routes.insert(key, place.map(|_| v));
+                mesh.http_routes
+                    .insert(key, std::sync::Arc::new(place.map(|_| v)));
             }
             Resource::GrpcRoute(v) => {
-                mesh.grpc_routes.insert(key, place.map(|_| v));
+                mesh.grpc_routes
+                    .insert(key, std::sync::Arc::new(place.map(|_| v)));
             }
             Resource::TcpRoute(v) => {
-                mesh.tcp_routes.insert(key, place.map(|_| v));
+                mesh.tcp_routes
+                    .insert(key, std::sync::Arc::new(place.map(|_| v)));
             }
             Resource::TrafficPolicy(v) => {
-                mesh.traffic_policies.insert(key, place.map(|_| v));
+                mesh.traffic_policies
+                    .insert(key, std::sync::Arc::new(place.map(|_| v)));
             }
         }
     }
@@ -262,7 +268,7 @@ pub fn with_workloads(mesh: &Mesh, extra: Vec<Sourced<Workload>>) -> Result<Mesh
             continue;
         }
         check_workload(&out, &w, &mut errors);
-        out.workloads.insert(key, w);
+        out.workloads.insert(key, std::sync::Arc::new(w));
     }
     if errors.is_empty() {
         out.index_workloads();
