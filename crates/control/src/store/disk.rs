@@ -19,10 +19,9 @@ use std::path::{Path, PathBuf};
 
 use api::{Kind, Resource};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use tokio::sync::watch;
 
-use super::engine::{Change, Engine, Persist, State};
-use super::{Applied, Items, Op, ResourceKey, Snapshot, Store, StoreError, Stored};
+use super::engine::{Backed, Change, Engine, Persist, State};
+use super::{Items, ResourceKey, StoreError, Stored};
 
 const RESOURCES: TableDefinition<'_, (&str, &str, &str), (u64, &str)> =
     TableDefinition::new("resources");
@@ -214,36 +213,12 @@ impl Persist for Disk {
     }
 }
 
-impl Store for RedbStore {
-    fn get(&self, key: &ResourceKey) -> Option<Stored> {
-        self.engine.get(key)
+impl Backed for RedbStore {
+    fn engine(&self) -> &Engine {
+        &self.engine
     }
 
-    fn list(&self, kind: Option<Kind>) -> Vec<Stored> {
-        self.engine.list(kind)
-    }
-
-    fn snapshot(&self) -> Snapshot {
-        self.engine.snapshot()
-    }
-
-    fn revision(&self) -> u64 {
-        self.engine.revision()
-    }
-
-    fn mesh(&self) -> Result<(u64, std::sync::Arc<api::Mesh>), api::Errors> {
-        self.engine.mesh()
-    }
-
-    fn apply_batch(&self, ops: Vec<Op>) -> Result<Applied, StoreError> {
-        self.engine.execute(ops, Some(&self.disk))
-    }
-
-    fn dry_run(&self, ops: Vec<Op>) -> Result<Applied, StoreError> {
-        self.engine.execute(ops, None)
-    }
-
-    fn subscribe(&self) -> watch::Receiver<u64> {
-        self.engine.subscribe()
+    fn persist(&self) -> &dyn Persist {
+        &self.disk
     }
 }

@@ -317,36 +317,53 @@ impl Default for MemStore {
     }
 }
 
-impl Store for MemStore {
+/// A store made of an [`Engine`] and where it persists: every [`Store`]
+/// method but the writes is the engine's, so both stores share one impl.
+pub(crate) trait Backed: Send + Sync {
+    fn engine(&self) -> &Engine;
+    fn persist(&self) -> &dyn Persist;
+}
+
+impl Backed for MemStore {
+    fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    fn persist(&self) -> &dyn Persist {
+        &NoDisk
+    }
+}
+
+impl<T: Backed> Store for T {
     fn get(&self, key: &ResourceKey) -> Option<Stored> {
-        self.engine.get(key)
+        self.engine().get(key)
     }
 
     fn list(&self, kind: Option<Kind>) -> Vec<Stored> {
-        self.engine.list(kind)
+        self.engine().list(kind)
     }
 
     fn snapshot(&self) -> Snapshot {
-        self.engine.snapshot()
+        self.engine().snapshot()
     }
 
     fn revision(&self) -> u64 {
-        self.engine.revision()
+        self.engine().revision()
     }
 
     fn mesh(&self) -> Result<(u64, Arc<api::Mesh>), api::Errors> {
-        self.engine.mesh()
+        self.engine().mesh()
     }
 
     fn apply_batch(&self, ops: Vec<Op>) -> Result<Applied, StoreError> {
-        self.engine.execute(ops, Some(&NoDisk))
+        self.engine().execute(ops, Some(self.persist()))
     }
 
     fn dry_run(&self, ops: Vec<Op>) -> Result<Applied, StoreError> {
-        self.engine.execute(ops, None)
+        self.engine().execute(ops, None)
     }
 
     fn subscribe(&self) -> watch::Receiver<u64> {
-        self.engine.subscribe()
+        self.engine().subscribe()
     }
 }
