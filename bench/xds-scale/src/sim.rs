@@ -60,6 +60,11 @@ pub struct SimOptions {
     pub proxies: usize,
     pub services: usize,
     pub upstreams: usize,
+    /// When non-zero: connect clients `0..first` (and the observer), print
+    /// `staged ...` once they are synced, wait for `continue` on stdin, then
+    /// connect the rest. The driver measures memory at both points, which
+    /// gives the marginal cost of a connected proxy.
+    pub first: usize,
     /// Streams being opened at once (the rest wait), so 1,000 connects do
     /// not overflow the listen backlog.
     pub connect_parallel: usize,
@@ -127,10 +132,9 @@ async fn run(opts: SimOptions) -> Result<(), String> {
         connect: Semaphore::new(opts.connect_parallel.max(1)),
         opts: opts.clone(),
     });
-    let commands = stdin_lines();
+    let mut commands = stdin_lines();
     let started = Instant::now();
-    // Index n is the observer.
-    for k in 0..=n {
+    let spawn = |k: usize| {
         let shared = shared.clone();
         tokio::spawn(async move {
             if let Err(e) = client(k, &shared).await {
@@ -139,9 +143,32 @@ async fn run(opts: SimOptions) -> Result<(), String> {
                 *errors.entry(e).or_default() += 1;
             }
         });
+    };
+    // Index n is the observer.
+    let first = if opts.first > 0 && opts.first < n {
+        opts.first
+    } else {
+        n
+    };
+    spawn(n);
+    for k in 0..first {
+        spawn(k);
+    }
+    if first < n {
+        wait_settled(&shared, (0..first).chain([n]), started).await;
+        println!("staged n={first}");
+        loop {
+            match commands.recv().await.as_deref() {
+                Some("continue") => break,
+                Some(other) => eprintln!("xds-scale clients: waiting for continue, got {other:?}"),
+                None => return Ok(()),
+            }
+        }
+        for k in first..n {
+            spawn(k);
+        }
     }
     wait_synced(&shared, started).await;
-    let mut commands = commands;
     while let Some(line) = commands.recv().await {
         let words: Vec<&str> = line.split_whitespace().collect();
         match words.as_slice() {
@@ -224,10 +251,9 @@ fn stdin_lines() -> mpsc::UnboundedReceiver<String> {
     rx
 }
 
-/// Waits until every live client holds all four types and no response
-/// arrived for a second, then prints the `synced` line.
-async fn wait_synced(shared: &Shared, started: Instant) {
-    let n = shared.opts.proxies;
+/// Waits until every client in `ks` holds all four types (or failed) and no
+/// response arrived for a second, or the sync timeout passed.
+async fn wait_settled(shared: &Shared, ks: impl Iterator<Item = usize> + Clone, started: Instant) {
     let quiet = Duration::from_secs(1);
     let mut last = u64::MAX;
     let mut last_change = Instant::now();
@@ -238,16 +264,21 @@ async fn wait_synced(shared: &Shared, started: Instant) {
             last = now;
             last_change = Instant::now();
         }
-        let complete = (0..=n)
-            .filter(|k| {
-                failed(shared, *k) || shared.stats[*k].types.load(Ordering::Relaxed) == 0b1111
-            })
-            .count();
-        let settled = complete == n + 1 && last_change.elapsed() >= quiet;
+        let complete = ks.clone().all(|k| {
+            failed(shared, k) || shared.stats[k].types.load(Ordering::Relaxed) == 0b1111
+        });
+        let settled = complete && last_change.elapsed() >= quiet;
         if settled || started.elapsed() >= shared.opts.sync_timeout {
             break;
         }
     }
+}
+
+/// Waits until every live client holds all four types and no response
+/// arrived for a second, then prints the `synced` line.
+async fn wait_synced(shared: &Shared, started: Instant) {
+    let n = shared.opts.proxies;
+    wait_settled(shared, 0..=n, started).await;
     let held = |k: usize| -> u64 {
         shared.stats[k]
             .held

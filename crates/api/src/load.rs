@@ -260,12 +260,14 @@ fn load_document(
     }
 
     let typed = match kind {
+        Kind::Mesh => typed(chunk.text).map(Resource::Mesh),
         Kind::Service => typed(chunk.text).map(Resource::Service),
         Kind::Workload => typed(chunk.text).map(Resource::Workload),
         Kind::HttpRoute => typed(chunk.text).map(Resource::HttpRoute),
         Kind::GrpcRoute => typed(chunk.text).map(Resource::GrpcRoute),
         Kind::TcpRoute => typed(chunk.text).map(Resource::TcpRoute),
         Kind::TrafficPolicy => typed(chunk.text).map(Resource::TrafficPolicy),
+        Kind::AuthorizationPolicy => typed(chunk.text).map(Resource::AuthorizationPolicy),
     };
     match typed {
         Ok(r) => {

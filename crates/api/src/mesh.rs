@@ -13,8 +13,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::resources::{
-    AppProtocol, BackendView, GrpcRoute, HttpRoute, Metadata, ParentRef, Resource, Service,
-    ServicePort, TcpRoute, TrafficPolicy, Workload,
+    AppProtocol, AuthorizationPolicy, BackendView, DefaultAction, GrpcRoute, HttpRoute, MeshConfig,
+    Metadata, MtlsMode, ParentRef, Resource, Service, ServicePort, TcpRoute, TrafficPolicy,
+    Workload, DEFAULT_TRUST_DOMAIN,
 };
 use crate::source::Sourced;
 
@@ -26,12 +27,15 @@ pub type Key = (String, String);
 /// registration) costs the maps, not the resources.
 #[derive(Debug, Clone, Default)]
 pub struct Mesh {
+    /// The `Mesh` resource (mesh-wide settings), if one was given.
+    pub(crate) config: Option<Arc<Sourced<MeshConfig>>>,
     pub(crate) services: BTreeMap<Key, Arc<Sourced<Service>>>,
     pub(crate) workloads: BTreeMap<Key, Arc<Sourced<Workload>>>,
     pub(crate) http_routes: BTreeMap<Key, Arc<Sourced<HttpRoute>>>,
     pub(crate) grpc_routes: BTreeMap<Key, Arc<Sourced<GrpcRoute>>>,
     pub(crate) tcp_routes: BTreeMap<Key, Arc<Sourced<TcpRoute>>>,
     pub(crate) traffic_policies: BTreeMap<Key, Arc<Sourced<TrafficPolicy>>>,
+    pub(crate) authz_policies: BTreeMap<Key, Arc<Sourced<AuthorizationPolicy>>>,
     /// Service key -> key of the TrafficPolicy that targets it.
     pub(crate) policy_of: BTreeMap<Key, Key>,
     /// Service key -> keys of its Workloads, by name: translation asks for
@@ -52,12 +56,14 @@ impl Mesh {
 
     /// Number of resources.
     pub fn len(&self) -> usize {
-        self.services.len()
+        usize::from(self.config.is_some())
+            + self.services.len()
             + self.workloads.len()
             + self.http_routes.len()
             + self.grpc_routes.len()
             + self.tcp_routes.len()
             + self.traffic_policies.len()
+            + self.authz_policies.len()
     }
 
     /// True when there is no resource.
@@ -139,9 +145,92 @@ impl Mesh {
         self.traffic_policies.get(pk).map(|a| &**a)
     }
 
+    /// The `Mesh` resource, if there is one.
+    pub fn mesh_config(&self) -> Option<&Sourced<MeshConfig>> {
+        self.config.as_deref()
+    }
+
+    /// SPIFFE trust domain of workload identities (`Mesh.spec.trustDomain`,
+    /// default `cluster.local`).
+    pub fn trust_domain(&self) -> &str {
+        self.config
+            .as_ref()
+            .and_then(|c| c.value.spec.trust_domain.as_deref())
+            .unwrap_or(DEFAULT_TRUST_DOMAIN)
+    }
+
+    /// `Mesh.spec.mtls.mode` (default permissive).
+    pub fn mtls_mode(&self) -> MtlsMode {
+        self.config
+            .as_ref()
+            .and_then(|c| c.value.spec.mtls.as_ref())
+            .map(|m| m.mode)
+            .unwrap_or_default()
+    }
+
+    /// `Mesh.spec.authorization.defaultAction` (default allow): what happens
+    /// to requests to a Service that no ALLOW policy applies to.
+    pub fn default_action(&self) -> DefaultAction {
+        self.config
+            .as_ref()
+            .and_then(|c| c.value.spec.authorization.as_ref())
+            .map(|a| a.default_action)
+            .unwrap_or_default()
+    }
+
+    /// AuthorizationPolicies, by namespace then name.
+    pub fn authorization_policies(&self) -> impl Iterator<Item = &Sourced<AuthorizationPolicy>> {
+        self.authz_policies.values().map(|a| &**a)
+    }
+
+    /// The AuthorizationPolicies that apply to Service `namespace/service`:
+    /// those of its namespace that target it or have no `targetRef`, by name.
+    pub fn authorization_policies_for<'a>(
+        &'a self,
+        namespace: &'a str,
+        service: &'a str,
+    ) -> impl Iterator<Item = &'a Sourced<AuthorizationPolicy>> + 'a {
+        self.authz_policies
+            .range((namespace.to_string(), String::new())..)
+            .take_while(move |(k, _)| k.0 == namespace)
+            .map(|(_, p)| &**p)
+            .filter(move |p| {
+                p.value
+                    .spec
+                    .target_ref
+                    .as_ref()
+                    .is_none_or(|t| t.name == service)
+            })
+    }
+
+    /// What translating the inbound side of Workload `namespace/name` reads:
+    /// the workload, its Service, the `Mesh` settings and the
+    /// AuthorizationPolicies that apply to the service. Empty when the
+    /// workload or its service is unknown. (The control plane translates a
+    /// proxy's inbound side from these alone.)
+    pub fn inbound_resources(&self, namespace: &str, name: &str) -> Vec<Sourced<Resource>> {
+        let Some(w) = self.workload(namespace, name) else {
+            return Vec::new();
+        };
+        let Some(svc) = self.service(namespace, &w.value.spec.service) else {
+            return Vec::new();
+        };
+        let mut v = vec![
+            svc.clone().map(Resource::Service),
+            w.clone().map(Resource::Workload),
+        ];
+        v.extend(self.mesh_config().map(|c| c.clone().map(Resource::Mesh)));
+        v.extend(
+            self.authorization_policies_for(namespace, &svc.value.metadata.name)
+                .map(|p| p.clone().map(Resource::AuthorizationPolicy)),
+        );
+        v
+    }
+
     /// Every resource, kind by kind, as stored.
     pub fn resources(&self) -> Vec<Sourced<Resource>> {
         let mut v = Vec::with_capacity(self.len());
+        v.extend(self.mesh_config().map(|c| c.clone().map(Resource::Mesh)));
         v.extend(self.services().map(|s| s.clone().map(Resource::Service)));
         v.extend(self.workloads().map(|s| s.clone().map(Resource::Workload)));
         v.extend(
@@ -156,6 +245,10 @@ impl Mesh {
         v.extend(
             self.traffic_policies()
                 .map(|s| s.clone().map(Resource::TrafficPolicy)),
+        );
+        v.extend(
+            self.authorization_policies()
+                .map(|s| s.clone().map(Resource::AuthorizationPolicy)),
         );
         v
     }

@@ -1871,3 +1871,330 @@ spec:
     let (status, _, _) = http_get(outbound, "nothing.example", "/", "");
     assert!(status.contains("404"), "{status}");
 }
+
+// ------------------------------------------------------------------ authorization
+
+fn authz_policy(name: &str, spec: &str) -> String {
+    format!("---\n{HEAD}\nkind: AuthorizationPolicy\nmetadata:\n  name: {name}\nspec:\n{spec}")
+}
+
+fn mixed_svc() -> String {
+    svc(
+        "api",
+        "{name: http, port: 80}, {name: grpc, port: 9090, appProtocol: grpc}",
+    ) + &svc("db", "{name: pg, port: 5432, appProtocol: tcp}")
+        + "---\napiVersion: meshwork.dev/v1alpha1\nkind: Workload\nmetadata: {name: api-0}\nspec: {service: api, address: 127.0.0.1}\n"
+}
+
+#[test]
+fn authz_validation_names_every_bad_field() {
+    let text = mixed_svc()
+        + &authz_policy(
+            "bad",
+            "  targetRef: {kind: Service, name: api}\n  action: ALLOW\n  rules:\n  - from:\n    - principals: [\"\", \"cluster.local/ns/a/sa/b\", \"spiffe://td/x*y\"]\n      namespaces: [Prod]\n    - {}\n    to:\n    - ports: [0, 81]\n      methods: [get, \"GE T\"]\n      paths: [\"api\", \"/a*b\"]\n      headers: {\"bad header\": x, x-ok: \"\"}\n    - grpc: {service: \"a..b\", method: \"1x\"}\n      paths: [/x]\n",
+        )
+        + &authz_policy("tcp", "  targetRef: {kind: Service, name: db}\n  action: DENY\n  rules:\n  - to: [{methods: [GET]}]\n")
+        + &authz_policy("tcp-port", "  targetRef: {kind: Service, name: api}\n  action: DENY\n  rules:\n  - to: [{ports: [9090], paths: [/x]}]\n")
+        + &authz_policy("missing", "  targetRef: {kind: Service, name: nothere}\n  action: AUDIT\n");
+    let e = errors(&text).to_string();
+    for want in [
+        "AuthorizationPolicy default/bad: spec.rules[0].from[0].principals[0]: must not be empty",
+        "spec.rules[0].from[0].principals[1]: \"cluster.local/ns/a/sa/b\" is not a SPIFFE id (it must start with spiffe://)",
+        "spec.rules[0].from[0].principals[2]: \"spiffe://td/x*y\" is not a SPIFFE id",
+        "spec.rules[0].from[0].namespaces[0]: namespace \"Prod\" must be a namespace name",
+        "spec.rules[0].from[1]: set at least one of principals, notPrincipals, namespaces, notNamespaces",
+        "spec.rules[0].to[0].ports[0]: 0 is out of range: expected 1 to 65535",
+        "spec.rules[0].to[0].ports[1]: Service default/api has no port 81",
+        "spec.rules[0].to[0].methods[0]: method \"get\": methods are case-sensitive; write \"GET\"",
+        "spec.rules[0].to[0].methods[1]: method \"GE T\" is not an HTTP method",
+        "spec.rules[0].to[0].paths[0]: path \"api\" must start with '/'",
+        "spec.rules[0].to[0].paths[1]: path \"/a*b\": only one `*`",
+        "spec.rules[0].to[0].headers.bad header: header name \"bad header\"",
+        "spec.rules[0].to[0].headers.x-ok: must not be empty",
+        "spec.rules[0].to[1].grpc.service: service \"a..b\" is not a valid gRPC service name",
+        "spec.rules[0].to[1].grpc.method: method \"1x\" is not a valid gRPC method name",
+        "spec.rules[0].to[1].grpc: grpc is a path match: use either grpc or paths/notPaths",
+        "AuthorizationPolicy default/tcp: spec.rules[0].to[0].methods: methods only applies to HTTP requests, but the ports of Service default/db is tcp",
+        "AuthorizationPolicy default/missing: spec.targetRef.name: Service default/nothere not found",
+    ] {
+        assert!(e.contains(want), "missing {want:?} in:\n{e}");
+    }
+    // 9090 is a grpc port: HTTP fields are fine there.
+    assert!(!e.contains("default/tcp-port"), "{e}");
+    // Lines point at the field.
+    assert!(e.contains("test.yaml:"), "{e}");
+    // Unknown fields and enum values are load errors with their path.
+    let e = errors(&authz_policy(
+        "typo",
+        "  action: ALLOW\n  rules:\n  - too: []\n",
+    ))
+    .to_string();
+    assert!(
+        e.contains("AuthorizationPolicy default/typo: spec.rules[0].too: unknown field `too`, expected `from` or `to`"),
+        "{e}"
+    );
+    let e = errors(&authz_policy("act", "  action: allow\n")).to_string();
+    assert!(
+        e.contains(
+            "spec.action: unknown variant `allow`, expected one of `ALLOW`, `DENY`, `AUDIT`"
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn mesh_kind_is_single_named_default_and_validated() {
+    let m = |name: &str, spec: &str| {
+        format!("---\n{HEAD}\nkind: Mesh\nmetadata: {{name: {name}}}\nspec: {spec}\n")
+    };
+    let e = errors(&(m("default", "{trustDomain: Example.ORG}") + &m("other", "{}"))).to_string();
+    assert!(
+        e.contains("Mesh default/default: spec.trustDomain: trust domain \"Example.ORG\" may only hold lowercase letters"),
+        "{e}"
+    );
+    assert!(
+        e.contains("Mesh default/other: metadata.name: a mesh has one Mesh resource: Mesh default/default is already defined at test.yaml:2; merge them"),
+        "{e}"
+    );
+    let e = errors(&m("mesh", "{mtls: {mode: strict}}")).to_string();
+    assert!(
+        e.contains("metadata.name: a Mesh resource must be named \"default\""),
+        "{e}"
+    );
+    let e = errors(&m("default", "{mtls: {mode: strictest}}")).to_string();
+    assert!(
+        e.contains("spec.mtls.mode: unknown variant `strictest`"),
+        "{e}"
+    );
+
+    let mm = mesh(&(m(
+        "default",
+        "{trustDomain: example.org, mtls: {mode: strict}, authorization: {defaultAction: deny}}",
+    ) + &http_svc("a")));
+    assert_eq!(mm.trust_domain(), "example.org");
+    assert_eq!(mm.mtls_mode(), api::resources::MtlsMode::Strict);
+    assert_eq!(mm.default_action(), api::resources::DefaultAction::Deny);
+    let plain = mesh(&http_svc("a"));
+    assert_eq!(plain.trust_domain(), "cluster.local");
+    assert_eq!(plain.mtls_mode(), api::resources::MtlsMode::Permissive);
+    assert_eq!(plain.default_action(), api::resources::DefaultAction::Allow);
+}
+
+/// (HTTP filter names, decoded HTTP RBAC configs, network filter names) of
+/// the inbound listener for `api-0`.
+fn inbound_rbac(
+    text: &str,
+) -> (
+    Vec<String>,
+    Vec<envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac>,
+    Vec<String>,
+) {
+    use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac;
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_filter;
+    let mut c = ctx();
+    c.workload = Some(("default".into(), "api-0".into()));
+    let x = api::translate(&mesh(text), &c);
+    let l = x.listener("inbound").unwrap();
+    let h = hcm_of(&l.filter_chains[0]);
+    let names = h.http_filters.iter().map(|f| f.name.clone()).collect();
+    let configs = h
+        .http_filters
+        .iter()
+        .filter_map(|f| match &f.config_type {
+            Some(http_filter::ConfigType::TypedConfig(a))
+                if a.type_url.ends_with("rbac.v3.RBAC") =>
+            {
+                Some(Rbac::decode(a.value.as_slice()).unwrap())
+            }
+            _ => None,
+        })
+        .collect();
+    let tcp = l
+        .default_filter_chain
+        .as_ref()
+        .unwrap()
+        .filters
+        .iter()
+        .map(|f| f.name.clone())
+        .collect();
+    (names, configs, tcp)
+}
+
+fn hcm_of(
+    chain: &envoy_types::pb::envoy::config::listener::v3::FilterChain,
+) -> HttpConnectionManager {
+    match &chain.filters.last().unwrap().config_type {
+        Some(filter::ConfigType::TypedConfig(a)) => {
+            HttpConnectionManager::decode(a.value.as_slice()).unwrap()
+        }
+        other => panic!("not an HCM: {other:?}"),
+    }
+}
+
+#[test]
+fn authz_translates_to_rbac_filters_before_the_router() {
+    use envoy_types::pb::envoy::config::rbac::v3::rbac::Action;
+    let text = mixed_svc()
+        + &authz_policy("audit", "  action: AUDIT\n  rules:\n  - to: [{paths: [/x]}]\n")
+        + &authz_policy("deny", "  targetRef: {kind: Service, name: api}\n  action: DENY\n  rules:\n  - from: [{namespaces: [jobs]}]\n  - to: [{paths: [\"/admin*\"]}]\n")
+        + &authz_policy("allow", "  targetRef: {kind: Service, name: api}\n  action: ALLOW\n  rules:\n  - from: [{principals: [\"spiffe://cluster.local/ns/web/*\"]}]\n")
+        + &authz_policy("elsewhere", "  targetRef: {kind: Service, name: db}\n  action: DENY\n  rules:\n  - {}\n");
+    let (names, rbac, tcp) = inbound_rbac(&text);
+    assert_eq!(
+        names,
+        [
+            "envoy.filters.http.rbac",
+            "envoy.filters.http.rbac",
+            "envoy.filters.http.rbac",
+            "envoy.filters.http.router"
+        ]
+    );
+    assert_eq!(
+        tcp,
+        [
+            "envoy.filters.network.rbac",
+            "envoy.filters.network.rbac",
+            "envoy.filters.network.rbac",
+            "envoy.filters.network.tcp_proxy"
+        ]
+    );
+    // 1: audit, shadow only.
+    assert!(rbac[0].rules.is_none());
+    assert_eq!(rbac[0].shadow_rules_stat_prefix, "meshwork_audit_");
+    let shadow = rbac[0].shadow_rules.as_ref().unwrap();
+    assert_eq!(shadow.action, Action::Deny as i32);
+    assert_eq!(
+        shadow.policies.keys().collect::<Vec<_>>(),
+        ["default/audit/rules[0]"]
+    );
+    // 2: DENY, one policy per rule, named after the resource.
+    let deny = rbac[1].rules.as_ref().unwrap();
+    assert_eq!(deny.action, Action::Deny as i32);
+    let mut keys: Vec<_> = deny.policies.keys().cloned().collect();
+    keys.sort();
+    assert_eq!(keys, ["default/deny/rules[0]", "default/deny/rules[1]"]);
+    let ns_rule = format!("{:?}", deny.policies["default/deny/rules[0]"]);
+    assert!(
+        ns_rule.contains("spiffe://[^/]+/ns/jobs/sa/[^/]+"),
+        "{ns_rule}"
+    );
+    // 3: ALLOW.
+    let allow = rbac[2].rules.as_ref().unwrap();
+    assert_eq!(allow.action, Action::Allow as i32);
+    let p = format!("{:?}", allow.policies["default/allow/rules[0]"]);
+    assert!(
+        p.contains("Prefix(\"spiffe://cluster.local/ns/web/\")"),
+        "{p}"
+    );
+}
+
+#[test]
+fn default_deny_is_an_allow_filter_without_policies() {
+    use envoy_types::pb::envoy::config::rbac::v3::rbac::Action;
+    let mesh_deny = format!(
+        "---\n{HEAD}\nkind: Mesh\nmetadata: {{name: default}}\nspec: {{authorization: {{defaultAction: deny}}}}\n"
+    );
+    let (names, rbac, tcp) = inbound_rbac(&(mixed_svc() + &mesh_deny));
+    assert_eq!(names.len(), 2);
+    assert_eq!(tcp.len(), 2);
+    let allow = rbac[0].rules.as_ref().unwrap();
+    assert_eq!(allow.action, Action::Allow as i32);
+    assert!(allow.policies.is_empty());
+    // No policy and default allow: no RBAC filter at all (output unchanged).
+    let (names, _, tcp) = inbound_rbac(&mixed_svc());
+    assert_eq!(names, ["envoy.filters.http.router"]);
+    assert_eq!(tcp, ["envoy.filters.network.tcp_proxy"]);
+}
+
+fn authz_envoy_mesh(backend_port: u16) -> String {
+    format!(
+        "{}{}{}{}",
+        svc("web", "{name: http, port: 80}"),
+        workload("web-0", "web", backend_port, ""),
+        authz_policy("no-admin", "  targetRef: {kind: Service, name: web}\n  action: DENY\n  rules:\n  - to: [{paths: [\"/admin*\"]}]\n  - from: [{namespaces: [jobs]}]\n"),
+        authz_policy("readers", "  targetRef: {kind: Service, name: web}\n  action: ALLOW\n  rules:\n  - to: [{methods: [GET], paths: [\"/public/*\", \"/admin/*\"]}]\n  - from: [{principals: [\"*\"]}]\n    to: [{ports: [80]}]\n")
+            + &authz_policy("audit", "  action: AUDIT\n  rules:\n  - to: [{headers: {x-canary: \"*\"}}]\n"),
+    )
+}
+
+#[test]
+fn envoy_accepts_a_bootstrap_with_authorization_policies() {
+    let envoy = envoy_binary();
+    let m = mesh(&(authz_envoy_mesh(8080)
+        + &format!("---\n{HEAD}\nkind: Mesh\nmetadata: {{name: default}}\nspec: {{authorization: {{defaultAction: deny}}}}\n")
+        + &svc("db", "{name: pg, port: 5432, appProtocol: tcp}")
+        + "---\napiVersion: meshwork.dev/v1alpha1\nkind: Workload\nmetadata: {name: db-0}\nspec: {service: db, address: 127.0.0.1}\n"
+        + &authz_policy("db", "  targetRef: {kind: Service, name: db}\n  action: ALLOW\n  rules:\n  - from: [{principals: [\"spiffe://cluster.local/ns/jobs/sa/batch\"], notNamespaces: [\"test-*\"]}]\n")));
+    for workload in ["web-0", "db-0"] {
+        let mut c = ctx();
+        c.workload = Some(("default".into(), workload.into()));
+        let x = api::translate(&m, &c);
+        let path = write_bootstrap(&x, 0, &format!("authz-{workload}"));
+        let out = Command::new(&envoy)
+            .args(["--mode", "validate", "--disable-hot-restart", "-c"])
+            .arg(&path)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run Envoy {envoy:?}: {e}; run ./scripts/test.sh"));
+        let log = String::from_utf8_lossy(&out.stderr).to_string()
+            + &String::from_utf8_lossy(&out.stdout);
+        std::fs::remove_file(&path).ok();
+        assert!(out.status.success(), "envoy rejected {workload}:\n{log}");
+        assert!(
+            !log.to_lowercase().contains("deprecated"),
+            "deprecated fields used:\n{log}"
+        );
+    }
+}
+
+#[test]
+fn envoy_denies_the_same_requests_as_the_translated_policies_say() {
+    let envoy = envoy_binary();
+    let app = backend("web");
+    let m = mesh(&authz_envoy_mesh(app));
+    let inbound: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut c = ctx();
+    c.outbound_addr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    c.inbound_addr = inbound;
+    c.workload = Some(("default".into(), "web-0".into()));
+    let x = api::translate(&m, &c);
+    let path = write_bootstrap(&x, free_port(), "authz-run");
+    let child = Command::new(&envoy)
+        .args([
+            "--disable-hot-restart",
+            "--concurrency",
+            "1",
+            "-l",
+            "warning",
+            "-c",
+        ])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run Envoy {envoy:?}: {e}; run ./scripts/test.sh"));
+    let _guard = KillOnDrop(child);
+    let mut up = false;
+    for _ in 0..300 {
+        if TcpStream::connect(inbound).is_ok() {
+            up = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::fs::remove_file(&path).ok();
+    assert!(up, "Envoy did not start listening on {inbound}");
+
+    let (status, _, body) = http_get(inbound, "web", "/public/x", "");
+    assert!(status.contains("200"), "{status} {body}");
+    assert!(body.starts_with("web GET /public/x"), "{body}");
+    // DENY beats ALLOW; the same body our proxy sends.
+    let (status, _, body) = http_get(inbound, "web", "/admin/users", "");
+    assert!(status.contains("403"), "{status}");
+    assert_eq!(body, "RBAC: access denied");
+    // No ALLOW rule matches a plaintext POST... (GET only), nor another path.
+    let (status, _, _) = http_get(inbound, "web", "/private", "");
+    assert!(status.contains("403"), "{status}");
+    // Audit never blocks.
+    let (status, _, _) = http_get(inbound, "web", "/public/y", "x-canary: 1\r\n");
+    assert!(status.contains("200"), "{status}");
+}

@@ -12,6 +12,7 @@ mod proxy_cmd;
 mod resources;
 mod status_cmd;
 mod validate;
+mod why;
 
 #[derive(Debug, Parser)]
 #[command(name = "meshwork", version, about = "meshwork service mesh")]
@@ -44,6 +45,9 @@ enum Command {
     Validate(validate::Args),
     /// Print the xDS resources the translator makes from mesh YAML files.
     Translate(validate::TranslateArgs),
+    /// Explain whether a request from a source may reach a service, and which
+    /// AuthorizationPolicy decided (exit 0 allowed, 1 denied, 2 error).
+    Why(why::Args),
 }
 
 fn main() -> ExitCode {
@@ -60,6 +64,7 @@ fn main() -> ExitCode {
         Command::ProxyConfig(args) => status_cmd::config(args),
         Command::Validate(args) => validate::run(args),
         Command::Translate(args) => validate::translate(args),
+        Command::Why(args) => why::run(args),
     };
     match result {
         Ok(code) => code,

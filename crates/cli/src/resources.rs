@@ -39,7 +39,7 @@ pub struct ControlArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct GetArgs {
-    /// Kind: service, workload, httproute, grpcroute, tcproute, trafficpolicy (plural and short names work), or `all`.
+    /// Kind: mesh, service, workload, httproute, grpcroute, tcproute, trafficpolicy, authorizationpolicy (plural and short names work), or `all`.
     kind: String,
     /// One resource by name (default: list them).
     name: Option<String>,
@@ -431,6 +431,8 @@ fn columns(kind: Option<api::Kind>) -> &'static [&'static str] {
         Some(Workload) => &["SERVICE", "ADDRESS"],
         Some(HttpRoute | GrpcRoute | TcpRoute) => &["PARENTS", "BACKENDS"],
         Some(TrafficPolicy) => &["TARGET"],
+        Some(Mesh) => &["TRUST-DOMAIN", "MTLS", "DEFAULT-ACTION"],
+        Some(AuthorizationPolicy) => &["TARGET", "ACTION", "RULES"],
     }
 }
 
@@ -471,6 +473,39 @@ fn cells(item: &Value, kind: Option<api::Kind>) -> Vec<String> {
             s(&spec, &["targetRef", "kind"]),
             s(&spec, &["targetRef", "name"])
         )],
+        Some(Mesh) => {
+            let or = |v: &str, d: &str| {
+                if v.is_empty() {
+                    d.to_string()
+                } else {
+                    v.to_string()
+                }
+            };
+            vec![
+                or(
+                    s(&spec, &["trustDomain"]),
+                    api::resources::DEFAULT_TRUST_DOMAIN,
+                ),
+                or(s(&spec, &["mtls", "mode"]), "permissive"),
+                or(s(&spec, &["authorization", "defaultAction"]), "allow"),
+            ]
+        }
+        Some(AuthorizationPolicy) => vec![
+            if spec.get("targetRef").is_some() {
+                format!(
+                    "{}/{}",
+                    s(&spec, &["targetRef", "kind"]),
+                    s(&spec, &["targetRef", "name"])
+                )
+            } else {
+                "(namespace)".to_string()
+            },
+            s(&spec, &["action"]).to_string(),
+            spec.get("rules")
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len)
+                .to_string(),
+        ],
     }
 }
 
@@ -699,6 +734,43 @@ fn describe_service(
         }
     }
 
+    let _ = writeln!(out, "Authorization:");
+    let default_action = items
+        .iter()
+        .find(|v| is(v, "Mesh"))
+        .map(|m| s(m, &["spec", "authorization", "defaultAction"]))
+        .filter(|a| !a.is_empty())
+        .unwrap_or("allow");
+    let _ = writeln!(out, "  mesh default action: {default_action}");
+    let mut any = false;
+    for p in items.iter().filter(|v| {
+        is(v, "AuthorizationPolicy")
+            && in_ns(v) == ns
+            && v.pointer("/spec/targetRef")
+                .is_none_or(|t| points_at(t, ns, ns, name))
+    }) {
+        any = true;
+        let rules = p
+            .pointer("/spec/rules")
+            .and_then(Value::as_array)
+            .map_or(0, Vec::len);
+        let scope = if p.pointer("/spec/targetRef").is_some() {
+            "this service"
+        } else {
+            "every service of the namespace"
+        };
+        let _ = writeln!(
+            out,
+            "  {} ({}, {rules} rule{}, targets {scope})",
+            label(p),
+            s(p, &["spec", "action"]),
+            if rules == 1 { "" } else { "s" },
+        );
+    }
+    if !any {
+        let _ = writeln!(out, "  (no AuthorizationPolicy applies)");
+    }
+
     let _ = writeln!(out, "Endpoints:");
     let mut any = false;
     for w in items
@@ -800,6 +872,12 @@ mod tests {
                    "spec": {"service": "reviews", "address": "10.0.0.7", "locality": {"zone": "z1"}}}),
             json!({"kind": "TrafficPolicy", "metadata": {"name": "p", "namespace": "default", "resourceVersion": "6"},
                    "spec": {"targetRef": {"kind": "Service", "name": "reviews"}, "loadBalancer": {"algorithm": "roundRobin"}}}),
+            json!({"kind": "AuthorizationPolicy", "metadata": {"name": "readers", "namespace": "default", "resourceVersion": "7"},
+                   "spec": {"targetRef": {"kind": "Service", "name": "reviews"}, "action": "ALLOW", "rules": [{"to": [{"methods": ["GET"]}]}]}}),
+            json!({"kind": "AuthorizationPolicy", "metadata": {"name": "ns-wide", "namespace": "default", "resourceVersion": "8"},
+                   "spec": {"action": "DENY", "rules": [{"to": [{"paths": ["/admin*"]}]}]}}),
+            json!({"kind": "AuthorizationPolicy", "metadata": {"name": "other", "namespace": "default", "resourceVersion": "9"},
+                   "spec": {"targetRef": {"kind": "Service", "name": "ratings"}, "action": "DENY"}}),
         ]
     }
 
@@ -836,9 +914,12 @@ mod tests {
             "zone z1",
             "registered  reviews-1.default",
             "Called by (proxies holding its clusters):\n  frontend-0.web",
+            "AuthorizationPolicy default/readers (ALLOW, 1 rule, targets this service)",
+            "AuthorizationPolicy default/ns-wide (DENY, 1 rule, targets every service of the namespace)",
         ] {
             assert!(text.contains(want), "missing {want:?} in:\n{text}");
         }
+        assert!(!text.contains("default/other"), "{text}");
         assert!(describe_service(&items(), &[], &[], "default", "nope").is_none());
     }
 }

@@ -571,3 +571,104 @@ static_resources:
     drop(busy);
     drop(control);
 }
+
+#[test]
+fn why_explains_allow_and_deny_with_the_deciding_policy() {
+    let example = repo_root().join("examples/authz.yaml");
+    let example = example.to_str().unwrap();
+    let out = meshwork(&[
+        "why",
+        "-f",
+        example,
+        "--to",
+        "reviews:9080",
+        "--from",
+        "spiffe://cluster.local/ns/default/sa/productpage",
+        "--path",
+        "/reviews/1",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("decision: ALLOW"), "{text}");
+    assert!(
+        text.contains("allowed by default/reviews-readers rules[0] (AuthorizationPolicy default/reviews-readers, ALLOW, "),
+        "{text}"
+    );
+    assert!(text.contains("authz.yaml:"), "source line: {text}");
+
+    // DENY beats ALLOW; the audit policy that would also deny is shown.
+    let out = meshwork(&[
+        "why",
+        "-f",
+        example,
+        "--to",
+        "reviews.default:9080",
+        "--path",
+        "/admin/users",
+        "-H",
+        "x-canary: 1",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("decision: DENY"), "{text}");
+    assert!(
+        text.contains("denied by default/reviews-no-admin rules[0]"),
+        "{text}"
+    );
+    assert!(
+        text.contains("audit:    would be denied by default/reviews-canary-audit rules[0]"),
+        "{text}"
+    );
+    assert!(text.contains("from:     plaintext"), "{text}");
+
+    // TCP: identity and port only.
+    let out = meshwork(&[
+        "why",
+        "-f",
+        example,
+        "--to",
+        "ratings-db",
+        "--from-namespace",
+        "default",
+        "--from-service-account",
+        "ratings",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // gRPC, and default deny for a service without an ALLOW policy match.
+    let out = meshwork(&[
+        "why",
+        "-f",
+        example,
+        "--to",
+        "reviews:9090",
+        "--from-namespace",
+        "other",
+        "--grpc",
+        "shop.Reviews/List",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("none: ALLOW policies apply to default/reviews and none matches"),
+        "{text}"
+    );
+
+    // A question that cannot be answered: exit 2 with the reason.
+    let out = meshwork(&["why", "-f", example, "--to", "nothere"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Service default/nothere not found"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

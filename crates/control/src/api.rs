@@ -139,15 +139,19 @@ pub fn kind_from_arg(s: &str) -> Option<Kind> {
     Kind::ALL.into_iter().find(|k| {
         let name = k.as_str().to_ascii_lowercase();
         let short = match k {
+            Kind::Mesh => "mesh",
             Kind::Service => "svc",
             Kind::Workload => "wl",
             Kind::HttpRoute => "hr",
             Kind::GrpcRoute => "gr",
             Kind::TcpRoute => "tr",
             Kind::TrafficPolicy => "tp",
+            Kind::AuthorizationPolicy => "ap",
         };
         let plural = match k {
+            Kind::Mesh => "meshes".to_string(),
             Kind::TrafficPolicy => "trafficpolicies".to_string(),
+            Kind::AuthorizationPolicy => "authorizationpolicies".to_string(),
             _ => format!("{name}s"),
         };
         l == name || l == plural || l == short

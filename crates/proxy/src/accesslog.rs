@@ -173,6 +173,9 @@ pub enum ResponseFlag {
     DownstreamProtocolError,
     /// UPE: the upstream response was not valid HTTP (502).
     UpstreamProtocolError,
+    /// RBAC: denied by an authorization policy (403 / gRPC 7, or the TCP
+    /// connection closed).
+    RbacDenied,
 }
 
 enum Msg {
@@ -334,7 +337,7 @@ impl Protocol {
 
 impl ResponseFlag {
     /// Every flag, in `index()` order.
-    pub const ALL: [ResponseFlag; 18] = [
+    pub const ALL: [ResponseFlag; 19] = [
         ResponseFlag::NoRoute,
         ResponseFlag::NoCluster,
         ResponseFlag::NoHealthyUpstream,
@@ -353,6 +356,7 @@ impl ResponseFlag {
         ResponseFlag::DelayInjected,
         ResponseFlag::DownstreamProtocolError,
         ResponseFlag::UpstreamProtocolError,
+        ResponseFlag::RbacDenied,
     ];
 
     /// Envoy's short code (`NR`, `UH`, ...).
@@ -376,6 +380,7 @@ impl ResponseFlag {
             ResponseFlag::DelayInjected => "DI",
             ResponseFlag::DownstreamProtocolError => "DPE",
             ResponseFlag::UpstreamProtocolError => "UPE",
+            ResponseFlag::RbacDenied => "RBAC",
         }
     }
 
@@ -400,6 +405,7 @@ impl ResponseFlag {
             ResponseFlag::DelayInjected => "delay_injected",
             ResponseFlag::DownstreamProtocolError => "downstream_protocol_error",
             ResponseFlag::UpstreamProtocolError => "upstream_protocol_error",
+            ResponseFlag::RbacDenied => "rbac_denied",
         }
     }
 

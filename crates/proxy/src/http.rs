@@ -43,6 +43,7 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 /// Envoy's default route timeout, used when a route sets none.
 const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Mirrors of requests with bodies larger than this are skipped.
@@ -59,6 +60,9 @@ pub struct ConnCtx {
     pub drain: crate::drain::Watch,
     pub hcm: Arc<HttpConnectionManager>,
     pub peer: SocketAddr,
+    /// SPIFFE id of the verified TLS peer; `None` for plaintext (set where
+    /// the connection is accepted, in `listener`).
+    pub peer_identity: Option<Arc<str>>,
     /// Metric handles this connection used, so keep-alive requests skip the
     /// registry lookup.
     pub series: std::sync::Mutex<Vec<SeriesKey>>,
@@ -102,6 +106,12 @@ async fn route_and_forward(
     req: Request<Incoming>,
     obs: &mut Observation,
 ) -> Response<Body> {
+    // Authorization runs first, as Envoy's RBAC filters precede the router.
+    if let Some(authz) = &conn.hcm.authz {
+        if let Some(denied) = authorize(conn, authz, &req, obs) {
+            return denied;
+        }
+    }
     let Some(table) = rt.route_table(&conn.hcm) else {
         return local_reply(
             obs,
@@ -671,6 +681,87 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 
 async fn buffer_body(body: Incoming) -> Result<Bytes, hyper::Error> {
     Ok(body.collect().await?.to_bytes())
+}
+
+/// Body of an authorization denial (Envoy's words).
+pub const RBAC_DENIED_BODY: &str = "RBAC: access denied";
+
+/// Evaluates the connection manager's RBAC filters for `req`; counts the
+/// decision; `Some(response)` when denied: 403 with `x-meshwork-error:
+/// rbac_denied`, or for gRPC a trailers-only PERMISSION_DENIED (7).
+fn authorize(
+    conn: &Arc<ConnCtx>,
+    authz: &crate::authz::Authz,
+    req: &Request<Incoming>,
+    obs: &mut Observation,
+) -> Option<Response<Body>> {
+    let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let decision = authz.evaluate(&crate::authz::Input {
+        peer_identity: conn.peer_identity.as_deref(),
+        http: Some(crate::authz::HttpInput {
+            method: req.method(),
+            path: req.uri().path(),
+            path_and_query,
+            authority: &obs.authority,
+            headers: req.headers(),
+        }),
+    });
+    let destination = match conn.direction {
+        Direction::Inbound => conn.shared.local_service(),
+        Direction::Outbound => Arc::new(conn.hcm.stat_prefix.clone()),
+    };
+    conn.shared
+        .record_authz(conn.direction, &destination, &decision);
+    if decision.allowed {
+        return None;
+    }
+    obs.destination_service = Some(destination.to_string());
+    let flag = ResponseFlag::RbacDenied;
+    let reason = denial_reason(&decision);
+    tracing::debug!(%reason, "request denied by authorization policy");
+    obs.local(flag, &reason);
+    let grpc = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let mut resp = Response::new(if grpc {
+        body::empty()
+    } else {
+        body::full(RBAC_DENIED_BODY)
+    });
+    if !grpc {
+        *resp.status_mut() = StatusCode::FORBIDDEN;
+    }
+    let h = resp.headers_mut();
+    h.insert(ERROR_HEADER, HeaderValue::from_static(flag.reason()));
+    if grpc {
+        // A trailers-only response, as Envoy maps a local 403 for gRPC.
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert(GRPC_STATUS, HeaderValue::from_static("7"));
+        h.insert(
+            GRPC_MESSAGE,
+            HeaderValue::from_static("RBAC: access denied"),
+        );
+        obs.grpc_status = Some("7".to_owned());
+    } else {
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    }
+    Some(resp)
+}
+
+/// Why a decision denied, in words (access log `reason`, `meshwork why`).
+pub fn denial_reason(d: &crate::authz::Decision) -> String {
+    match (&d.policy, d.default_deny) {
+        (Some(p), _) => format!("denied by DENY policy {p}"),
+        (None, true) => {
+            "denied by default: no ALLOW policy applies and the mesh default action is deny"
+                .to_owned()
+        }
+        (None, false) => "denied: no ALLOW policy matches".to_owned(),
+    }
 }
 
 /// A response the proxy makes itself.

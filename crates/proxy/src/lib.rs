@@ -16,6 +16,7 @@
 pub mod accesslog;
 pub mod admin;
 pub mod app;
+pub mod authz;
 pub mod balance;
 mod body;
 pub mod config;

@@ -252,6 +252,10 @@ impl Connection {
         if protocol == Protocol::Timeout {
             self.series.detection_timeout();
         }
+        // The SPIFFE id of the peer, which authorization rules on sources
+        // match. The one place to set it: from the verified peer certificate
+        // once inbound mTLS terminates here; plaintext has none.
+        let peer_identity: Option<Arc<str>> = None;
         match (protocol, &l.http, &l.tcp) {
             (Protocol::Http1 | Protocol::Http2, Some(hcm), _) => {
                 let ctx = Arc::new(ConnCtx {
@@ -260,6 +264,7 @@ impl Connection {
                     drain: self.global.clone(),
                     hcm: Arc::new(hcm.clone()),
                     peer,
+                    peer_identity,
                     series: Default::default(),
                 });
                 let io = TokioIo::new(Rewind::new(prefix, stream));
@@ -267,6 +272,17 @@ impl Connection {
             }
             (Protocol::Closed, _, _) => {}
             (_, _, Some(tcp_proxy)) => {
+                if !tcp::authorize(
+                    &self.shared,
+                    tcp_proxy,
+                    direction,
+                    peer,
+                    peer_identity.as_deref(),
+                ) {
+                    // Closed right away (dropping the stream), as Envoy's
+                    // network RBAC filter does.
+                    return;
+                }
                 tcp::proxy(
                     self.shared.clone(),
                     tcp_proxy,

@@ -82,6 +82,52 @@ pub struct HttpLabels {
     pub route: String,
 }
 
+/// Labels of one `meshwork_authz_decisions_total` series.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AuthzLabels {
+    pub direction: Direction,
+    /// Mesh service (`name.namespace`) the request or connection is for.
+    pub destination_service: String,
+    pub decision: AuthzOutcome,
+    /// The deciding RBAC policy (`<namespace>/<policy>/rules[<i>]`); for
+    /// `audit_deny` the audit policy that matched; empty when none decided
+    /// (no ALLOW filter, or no ALLOW policy matched).
+    pub policy: String,
+}
+
+/// The `decision` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AuthzOutcome {
+    Allow,
+    Deny,
+    /// An AUDIT policy matched: it would have denied.
+    AuditDeny,
+}
+
+impl AuthzOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthzOutcome::Allow => "allow",
+            AuthzOutcome::Deny => "deny",
+            AuthzOutcome::AuditDeny => "audit_deny",
+        }
+    }
+}
+
+/// One counter of `meshwork_authz_decisions_total`.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// Labels of one TCP series.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TcpLabels {
@@ -96,6 +142,7 @@ pub struct Metrics {
     http: Family<HttpLabels, HttpSeries>,
     tcp: Family<TcpLabels, TcpSeries>,
     listeners: Family<String, ListenerSeries>,
+    authz: Family<AuthzLabels, Counter>,
     /// Config updates are rare (seconds apart), so a mutex is fine here.
     config: Mutex<BTreeMap<String, ConfigState>>,
 }
@@ -197,6 +244,11 @@ impl Metrics {
         self.tcp.get(labels)
     }
 
+    /// The counter of one authorization decision label set.
+    pub fn authz(&self, labels: &AuthzLabels) -> Arc<Counter> {
+        self.authz.get(labels)
+    }
+
     /// The handle for one listener (by listener name). Keep it.
     pub fn listener(&self, name: &str) -> Arc<ListenerSeries> {
         if let Some(series) = self.listeners.lookup(name) {
@@ -226,8 +278,28 @@ impl Metrics {
         self.render_http(&mut out);
         self.render_tcp(&mut out);
         self.render_listeners(&mut out);
+        self.render_authz(&mut out);
         self.render_config(&mut out);
         out
+    }
+
+    fn render_authz(&self, out: &mut String) {
+        let authz = self.authz.sorted();
+        header(
+            out,
+            "meshwork_authz_decisions_total",
+            "Authorization decisions (allow, deny, audit_deny: an AUDIT policy would have denied), by deciding policy.",
+            "counter",
+        );
+        for (l, c) in &authz {
+            let labels = [
+                ("direction", l.direction.as_str()),
+                ("destination_service", l.destination_service.as_str()),
+                ("decision", l.decision.as_str()),
+                ("policy", l.policy.as_str()),
+            ];
+            sample(out, "meshwork_authz_decisions_total", &labels, c.get());
+        }
     }
 
     fn render_http(&self, out: &mut String) {

@@ -132,7 +132,10 @@ fn header_matches(h: &HeaderMatch, headers: &HeaderMap) -> bool {
 
 /// All values of a header joined with `,` (Envoy's `getAllOfHeaderAsString`);
 /// allocates only when the header repeats.
-fn joined_values<'h>(headers: &'h HeaderMap, name: &http::HeaderName) -> Option<Cow<'h, [u8]>> {
+pub(crate) fn joined_values<'h>(
+    headers: &'h HeaderMap,
+    name: &http::HeaderName,
+) -> Option<Cow<'h, [u8]>> {
     let mut values = headers.get_all(name).iter();
     let first = values.next()?;
     let Some(second) = values.next() else {
@@ -166,7 +169,7 @@ fn first_query_value<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> 
         })
 }
 
-fn string_matches(m: &StringMatch, value: &[u8]) -> bool {
+pub(crate) fn string_matches(m: &StringMatch, value: &[u8]) -> bool {
     match m {
         StringMatch::Exact(s) => value == s.as_bytes(),
         StringMatch::Prefix(s) => value.starts_with(s.as_bytes()),

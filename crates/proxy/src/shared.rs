@@ -5,8 +5,11 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::accesslog::{AccessLog, AccessLogEntry};
+use crate::authz::Decision;
 pub use crate::metrics::Direction;
-use crate::metrics::{HttpLabels, HttpSeries, Metrics, TcpLabels, TcpSeries};
+use crate::metrics::{
+    AuthzLabels, AuthzOutcome, HttpLabels, HttpSeries, Metrics, TcpLabels, TcpSeries,
+};
 use crate::runtime::Runtime;
 use crate::upstream::Pools;
 
@@ -62,6 +65,43 @@ impl Shared {
         match direction {
             Direction::Outbound => self.local_service.load_full(),
             Direction::Inbound => self.unknown.clone(),
+        }
+    }
+
+    /// The mesh service (`name.namespace`) of the fronted workload, or
+    /// `unknown`: the destination of inbound traffic.
+    pub fn local_service(&self) -> Arc<String> {
+        self.local_service.load_full()
+    }
+
+    /// Counts an authorization decision in `meshwork_authz_decisions_total`
+    /// (one `allow`/`deny`, plus one `audit_deny` per matching AUDIT policy)
+    /// and logs audit matches at debug level.
+    pub fn record_authz(&self, direction: Direction, destination: &str, d: &Decision) {
+        let outcome = if d.allowed {
+            AuthzOutcome::Allow
+        } else {
+            AuthzOutcome::Deny
+        };
+        let count = |decision: AuthzOutcome, policy: &str| {
+            self.metrics
+                .authz(&AuthzLabels {
+                    direction,
+                    destination_service: destination.to_owned(),
+                    decision,
+                    policy: policy.to_owned(),
+                })
+                .inc();
+        };
+        count(outcome, d.policy.as_deref().unwrap_or(""));
+        for policy in &d.audit {
+            tracing::debug!(
+                %policy,
+                destination,
+                enforced = outcome.as_str(),
+                "authorization audit: this request would be denied"
+            );
+            count(AuthzOutcome::AuditDeny, policy);
         }
     }
 

@@ -19,6 +19,45 @@ use crate::metrics::TcpSeries;
 use crate::router;
 use crate::shared::{Direction, Shared};
 
+/// Runs the chain's RBAC filters on a new connection (source identity and
+/// port only: no HTTP attributes). Counts the decision; a denial is
+/// access-logged with the `RBAC` flag. Returns whether to proceed.
+pub fn authorize(
+    shared: &Arc<Shared>,
+    tcp: &TcpProxy,
+    direction: Direction,
+    peer: SocketAddr,
+    peer_identity: Option<&str>,
+) -> bool {
+    let Some(authz) = &tcp.authz else {
+        return true;
+    };
+    let decision = authz.evaluate(&crate::authz::Input {
+        peer_identity,
+        http: None,
+    });
+    let destination = match direction {
+        Direction::Inbound => shared.local_service(),
+        Direction::Outbound => Arc::new(tcp.stat_prefix.clone()),
+    };
+    shared.record_authz(direction, &destination, &decision);
+    if decision.allowed {
+        return true;
+    }
+    let reason = crate::http::denial_reason(&decision);
+    tracing::debug!(%peer, %reason, "TCP connection denied by authorization policy");
+    if shared.access_log_enabled() {
+        let mut entry = AccessLogEntry::new(direction, Protocol::Tcp, std::time::SystemTime::now());
+        entry.downstream_remote = Some(peer);
+        entry.source_service = Some(shared.source_service(direction).to_string());
+        entry.destination_service = Some(destination.to_string());
+        entry.response_flags = vec![ResponseFlag::RbacDenied];
+        entry.reason = Some(reason);
+        shared.access_log(entry);
+    }
+    false
+}
+
 /// Proxies one downstream connection. `prefix` holds bytes already read.
 pub async fn proxy(
     shared: Arc<Shared>,

@@ -14,11 +14,13 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+mod authz;
 mod duration;
 mod policy;
 mod route;
 mod service;
 
+pub use authz::*;
 pub use duration::GwDuration;
 pub use policy::*;
 pub use route::*;
@@ -41,41 +43,52 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 /// The kinds of resource meshwork understands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
+    /// `Mesh`: mesh-wide settings (Rust type [`MeshConfig`]).
+    Mesh,
     Service,
     Workload,
     HttpRoute,
     GrpcRoute,
     TcpRoute,
     TrafficPolicy,
+    AuthorizationPolicy,
 }
 
 impl Kind {
     /// Every kind, in the order they are listed to users.
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 8] = [
+        Kind::Mesh,
         Kind::Service,
         Kind::Workload,
         Kind::HttpRoute,
         Kind::GrpcRoute,
         Kind::TcpRoute,
         Kind::TrafficPolicy,
+        Kind::AuthorizationPolicy,
     ];
 
     /// The `kind:` string.
     pub fn as_str(self) -> &'static str {
         match self {
+            Kind::Mesh => "Mesh",
             Kind::Service => "Service",
             Kind::Workload => "Workload",
             Kind::HttpRoute => "HTTPRoute",
             Kind::GrpcRoute => "GRPCRoute",
             Kind::TcpRoute => "TCPRoute",
             Kind::TrafficPolicy => "TrafficPolicy",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
         }
     }
 
     /// The `apiVersion:` values accepted for this kind (the first is preferred).
     pub fn api_versions(self) -> &'static [&'static str] {
         match self {
-            Kind::Service | Kind::Workload | Kind::TrafficPolicy => &[MESHWORK_V1ALPHA1],
+            Kind::Mesh
+            | Kind::Service
+            | Kind::Workload
+            | Kind::TrafficPolicy
+            | Kind::AuthorizationPolicy => &[MESHWORK_V1ALPHA1],
             Kind::HttpRoute | Kind::GrpcRoute => &[GATEWAY_V1],
             Kind::TcpRoute => &[GATEWAY_V1, GATEWAY_V1ALPHA2],
         }
@@ -143,48 +156,56 @@ impl Metadata {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum Resource {
+    Mesh(MeshConfig),
     Service(Service),
     Workload(Workload),
     HttpRoute(HttpRoute),
     GrpcRoute(GrpcRoute),
     TcpRoute(TcpRoute),
     TrafficPolicy(TrafficPolicy),
+    AuthorizationPolicy(AuthorizationPolicy),
 }
 
 impl Resource {
     /// Which kind this is.
     pub fn kind(&self) -> Kind {
         match self {
+            Resource::Mesh(_) => Kind::Mesh,
             Resource::Service(_) => Kind::Service,
             Resource::Workload(_) => Kind::Workload,
             Resource::HttpRoute(_) => Kind::HttpRoute,
             Resource::GrpcRoute(_) => Kind::GrpcRoute,
             Resource::TcpRoute(_) => Kind::TcpRoute,
             Resource::TrafficPolicy(_) => Kind::TrafficPolicy,
+            Resource::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
         }
     }
 
     /// Its metadata.
     pub fn metadata(&self) -> &Metadata {
         match self {
+            Resource::Mesh(r) => &r.metadata,
             Resource::Service(r) => &r.metadata,
             Resource::Workload(r) => &r.metadata,
             Resource::HttpRoute(r) => &r.metadata,
             Resource::GrpcRoute(r) => &r.metadata,
             Resource::TcpRoute(r) => &r.metadata,
             Resource::TrafficPolicy(r) => &r.metadata,
+            Resource::AuthorizationPolicy(r) => &r.metadata,
         }
     }
 
     /// The `apiVersion` it was written with.
     pub fn api_version(&self) -> &str {
         match self {
+            Resource::Mesh(r) => &r.api_version,
             Resource::Service(r) => &r.api_version,
             Resource::Workload(r) => &r.api_version,
             Resource::HttpRoute(r) => &r.api_version,
             Resource::GrpcRoute(r) => &r.api_version,
             Resource::TcpRoute(r) => &r.api_version,
             Resource::TrafficPolicy(r) => &r.api_version,
+            Resource::AuthorizationPolicy(r) => &r.api_version,
         }
     }
 

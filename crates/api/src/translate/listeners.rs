@@ -27,14 +27,16 @@ const HTTP_INSPECTOR: &str = "envoy.filters.listener.http_inspector";
 const ROUTER: &str = "envoy.filters.http.router";
 
 /// A listener that sniffs HTTP (http/1.1 or h2c) for at most `detect`, sends
-/// it through an HCM fed by RDS `route_config`, and the rest to `tcp` (none:
-/// closed).
+/// it through an HCM fed by RDS `route_config` (with `http_filters` before
+/// the router), and the rest through `tcp` (a chain of network filters
+/// ending in tcp_proxy; empty: closed).
 pub(crate) fn detecting(
     name: &str,
     addr: SocketAddr,
     detect: Duration,
     route_config: &str,
-    tcp: Option<Filter>,
+    http_filters: Vec<HttpFilter>,
+    tcp: Vec<Filter>,
 ) -> Listener {
     Listener {
         name: name.to_string(),
@@ -57,31 +59,39 @@ pub(crate) fn detecting(
                 ],
                 ..Default::default()
             }),
-            filters: vec![hcm(name, route_config)],
+            filters: vec![hcm(name, route_config, http_filters)],
             ..Default::default()
         }],
-        default_filter_chain: tcp.map(|f| FilterChain {
-            filters: vec![f],
+        default_filter_chain: (!tcp.is_empty()).then(|| FilterChain {
+            filters: tcp,
             ..Default::default()
         }),
         ..Default::default()
     }
 }
 
-/// A plain TCP listener: every connection goes through `tcp`.
-pub(crate) fn plain(name: &str, addr: SocketAddr, tcp: Filter) -> Listener {
+/// A plain TCP listener: every connection goes through `filters` (network
+/// filters ending in tcp_proxy).
+pub(crate) fn plain(name: &str, addr: SocketAddr, filters: Vec<Filter>) -> Listener {
     Listener {
         name: name.to_string(),
         address: Some(socket_address(addr.ip(), u32::from(addr.port()))),
         filter_chains: vec![FilterChain {
-            filters: vec![tcp],
+            filters,
             ..Default::default()
         }],
         ..Default::default()
     }
 }
 
-fn hcm(stat_prefix: &str, route_config: &str) -> Filter {
+fn hcm(stat_prefix: &str, route_config: &str, mut http_filters: Vec<HttpFilter>) -> Filter {
+    http_filters.push(HttpFilter {
+        name: ROUTER.to_string(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(
+            any(&Router::default()),
+        )),
+        ..Default::default()
+    });
     let m = HttpConnectionManager {
         stat_prefix: stat_prefix.to_string(),
         codec_type: CodecType::Auto as i32,
@@ -89,13 +99,7 @@ fn hcm(stat_prefix: &str, route_config: &str) -> Filter {
             config_source: Some(ads_source()),
             route_config_name: route_config.to_string(),
         })),
-        http_filters: vec![HttpFilter {
-            name: ROUTER.to_string(),
-            config_type: Some(http_filter::ConfigType::TypedConfig(
-                any(&Router::default()),
-            )),
-            ..Default::default()
-        }],
+        http_filters,
         upgrade_configs: vec![UpgradeConfig {
             upgrade_type: "websocket".to_string(),
             ..Default::default()

@@ -13,6 +13,10 @@
 //! consumer routes (in the client's namespace) replace producer routes for
 //! that client.
 //!
+//! Authorization: the inbound listener carries Envoy RBAC filters for the
+//! AuthorizationPolicies of its service and the Mesh default action
+//! (`authz`, contract in `docs/authorization.md`).
+//!
 //! Non-goals: scoping the output to the services a proxy calls (the control
 //! plane filters), mTLS secrets, and `api_listener`s for proxyless gRPC
 //! (the control plane adds them on request with [`grpc_api_listener`]).
@@ -28,6 +32,7 @@ use envoy_types::pb::envoy::config::route::v3::{route_action, RouteConfiguration
 use crate::mesh::{Key, Mesh};
 use crate::resources::{AppProtocol, ServicePort};
 
+mod authz;
 mod clusters;
 mod grpc;
 mod listeners;
@@ -164,7 +169,8 @@ pub fn translate(mesh: &Mesh, ctx: &ProxyContext) -> Xds {
         ctx.outbound_addr,
         ctx.detect_timeout,
         names::OUTBOUND_HTTP,
-        None,
+        Vec::new(),
+        Vec::new(),
     ));
 
     for s in mesh.services() {
@@ -229,7 +235,8 @@ pub fn translate(mesh: &Mesh, ctx: &ProxyContext) -> Xds {
             let port = u16::try_from(sp.local_port()).unwrap_or(0);
             let addr = SocketAddr::new(ctx.outbound_addr.ip(), port);
             let filter = listeners::tcp_proxy(&lname, targets, idle);
-            xds.listeners.push(listeners::plain(&lname, addr, filter));
+            xds.listeners
+                .push(listeners::plain(&lname, addr, vec![filter]));
         }
     }
 
@@ -275,6 +282,14 @@ fn inbound(mesh: &Mesh, ctx: &ProxyContext, wns: &str, wname: &str, xds: &mut Xd
         vec![(names::inbound_cluster(first_port), 1)],
         None,
     );
+    let hosts: Vec<(u32, Option<Vec<String>>)> = routes::inbound_hosts(svc, &ports)
+        .into_iter()
+        .map(|(port, _, domains)| (port, domains))
+        .collect();
+    let service_ports: Vec<&ServicePort> = ports.iter().map(|(sp, _)| *sp).collect();
+    let rbac = authz::inbound(mesh, svc, &hosts, &service_ports);
+    let mut tcp_chain = rbac.tcp;
+    tcp_chain.push(tcp);
     if ports.iter().any(|(sp, _)| sp.app_protocol.is_http()) {
         xds.routes.push(routes::inbound(svc, &ports));
         xds.listeners.push(listeners::detecting(
@@ -282,11 +297,15 @@ fn inbound(mesh: &Mesh, ctx: &ProxyContext, wns: &str, wname: &str, xds: &mut Xd
             ctx.inbound_addr,
             ctx.detect_timeout,
             names::INBOUND,
-            Some(tcp),
+            rbac.http,
+            tcp_chain,
         ));
     } else {
-        xds.listeners
-            .push(listeners::plain(names::INBOUND, ctx.inbound_addr, tcp));
+        xds.listeners.push(listeners::plain(
+            names::INBOUND,
+            ctx.inbound_addr,
+            tcp_chain,
+        ));
     }
 }
 

@@ -174,8 +174,16 @@ pub(crate) fn outbound(
 /// The inbound RouteConfiguration `inbound` for the fronted workload: one
 /// virtual host per HTTP-ish port; the first takes every authority (`*`),
 /// the others their `name:port` authorities.
-pub(crate) fn inbound(svc: &Service, ports: &[(&ServicePort, u32)]) -> RouteConfiguration {
-    let mut vhosts = Vec::new();
+/// The inbound virtual hosts of `svc`: (service port, workload port,
+/// domains), one per distinct workload port of the HTTP-ish ports; the
+/// first takes every host (`None`: domain `*`), the others their service
+/// host names with the port. Authorization uses the same list to tell
+/// which service port a request is for.
+pub(crate) fn inbound_hosts(
+    svc: &Service,
+    ports: &[(&ServicePort, u32)],
+) -> Vec<(u32, u32, Option<Vec<String>>)> {
+    let mut out = Vec::new();
     let mut seen = Vec::new();
     for (i, (sp, wport)) in ports
         .iter()
@@ -186,12 +194,17 @@ pub(crate) fn inbound(svc: &Service, ports: &[(&ServicePort, u32)]) -> RouteConf
             continue;
         }
         seen.push(*wport);
-        let domains = if i == 0 {
-            vec!["*".to_string()]
-        } else {
-            domains(svc, sp.port, false, true)
-        };
-        let cluster = names::inbound_cluster(*wport);
+        let domains = (i != 0).then(|| domains(svc, sp.port, false, true));
+        out.push((sp.port, *wport, domains));
+    }
+    out
+}
+
+pub(crate) fn inbound(svc: &Service, ports: &[(&ServicePort, u32)]) -> RouteConfiguration {
+    let mut vhosts = Vec::new();
+    for (_, wport, domains) in inbound_hosts(svc, ports) {
+        let domains = domains.unwrap_or_else(|| vec!["*".to_string()]);
+        let cluster = names::inbound_cluster(wport);
         vhosts.push(VirtualHost {
             name: cluster.clone(),
             domains,

@@ -24,6 +24,7 @@ use crate::resources::{
 };
 use crate::source::Sourced;
 
+mod authz;
 pub(crate) mod checks;
 mod routes;
 
@@ -54,6 +55,24 @@ pub fn validate(resources: Vec<Sourced<Resource>>) -> Result<Mesh, Errors> {
         let key: Key = (meta.namespace, meta.name);
         let (value, place) = r.split();
         match value {
+            Resource::Mesh(v) => {
+                let here = place.map(|_| v);
+                if let Some(first) = &mesh.config {
+                    errors.push(here.error(
+                        Some(label),
+                        &FieldPath::root().key("metadata").key("name"),
+                        format!(
+                            "a mesh has one Mesh resource: Mesh {}/{} is already defined at {}; merge them",
+                            first.value.metadata.namespace,
+                            first.value.metadata.name,
+                            first.place()
+                        ),
+                    ));
+                    continue;
+                }
+                authz::check_mesh_config(&here, &mut errors);
+                mesh.config = Some(std::sync::Arc::new(here));
+            }
             Resource::Service(v) => {
                 mesh.services
                     .insert(key, std::sync::Arc::new(place.map(|_| v)));
@@ -78,6 +97,10 @@ pub fn validate(resources: Vec<Sourced<Resource>>) -> Result<Mesh, Errors> {
                 mesh.traffic_policies
                     .insert(key, std::sync::Arc::new(place.map(|_| v)));
             }
+            Resource::AuthorizationPolicy(v) => {
+                mesh.authz_policies
+                    .insert(key, std::sync::Arc::new(place.map(|_| v)));
+            }
         }
     }
 
@@ -86,6 +109,7 @@ pub fn validate(resources: Vec<Sourced<Resource>>) -> Result<Mesh, Errors> {
         check_workload(&mesh, w, &mut errors);
     }
     check_policies(&mut mesh, &mut errors);
+    authz::check_authz_policies(&mesh, &mut errors);
     routes::check_routes(&mesh, &mut errors);
 
     if errors.is_empty() {

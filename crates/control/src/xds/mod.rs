@@ -14,8 +14,9 @@
 //!   (`upstreams` in its node metadata) gets only those, the backends their
 //!   routes send to, and its inbound side; one that does not gets every
 //!   service (it may call any).
-//! - Changes of the mesh or of the registry are debounced ([`DEBOUNCE`]):
-//!   a burst of changes makes one new merged mesh, then every stream pushes
+//! - Changes of the mesh or of the registry are debounced: a burst of
+//!   changes (ended by [`DEBOUNCE`] without a change, or cut at
+//!   [`MAX_DEBOUNCE`]) makes one new merged mesh, then every stream pushes
 //!   the types whose selected resources changed version.
 //! - ACKs and NACKs are tracked per proxy and per type; [`XdsServer::status_json`]
 //!   and [`XdsServer::proxy_json`] expose them (proxy-status / proxy-config).
@@ -35,19 +36,12 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use api::{Mesh, ProxyContext};
-use envoy_types::pb::envoy::service::discovery::v3::{
-    aggregated_discovery_service_server::{
-        AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
-    },
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-};
 use serde_json::Value;
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tokio::sync::watch;
 
 use crate::registry::{self, Registry};
 
+mod service;
 mod snapshot;
 mod status;
 mod stream;
@@ -55,8 +49,13 @@ mod stream;
 use snapshot::{Base, Snapshot};
 use status::ProxyRecord;
 
-/// How long a change waits for more changes before it is pushed.
+/// How long a change waits for more changes before it is pushed: the quiet
+/// period that ends a burst.
 pub const DEBOUNCE: Duration = Duration::from_millis(50);
+
+/// The longest a burst of changes is held back: changes that keep coming
+/// are pushed at least this often.
+pub const MAX_DEBOUNCE: Duration = Duration::from_millis(500);
 
 /// Largest request accepted (a DiscoveryRequest is small; a NACK's
 /// error_detail is the largest part).
@@ -106,10 +105,6 @@ struct CacheEntry<T> {
     item: Weak<T>,
 }
 
-struct Ads {
-    shared: Arc<Shared>,
-}
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section here is a single map operation: a panic in one
     // cannot leave the data inconsistent, so a poisoned lock is still fine.
@@ -151,10 +146,7 @@ impl XdsServer {
             self.shared.registry.subscribe(),
             self.shared.stopping.subscribe(),
         ));
-        let svc = AggregatedDiscoveryServiceServer::new(Ads {
-            shared: self.shared.clone(),
-        })
-        .max_decoding_message_size(MAX_REQUEST);
+        let svc = service::Ads::new(self.shared.clone(), MAX_REQUEST);
         let stopping = self.shared.stopping.clone();
         let signal = async move {
             shutdown.await;
@@ -344,41 +336,25 @@ async fn debounce(
             }
             _ = stopping.changed() => return,
         }
-        tokio::time::sleep(DEBOUNCE).await;
+        // Wait for a quiet period, but not forever: a storm of changes (a
+        // fleet of proxies registering) makes one generation per
+        // MAX_DEBOUNCE instead of one per change, which bounds both the
+        // translation work and the garbage it leaves behind.
+        let burst = tokio::time::Instant::now();
+        loop {
+            registry.borrow_and_update();
+            if mesh_open {
+                mesh.borrow_and_update();
+            }
+            tokio::time::sleep(DEBOUNCE).await;
+            let more = registry.has_changed().unwrap_or(false)
+                || (mesh_open && mesh.has_changed().unwrap_or(false));
+            if !more || burst.elapsed() >= MAX_DEBOUNCE {
+                break;
+            }
+        }
         registry.borrow_and_update();
         let current = mesh.borrow_and_update().clone();
         shared.recompute(&current);
-    }
-}
-
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for Ads {
-    type StreamAggregatedResourcesStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
-    type DeltaAggregatedResourcesStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
-
-    async fn stream_aggregated_resources(
-        &self,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(stream::run_sotw(
-            self.shared.clone(),
-            request.into_inner(),
-            tx,
-        ));
-        Ok(Response::new(ReceiverStream::new(rx)))
-    }
-
-    async fn delta_aggregated_resources(
-        &self,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(stream::run_delta(
-            self.shared.clone(),
-            request.into_inner(),
-            tx,
-        ));
-        Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

@@ -8,8 +8,10 @@
 //!   those share one `Base` (`Arc`): with N proxies the mesh is translated
 //!   once, not N times.
 //! - A [`Snapshot`] is a `Base` plus what only this proxy has: its inbound
-//!   listener, route and clusters (translated from its own Service and
-//!   Workload alone) and, when the proxy declared the services it calls
+//!   listener, route and clusters (translated from its own Service,
+//!   Workload, the Mesh settings and the AuthorizationPolicies that apply,
+//!   alone, and reused while those stay the same) and, when the proxy
+//!   declared the services it calls
 //!   (`upstreams` in its node metadata), the scope that hides the rest.
 //! - Every resource carries a version that changes only when its content
 //!   changes: building compares each resource with the one of the same name
@@ -23,7 +25,7 @@
 //!
 //! Non-goals: deciding what a stream subscribed to (see `stream`).
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, OnceLock};
 
 use api::{names, Mesh, ProxyContext, Resource};
@@ -101,14 +103,16 @@ pub(crate) enum Res {
     Endpoints(Box<ClusterLoadAssignment>),
 }
 
+/// `m` packed in an `Any`.
+fn pack<T: Message + Name>(m: &T) -> Any {
+    Any {
+        type_url: T::type_url(),
+        value: m.encode_to_vec(),
+    }
+}
+
 impl Res {
     pub(crate) fn to_any(&self) -> Any {
-        fn pack<T: Message + Name>(m: &T) -> Any {
-            Any {
-                type_url: T::type_url(),
-                value: m.encode_to_vec(),
-            }
-        }
         match self {
             Res::Listener(m) => pack(m.as_ref()),
             Res::Route(m) => pack(m.as_ref()),
@@ -122,23 +126,56 @@ impl Res {
 #[derive(Debug, Clone)]
 pub(crate) struct Versioned {
     pub(crate) version: Arc<str>,
-    pub(crate) res: Arc<Res>,
-    /// The encoding, made once and shared by every stream that sends it.
-    encoded: Arc<OnceLock<Any>>,
+    body: Arc<Body>,
+}
+
+/// A resource's content. Shared resources (a [`Base`]) keep the message, to
+/// derive scoped and proxyless variants from it, and encode it once, on
+/// first use; a proxy's own resources keep only their encoding, which is a
+/// fraction of the message's size in memory (every optional sub-message of
+/// an Envoy type is stored inline).
+#[derive(Debug)]
+enum Body {
+    Message { res: Res, encoded: OnceLock<Any> },
+    Encoded(Any),
 }
 
 impl Versioned {
     fn new(version: Arc<str>, res: Res) -> Versioned {
         Versioned {
             version,
-            res: Arc::new(res),
-            encoded: Arc::default(),
+            body: Arc::new(Body::Message {
+                res,
+                encoded: OnceLock::new(),
+            }),
+        }
+    }
+
+    fn encoded(version: Arc<str>, any: Any) -> Versioned {
+        Versioned {
+            version,
+            body: Arc::new(Body::Encoded(any)),
+        }
+    }
+
+    /// The message, when this resource kept it (shared resources do).
+    pub(crate) fn res(&self) -> Option<&Res> {
+        match &*self.body {
+            Body::Message { res, .. } => Some(res),
+            Body::Encoded(_) => None,
         }
     }
 
     /// The resource packed in an `Any`.
     pub(crate) fn any(&self) -> Any {
-        self.encoded.get_or_init(|| self.res.to_any()).clone()
+        self.any_ref().clone()
+    }
+
+    fn any_ref(&self) -> &Any {
+        match &*self.body {
+            Body::Message { res, encoded } => encoded.get_or_init(|| res.to_any()),
+            Body::Encoded(any) => any,
+        }
     }
 }
 
@@ -158,9 +195,31 @@ pub(crate) struct Base {
     /// Clusters rewritten for proxyless gRPC (balancers it lacks become
     /// ROUND_ROBIN), by name; only those that differ.
     grpc_clusters: BTreeMap<String, Versioned>,
-    /// `outbound_http` without its virtual hosts: what a scoped copy starts
-    /// from, so cutting it per proxy never copies every virtual host.
-    route_shell: Option<RouteConfiguration>,
+    /// What scoping a proxy to some services keeps, precomputed so that
+    /// scoping costs what the scope holds, not what the mesh holds.
+    index: ScopeIndex,
+}
+
+/// Base resources by the service (`service.namespace`) they belong to.
+#[derive(Debug, Default)]
+struct ScopeIndex {
+    /// `outbound|<port>||<service>.<namespace>` clusters, by service.
+    clusters: HashMap<String, Vec<String>>,
+    /// `outbound_tcp|<port>|<service>.<namespace>` listeners, by service.
+    tcp_listeners: HashMap<String, Vec<String>>,
+    /// Listeners every proxy gets (`outbound_http`, ...).
+    common_listeners: Vec<String>,
+    /// Clusters a listener's `tcp_proxy` sends to, by listener.
+    listener_targets: HashMap<String, Vec<String>>,
+    /// Indexes into `outbound_http`'s virtual hosts, by service.
+    vhosts: HashMap<String, Vec<usize>>,
+    /// Clusters each virtual host's routes send to (and mirror to).
+    vhost_targets: Vec<Vec<String>>,
+    /// Route configurations other than `outbound_http`.
+    other_routes: Vec<String>,
+    /// `outbound_http` without its virtual hosts, encoded: a scoped copy is
+    /// this plus the kept virtual hosts.
+    route_shell: Option<Vec<u8>>,
 }
 
 /// Everything one proxy can be sent.
@@ -171,6 +230,12 @@ pub(crate) struct Snapshot {
     base: Arc<Base>,
     /// This proxy's own resources; they take precedence over `base`.
     own: ByType,
+    /// What its inbound side was translated from (its Service, Workload,
+    /// Mesh settings and policies), to reuse the translation while they stay
+    /// the same.
+    inbound_inputs: Option<Vec<Resource>>,
+    /// The translator's version of the inbound side.
+    inbound_version: Option<Arc<str>>,
     /// When scoped: the base resources this proxy may see, per type.
     allowed: Option<[HashSet<String>; 4]>,
     /// [`Snapshot::all`], made once per (type, proxyless) and shared by
@@ -179,6 +244,9 @@ pub(crate) struct Snapshot {
     /// The names of `wildcard`, likewise.
     all_names: [OnceLock<Arc<BTreeSet<String>>>; 8],
 }
+
+/// Field number of `RouteConfiguration.virtual_hosts`.
+const VIRTUAL_HOSTS_TAG: u32 = 2;
 
 /// Version of the api_listener resources: their content depends on the name only.
 const API_LISTENER_VERSION: &str = "api-1";
@@ -205,8 +273,25 @@ fn versioned(
     res: Res,
 ) -> Versioned {
     match prev.and_then(|p| p[kind.index()].get(name)) {
-        Some(old) if *old.res == res => old.clone(),
+        Some(old) if old.res() == Some(&res) => old.clone(),
         _ => Versioned::new(version.clone(), res),
+    }
+}
+
+/// A proxy's own resource, kept encoded: the previous version is kept when
+/// the encoding is the same (our messages encode deterministically: their
+/// map fields have at most one entry; should one not, the cost is a
+/// needless push, never a wrong config).
+fn own_versioned(
+    prev: Option<&ByType>,
+    version: &Arc<str>,
+    kind: TypeKind,
+    name: &str,
+    any: Any,
+) -> Versioned {
+    match prev.and_then(|p| p[kind.index()].get(name)) {
+        Some(old) if *old.any_ref() == any => old.clone(),
+        _ => Versioned::encoded(version.clone(), any),
     }
 }
 
@@ -257,7 +342,7 @@ impl Base {
         let resources = index(xds, prev.map(|p| &p.resources), &version);
         let mut grpc_clusters = BTreeMap::new();
         for (name, v) in &resources[TypeKind::Cluster.index()] {
-            if let Res::Cluster(c) = &*v.res {
+            if let Some(Res::Cluster(c)) = v.res() {
                 if let Some(rr) = for_grpc(c) {
                     grpc_clusters.insert(
                         name.clone(),
@@ -269,28 +354,20 @@ impl Base {
                 }
             }
         }
-        let route_shell = resources[TypeKind::Route.index()]
-            .get(names::OUTBOUND_HTTP)
-            .and_then(|v| match &*v.res {
-                Res::Route(rc) => Some(RouteConfiguration {
-                    virtual_hosts: Vec::new(),
-                    ..(**rc).clone()
-                }),
-                _ => None,
-            });
+        let index = ScopeIndex::build(&resources);
         Base {
             version,
             resources,
             api_names,
             grpc_clusters,
-            route_shell,
+            index,
         }
     }
 }
 
 impl Snapshot {
     /// `base` plus the own part of the proxy `ctx` describes (its inbound
-    /// side, translated from its Service and Workload in `mesh`), limited to
+    /// side, translated from its Service, Workload and policies), limited to
     /// `scope` (`service.namespace` names) when given.
     pub(crate) fn build(
         mesh: &Mesh,
@@ -301,27 +378,56 @@ impl Snapshot {
     ) -> Snapshot {
         let prev_own = prev.map(|p| &p.own);
         let mut own: ByType = Default::default();
-        let mut version = base.version.to_string();
-        if let Some(xds) = inbound(mesh, ctx) {
-            version = format!("{version}-{}", xds.version);
-            let v: Arc<str> = Arc::from(version.as_str());
-            own = index(xds, prev_own, &v);
-            // Keep only the inbound side: the rest is in `base`.
-            own[TypeKind::Listener.index()].retain(|n, _| n == names::INBOUND);
-            own[TypeKind::Route.index()].retain(|n, _| n == names::INBOUND);
-            own[TypeKind::Cluster.index()].retain(|n, _| n.starts_with("inbound|"));
-            own[TypeKind::Endpoints.index()].clear();
-        }
+        let inputs = inbound_inputs(mesh, ctx);
+        let inbound_version = match prev {
+            // Same Service and Workload as last time: same inbound side,
+            // no need to translate it again.
+            Some(p) if inputs.is_some() && p.inbound_inputs == inputs => {
+                for kind in TypeKind::ALL {
+                    for (n, v) in &p.own[kind.index()] {
+                        if n != names::OUTBOUND_HTTP {
+                            own[kind.index()].insert(n.clone(), v.clone());
+                        }
+                    }
+                }
+                p.inbound_version.clone()
+            }
+            _ => inputs.as_ref().map(|alone| {
+                let xds = translate_alone(mesh, ctx, alone);
+                let v: Arc<str> = Arc::from(format!("{}-{}", base.version, xds.version));
+                // Keep only the inbound side: the rest is in `base`.
+                let mut put = |kind: TypeKind, name: &str, any: Any| {
+                    let item = own_versioned(prev_own, &v, kind, name, any);
+                    own[kind.index()].insert(name.to_string(), item);
+                };
+                for l in xds.listeners.iter().filter(|l| l.name == names::INBOUND) {
+                    put(TypeKind::Listener, &l.name, pack(l));
+                }
+                for r in xds.routes.iter().filter(|r| r.name == names::INBOUND) {
+                    put(TypeKind::Route, &r.name, pack(r));
+                }
+                for c in &xds.clusters {
+                    if c.name.starts_with("inbound|") {
+                        put(TypeKind::Cluster, &c.name, pack(c));
+                    }
+                }
+                Arc::from(xds.version.as_str())
+            }),
+        };
+        let version = match &inbound_version {
+            Some(iv) => format!("{}-{iv}", base.version),
+            None => base.version.to_string(),
+        };
         let version: Arc<str> = Arc::from(version.as_str());
         let allowed = scope.map(|s| {
             let (allowed, route) = scoped(&base, s);
             if let Some(route) = route {
-                let v = versioned(
+                let v = own_versioned(
                     prev_own,
                     &version,
                     TypeKind::Route,
                     names::OUTBOUND_HTTP,
-                    Res::Route(Box::new(route)),
+                    route,
                 );
                 own[TypeKind::Route.index()].insert(names::OUTBOUND_HTTP.to_string(), v);
             }
@@ -331,6 +437,8 @@ impl Snapshot {
             version,
             base,
             own,
+            inbound_inputs: inputs,
+            inbound_version,
             allowed,
             wildcard: Default::default(),
             all_names: Default::default(),
@@ -446,7 +554,7 @@ impl Snapshot {
             TypeKind::Route if proxyless => {
                 let outbound =
                     self.base.resources[TypeKind::Route.index()].get(names::OUTBOUND_HTTP)?;
-                let Res::Route(rc) = &*outbound.res else {
+                let Some(Res::Route(rc)) = outbound.res() else {
                     return None;
                 };
                 let rc = RouteConfiguration {
@@ -476,97 +584,166 @@ impl Snapshot {
     }
 }
 
-/// The inbound side of the proxy `ctx` describes: its Service and Workload
-/// alone, translated. `None` when it fronts no (known) workload.
-fn inbound(mesh: &Mesh, ctx: &ProxyContext) -> Option<api::Xds> {
+/// What the inbound side of the proxy `ctx` describes is translated from:
+/// its Service and Workload, the Mesh settings and the AuthorizationPolicies
+/// that apply to it ([`Mesh::inbound_resources`]). `None` when it fronts no
+/// (known) workload.
+fn inbound_inputs(mesh: &Mesh, ctx: &ProxyContext) -> Option<Vec<Resource>> {
     let (ns, name) = ctx.workload.as_ref()?;
-    let w = mesh.workload(ns, name)?;
-    let svc = mesh.service(ns, &w.value.spec.service)?;
-    let alone = vec![
-        svc.clone().map(Resource::Service),
-        w.clone().map(Resource::Workload),
-    ];
-    match api::validate(alone) {
-        Ok(m) => Some(api::translate(&m, ctx)),
+    let alone: Vec<Resource> = mesh
+        .inbound_resources(ns, name)
+        .into_iter()
+        .map(|r| r.value)
+        .collect();
+    (!alone.is_empty()).then_some(alone)
+}
+
+/// The inbound side: `alone` (from [`inbound_inputs`]) translated for `ctx`.
+fn translate_alone(mesh: &Mesh, ctx: &ProxyContext, alone: &[Resource]) -> api::Xds {
+    let sourced = alone
+        .iter()
+        .map(|r| api::Sourced::new("inbound", 1, r.clone()))
+        .collect();
+    match api::validate(sourced) {
+        Ok(m) => api::translate(&m, ctx),
         // Both validated as part of the whole mesh; alone they cannot fail.
         // Should they, translate the whole mesh rather than lose the inbound.
-        Err(_) => Some(api::translate(mesh, ctx)),
+        Err(_) => api::translate(mesh, ctx),
+    }
+}
+
+impl ScopeIndex {
+    fn build(resources: &ByType) -> ScopeIndex {
+        let mut ix = ScopeIndex::default();
+        for name in resources[TypeKind::Cluster.index()].keys() {
+            // `outbound|<port>||<service>.<namespace>`
+            if let Some((_, svc)) = name
+                .strip_prefix("outbound|")
+                .and_then(|r| r.split_once("||"))
+            {
+                ix.clusters
+                    .entry(svc.to_string())
+                    .or_default()
+                    .push(name.clone());
+            }
+        }
+        for (name, v) in &resources[TypeKind::Listener.index()] {
+            match name
+                .strip_prefix("outbound_tcp|")
+                .and_then(|rest| rest.split_once('|'))
+            {
+                Some((_, svc)) => ix
+                    .tcp_listeners
+                    .entry(svc.to_string())
+                    .or_default()
+                    .push(name.clone()),
+                None => ix.common_listeners.push(name.clone()),
+            }
+            if let Some(Res::Listener(l)) = v.res() {
+                let mut targets = HashSet::new();
+                tcp_targets(l, &mut targets);
+                if !targets.is_empty() {
+                    ix.listener_targets
+                        .insert(name.clone(), targets.into_iter().collect());
+                }
+            }
+        }
+        for (name, v) in &resources[TypeKind::Route.index()] {
+            if name != names::OUTBOUND_HTTP {
+                ix.other_routes.push(name.clone());
+                continue;
+            }
+            let Some(Res::Route(rc)) = v.res() else {
+                continue;
+            };
+            for (i, vh) in rc.virtual_hosts.iter().enumerate() {
+                // `<service>.<namespace>:<port>`
+                if let Some((svc, _)) = vh.name.rsplit_once(':') {
+                    ix.vhosts.entry(svc.to_string()).or_default().push(i);
+                }
+                let mut targets = Vec::new();
+                for r in &vh.routes {
+                    if let Some(route::Action::Route(a)) = &r.action {
+                        match &a.cluster_specifier {
+                            Some(route_action::ClusterSpecifier::Cluster(c)) => {
+                                targets.push(c.clone());
+                            }
+                            Some(route_action::ClusterSpecifier::WeightedClusters(w)) => {
+                                targets.extend(w.clusters.iter().map(|c| c.name.clone()));
+                            }
+                            _ => {}
+                        }
+                        targets.extend(a.request_mirror_policies.iter().map(|m| m.cluster.clone()));
+                    }
+                }
+                ix.vhost_targets.push(targets);
+            }
+            let shell = RouteConfiguration {
+                virtual_hosts: Vec::new(),
+                ..(**rc).clone()
+            };
+            ix.route_shell = Some(shell.encode_to_vec());
+        }
+        ix
     }
 }
 
 /// What a proxy that calls the services in `scope` may see: the outbound
 /// listeners of those services, the clusters (and endpoints) of those
 /// services and of every backend their routes send to, and `outbound_http`
-/// cut to their virtual hosts (returned separately: it replaces the base's).
-fn scoped(
-    base: &Base,
-    scope: &BTreeSet<String>,
-) -> ([HashSet<String>; 4], Option<RouteConfiguration>) {
+/// cut to their virtual hosts (returned separately, encoded: it replaces
+/// the base's).
+fn scoped(base: &Base, scope: &BTreeSet<String>) -> ([HashSet<String>; 4], Option<Any>) {
+    let ix = &base.index;
     let mut allowed: [HashSet<String>; 4] = Default::default();
     let mut clusters: HashSet<String> = HashSet::new();
-    let in_scope = |svc_ns: &str| scope.contains(svc_ns);
-    // `outbound|<port>||<service>.<namespace>`
-    for name in base.resources[TypeKind::Cluster.index()].keys() {
-        if let Some(svc) = name
-            .strip_prefix("outbound|")
-            .and_then(|r| r.split_once("||"))
-        {
-            if in_scope(svc.1) {
-                clusters.insert(name.clone());
-            }
+    let mut listeners: HashSet<String> = ix.common_listeners.iter().cloned().collect();
+    let mut vhosts: Vec<usize> = Vec::new();
+    for svc in scope {
+        if let Some(c) = ix.clusters.get(svc) {
+            clusters.extend(c.iter().cloned());
+        }
+        if let Some(l) = ix.tcp_listeners.get(svc) {
+            listeners.extend(l.iter().cloned());
+        }
+        if let Some(v) = ix.vhosts.get(svc) {
+            vhosts.extend(v.iter().copied());
         }
     }
-    for (name, v) in &base.resources[TypeKind::Listener.index()] {
-        let keep = match name.strip_prefix("outbound_tcp|") {
-            Some(rest) => rest.split_once('|').is_some_and(|(_, s)| in_scope(s)),
-            None => true,
-        };
-        if keep {
-            allowed[TypeKind::Listener.index()].insert(name.clone());
-            if let Res::Listener(l) = &*v.res {
-                tcp_targets(l, &mut clusters);
-            }
+    for l in &listeners {
+        if let Some(t) = ix.listener_targets.get(l) {
+            clusters.extend(t.iter().cloned());
         }
     }
     let mut route = None;
-    if let Some(v) = base.resources[TypeKind::Route.index()].get(names::OUTBOUND_HTTP) {
-        if let Res::Route(rc) = &*v.res {
-            let vhosts: Vec<_> = rc
-                .virtual_hosts
-                .iter()
-                .filter(|vh| {
-                    // `<service>.<namespace>:<port>`
-                    vh.name.rsplit_once(':').is_some_and(|(s, _)| in_scope(s))
-                })
-                .cloned()
-                .collect();
-            for vh in &vhosts {
-                for r in &vh.routes {
-                    if let Some(route::Action::Route(a)) = &r.action {
-                        match &a.cluster_specifier {
-                            Some(route_action::ClusterSpecifier::Cluster(c)) => {
-                                clusters.insert(c.clone());
-                            }
-                            Some(route_action::ClusterSpecifier::WeightedClusters(w)) => {
-                                clusters.extend(w.clusters.iter().map(|c| c.name.clone()));
-                            }
-                            _ => {}
-                        }
-                        clusters
-                            .extend(a.request_mirror_policies.iter().map(|m| m.cluster.clone()));
-                    }
-                }
+    if let (Some(shell), Some(Some(Res::Route(rc)))) = (
+        &ix.route_shell,
+        base.resources[TypeKind::Route.index()]
+            .get(names::OUTBOUND_HTTP)
+            .map(Versioned::res),
+    ) {
+        // The base's order, whatever the order of the scope.
+        vhosts.sort_unstable();
+        vhosts.dedup();
+        // The cut is encoded straight from the base's virtual hosts: the
+        // shell (every field but the virtual hosts), then each kept virtual
+        // host as one more occurrence of the repeated field, which is how
+        // protobuf encodes a repeated message field anyway. No virtual host
+        // is copied.
+        let mut value = shell.clone();
+        for &i in &vhosts {
+            if let (Some(vh), Some(targets)) = (rc.virtual_hosts.get(i), ix.vhost_targets.get(i)) {
+                clusters.extend(targets.iter().cloned());
+                prost::encoding::message::encode(VIRTUAL_HOSTS_TAG, vh, &mut value);
             }
-            let mut cut = base.route_shell.clone().unwrap_or_default();
-            cut.virtual_hosts = vhosts;
-            route = Some(cut);
         }
+        route = Some(Any {
+            type_url: RouteConfiguration::type_url(),
+            value,
+        });
     }
-    allowed[TypeKind::Route.index()] = base.resources[TypeKind::Route.index()]
-        .keys()
-        .filter(|n| *n != names::OUTBOUND_HTTP)
-        .cloned()
-        .collect();
+    allowed[TypeKind::Listener.index()] = listeners;
+    allowed[TypeKind::Route.index()] = ix.other_routes.iter().cloned().collect();
     allowed[TypeKind::Endpoints.index()] = clusters.clone();
     allowed[TypeKind::Cluster.index()] = clusters;
     (allowed, route)
@@ -681,9 +858,11 @@ spec:
             vec!["inbound", "outbound_http"],
             "no listener for db"
         );
-        let Res::Route(rc) = &*s.get(TypeKind::Route, "outbound_http", false).unwrap().res else {
-            panic!()
-        };
+        let any = s
+            .get(TypeKind::Route, "outbound_http", false)
+            .unwrap()
+            .any();
+        let rc = RouteConfiguration::decode(any.value.as_slice()).unwrap();
         let vhosts: Vec<&str> = rc.virtual_hosts.iter().map(|v| v.name.as_str()).collect();
         assert_eq!(vhosts, vec!["web.default:80"]);
 
@@ -693,6 +872,69 @@ spec:
         assert!(all
             .all(TypeKind::Listener, false)
             .contains_key("outbound_tcp|5432|db.default"));
+    }
+
+    #[test]
+    fn the_inbound_side_is_translated_again_only_when_its_inputs_change() {
+        let ctx = ProxyContext {
+            workload: Some(("default".into(), "web-0".into())),
+            ..Default::default()
+        };
+        let build = |m: &Mesh, prev: Option<&Snapshot>| {
+            let base = Arc::new(Base::build(m, &base_context(&ctx), None));
+            Snapshot::build(m, &ctx, None, base, prev)
+        };
+        let inbound = |s: &Snapshot| s.get(TypeKind::Listener, "inbound", false).unwrap();
+        let m1 = mesh(MESH);
+        let s1 = build(&m1, None);
+        // Another service's change: the inbound side is reused as is.
+        let m2 = mesh(&MESH.replace("port: 5432", "port: 5433"));
+        let s2 = build(&m2, Some(&s1));
+        assert!(Arc::ptr_eq(&inbound(&s1).body, &inbound(&s2).body));
+        assert_eq!(s1.inbound_version, s2.inbound_version);
+        // Its own workload's change: translated again, new version.
+        let m3 = mesh(&MESH.replace("address: 10.0.0.1", "address: 10.0.0.2"));
+        let s3 = build(&m3, Some(&s2));
+        assert_ne!(s2.inbound_version, s3.inbound_version);
+        assert_ne!(s2.version, s3.version);
+    }
+
+    #[test]
+    fn authorization_policies_reach_the_inbound_side() {
+        let ctx = ProxyContext {
+            workload: Some(("default".into(), "web-0".into())),
+            ..Default::default()
+        };
+        let policy = r#"
+---
+apiVersion: meshwork.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: no-admin}
+spec:
+  targetRef: {kind: Service, name: web}
+  action: DENY
+  rules: [{to: [{paths: ["/admin*"]}]}]
+"#;
+        let inbound_bytes = |yaml: &str, prev: Option<&Snapshot>| {
+            let m = mesh(yaml);
+            let base = Arc::new(Base::build(&m, &base_context(&ctx), None));
+            let s = Snapshot::build(&m, &ctx, None, base, prev);
+            let any = s.get(TypeKind::Listener, "inbound", false).unwrap().any();
+            (s, any.value)
+        };
+        let has_rbac = |b: &[u8]| {
+            b.windows(b"envoy.filters.http.rbac".len())
+                .any(|w| w == b"envoy.filters.http.rbac")
+        };
+        let (s1, plain) = inbound_bytes(MESH, None);
+        assert!(!has_rbac(&plain));
+        // Applying a policy to the proxy's service changes its inbound side
+        // (it is one of the inputs, so the cached translation is not reused).
+        let (_, with) = inbound_bytes(&format!("{MESH}{policy}"), Some(&s1));
+        assert!(
+            has_rbac(&with),
+            "the DENY policy is on the inbound listener"
+        );
     }
 
     #[test]
@@ -742,23 +984,25 @@ spec:
         assert!(s.is_api_listener_name("web.default:80"));
         assert!(!s.is_api_listener_name("outbound_http"));
         assert!(s.get(TypeKind::Listener, "nope.default", true).is_none());
-        let Res::Listener(l) = &*s.get(TypeKind::Listener, "web", true).unwrap().res else {
+        let web = s.get(TypeKind::Listener, "web", true).unwrap();
+        let Some(Res::Listener(l)) = web.res() else {
             panic!()
         };
         assert!(l.api_listener.is_some());
-        let Res::Route(rc) = &*s.get(TypeKind::Route, "web", true).unwrap().res else {
+        let web = s.get(TypeKind::Route, "web", true).unwrap();
+        let Some(Res::Route(rc)) = web.res() else {
             panic!()
         };
         assert_eq!(rc.name, "web");
         assert_eq!(rc.virtual_hosts.len(), 1);
         assert!(rc.virtual_hosts[0].domains.iter().any(|d| d == "web"));
         // gRPC gets round robin instead of the peak-EWMA LEAST_REQUEST.
-        let c = |proxyless| match &*s
+        let c = |proxyless| match s
             .get(TypeKind::Cluster, "outbound|80||web.default", proxyless)
             .unwrap()
-            .res
+            .res()
         {
-            Res::Cluster(c) => c.lb_policy,
+            Some(Res::Cluster(c)) => c.lb_policy,
             _ => panic!(),
         };
         assert_eq!(c(false), LbPolicy::LeastRequest as i32);

@@ -38,6 +38,7 @@ use envoy_types::pb::google::rpc::Status as RpcStatus;
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
+use super::service::Queued;
 use super::snapshot::{Snapshot, TypeKind, Versioned, View};
 use super::status::{Held, Nack, ProxyRecord, TypeRecord};
 use super::Shared;
@@ -133,7 +134,7 @@ impl From<DeltaDiscoveryRequest> for In {
 pub(crate) async fn run_sotw(
     shared: Arc<Shared>,
     inbound: Streaming<DiscoveryRequest>,
-    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    tx: mpsc::Sender<Queued<DiscoveryResponse>>,
 ) {
     let send = |o: Out| match o {
         Out::Sotw(r) => Some(Ok(r)),
@@ -146,7 +147,7 @@ pub(crate) async fn run_sotw(
 pub(crate) async fn run_delta(
     shared: Arc<Shared>,
     inbound: Streaming<DeltaDiscoveryRequest>,
-    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    tx: mpsc::Sender<Queued<DeltaDiscoveryResponse>>,
 ) {
     let send = |o: Out| match o {
         Out::Delta(r) => Some(Ok(r)),
@@ -159,7 +160,7 @@ async fn run<Req, Resp>(
     shared: Arc<Shared>,
     mode: Mode,
     mut inbound: Streaming<Req>,
-    tx: mpsc::Sender<Result<Resp, Status>>,
+    tx: mpsc::Sender<Queued<Resp>>,
     wrap: impl Fn(Out) -> Option<Result<Resp, Status>>,
 ) where
     Req: Into<In>,
@@ -174,7 +175,7 @@ async fn run<Req, Resp>(
                     Ok(outs) => outs,
                     Err(status) => {
                         tracing::info!(error = %status.message(), "refusing xDS stream");
-                        let _ = tx.send(Err(status)).await;
+                        let _ = tx.send(Box::new(Err(status))).await;
                         break;
                     }
                 },
@@ -183,7 +184,7 @@ async fn run<Req, Resp>(
                     // A message that does not decode: say so, then end.
                     let msg = format!("malformed xDS request: {}", status.message());
                     tracing::info!(error = %msg, "refusing xDS stream");
-                    let _ = tx.send(Err(Status::invalid_argument(msg))).await;
+                    let _ = tx.send(Box::new(Err(Status::invalid_argument(msg)))).await;
                     break;
                 }
                 Err(status) => {
@@ -206,7 +207,7 @@ async fn run<Req, Resp>(
         };
         for o in outs {
             if let Some(m) = wrap(o) {
-                if tx.send(m).await.is_err() {
+                if tx.send(Box::new(m)).await.is_err() {
                     break;
                 }
             }

@@ -70,6 +70,8 @@ pub struct HttpConnectionManager {
     /// `upgrade_configs: [{upgrade_type: websocket}]`: WebSocket upgrades are
     /// proxied. Without it Envoy refuses upgrade requests (403).
     pub websocket: bool,
+    /// `envoy.filters.http.rbac` filters before the router, in order.
+    pub authz: Option<Arc<crate::authz::Authz>>,
 }
 
 /// `envoy.filters.network.tcp_proxy`.
@@ -80,6 +82,8 @@ pub struct TcpProxy {
     pub clusters: Vec<WeightedCluster>,
     /// `idle_timeout`.
     pub idle_timeout: Option<Duration>,
+    /// `envoy.filters.network.rbac` filters before tcp_proxy, in order.
+    pub authz: Option<Arc<crate::authz::Authz>>,
 }
 
 /// A `RouteConfiguration`.

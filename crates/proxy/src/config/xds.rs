@@ -56,6 +56,7 @@ macro_rules! deny {
 // so the macro is in scope inside them.
 mod cluster;
 mod listener;
+mod rbac;
 mod route;
 #[cfg(test)]
 mod tests;

@@ -4,6 +4,7 @@
 
 mod harness;
 
+mod authz;
 mod basics;
 mod edges;
 mod lb;

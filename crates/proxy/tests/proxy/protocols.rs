@@ -31,14 +31,14 @@ fn peer_script(name: &str) -> PathBuf {
 }
 
 /// A Python peer server; killed when dropped (also when the test panics).
-struct PeerServer {
+pub(crate) struct PeerServer {
     child: Child,
     port: u16,
 }
 
 impl PeerServer {
     /// Runs `script server` and waits for the port it prints.
-    async fn start(script: &str) -> PeerServer {
+    pub(crate) async fn start(script: &str) -> PeerServer {
         let mut child = Command::new(testkit::python())
             .arg(peer_script(script))
             .arg("server")
@@ -66,7 +66,7 @@ impl PeerServer {
         PeerServer { child, port }
     }
 
-    fn addr(&self) -> std::net::SocketAddr {
+    pub(crate) fn addr(&self) -> std::net::SocketAddr {
         std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 }
@@ -79,7 +79,7 @@ impl Drop for PeerServer {
 }
 
 /// Runs `script client args..` to completion and parses the JSON it prints.
-async fn run_peer_client(script: &str, args: &[String]) -> serde_json::Value {
+pub(crate) async fn run_peer_client(script: &str, args: &[String]) -> serde_json::Value {
     let mut cmd = Command::new(testkit::python());
     cmd.arg(peer_script(script)).arg("client").args(args);
     let out = tokio::time::timeout(

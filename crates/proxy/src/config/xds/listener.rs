@@ -6,9 +6,11 @@ use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::config::listener::v3 as lpb;
+use envoy_types::pb::envoy::extensions::filters::http::rbac::v3 as http_rbac;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::listener::http_inspector::v3::HttpInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+use envoy_types::pb::envoy::extensions::filters::network::rbac::v3 as net_rbac;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp;
 
 use super::route::route_configuration;
@@ -16,6 +18,7 @@ use super::{
     ads_source, decode, is_default, is_type, opt_duration, single_cluster, socket_address,
     unsupported_type, At, FieldError, Res,
 };
+use crate::authz::Authz;
 use crate::config::model::{self, HeaderMods, WeightedCluster};
 
 /// The network filter of one filter chain.
@@ -266,13 +269,29 @@ fn filter_chain(fc: &lpb::FilterChain) -> Res<(bool, NetworkFilter)> {
         None => false,
         Some(m) => filter_chain_match_http(m).at("filter_chain_match")?,
     };
-    if filters.len() != 1 {
+    // RBAC filters (authorization), then one terminal filter.
+    let Some((last, rbacs)) = filters.split_last() else {
         return Err(FieldError::new(
             "filters",
-            format!("exactly one filter is supported, found {}", filters.len()),
+            "one terminal filter (http_connection_manager or tcp_proxy) is required",
         ));
+    };
+    let mut authz = Authz::default();
+    for (i, f) in rbacs.iter().enumerate() {
+        authz
+            .filters
+            .push(network_rbac_filter(f).at(format_args!("filters[{i}]"))?);
     }
-    let filter = network_filter(&filters[0]).at("filters[0]")?;
+    let mut filter = network_filter(last).at(format_args!("filters[{}]", rbacs.len()))?;
+    if !rbacs.is_empty() {
+        let NetworkFilter::Tcp(t) = &mut filter else {
+            return Err(FieldError::new(
+                "filters[0]",
+                "network RBAC filters are only supported before tcp_proxy (HTTP chains authorize with envoy.filters.http.rbac)",
+            ));
+        };
+        t.authz = Some(Arc::new(authz));
+    }
     Ok((matches_http, filter))
 }
 
@@ -322,6 +341,29 @@ fn filter_chain_match_http(m: &lpb::FilterChainMatch) -> Res<bool> {
         }
     }
     Ok(true)
+}
+
+/// A network filter before the terminal one: only `envoy.filters.network.rbac`.
+fn network_rbac_filter(f: &lpb::Filter) -> Res<crate::authz::RbacFilter> {
+    let lpb::Filter { name, config_type } = f;
+    let any = match config_type {
+        Some(lpb::filter::ConfigType::TypedConfig(any)) => any,
+        Some(lpb::filter::ConfigType::ConfigDiscovery(_)) => {
+            return Err(FieldError::unsupported("config_discovery"))
+        }
+        None => return Err(FieldError::new("typed_config", "required")),
+    };
+    if !is_type::<net_rbac::Rbac>(any) {
+        return Err(FieldError::new(
+            "typed_config",
+            format!(
+                "unsupported type {:?} (filter {name:?}): only envoy.filters.network.rbac may come before the terminal filter",
+                any.type_url
+            ),
+        ));
+    }
+    let r = decode::<net_rbac::Rbac>(any).at("typed_config")?;
+    super::rbac::network_filter(&r).at("typed_config")
 }
 
 fn network_filter(f: &lpb::Filter) -> Res<NetworkFilter> {
@@ -463,16 +505,23 @@ fn http_connection_manager(h: &hcm::HttpConnectionManager) -> Res<model::HttpCon
         strip_port_mode,
     );
 
-    if http_filters.len() != 1 {
+    // RBAC filters (authorization), then the router, last.
+    let Some((router, rbacs)) = http_filters.split_last() else {
         return Err(FieldError::new(
             "http_filters",
-            format!(
-                "exactly one filter, envoy.filters.http.router, is supported (found {})",
-                http_filters.len()
-            ),
+            "envoy.filters.http.router is required (last)",
         ));
+    };
+    router_filter(router).at(format_args!("http_filters[{}]", rbacs.len()))?;
+    let mut authz = None;
+    if !rbacs.is_empty() {
+        let mut a = Authz::default();
+        for (i, f) in rbacs.iter().enumerate() {
+            a.filters
+                .push(http_rbac_filter(f).at(format_args!("http_filters[{i}]"))?);
+        }
+        authz = Some(Arc::new(a));
     }
-    router_filter(&http_filters[0]).at("http_filters[0]")?;
 
     let (route_config_name, inline_routes) = match route_specifier {
         Some(RouteSpecifier::Rds(hcm::Rds {
@@ -537,7 +586,37 @@ fn http_connection_manager(h: &hcm::HttpConnectionManager) -> Res<model::HttpCon
         request_timeout: None,
         idle_timeout: None,
         websocket,
+        authz,
     })
+}
+
+/// An HTTP filter before the router: only `envoy.filters.http.rbac`.
+fn http_rbac_filter(f: &hcm::HttpFilter) -> Res<crate::authz::RbacFilter> {
+    let hcm::HttpFilter {
+        name,
+        is_optional,
+        disabled,
+        config_type,
+    } = f;
+    deny!(is_optional, disabled);
+    let any = match config_type {
+        Some(hcm::http_filter::ConfigType::TypedConfig(any)) => any,
+        Some(hcm::http_filter::ConfigType::ConfigDiscovery(_)) => {
+            return Err(FieldError::unsupported("config_discovery"))
+        }
+        None => return Err(FieldError::new("typed_config", "required")),
+    };
+    if !is_type::<http_rbac::Rbac>(any) {
+        return Err(FieldError::new(
+            "typed_config",
+            format!(
+                "unsupported type {:?} (filter {name:?}): only envoy.filters.http.rbac may come before envoy.filters.http.router",
+                any.type_url
+            ),
+        ));
+    }
+    let r = decode::<http_rbac::Rbac>(any).at("typed_config")?;
+    super::rbac::http_filter(&r).at("typed_config")
 }
 
 /// `HttpProtocolOptions` where only `idle_timeout` may be set.
@@ -713,5 +792,6 @@ fn tcp_proxy(t: &tcp::TcpProxy) -> Res<model::TcpProxy> {
         stat_prefix: stat_prefix.clone(),
         clusters,
         idle_timeout: opt_duration(idle_timeout, "idle_timeout")?,
+        authz: None,
     })
 }

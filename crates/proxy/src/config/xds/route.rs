@@ -157,7 +157,7 @@ fn request_response_mods(
 
 /// Compile a regex that must match the whole input (RE2 `FullMatch`).
 #[allow(deprecated)]
-fn full_regex(m: &matcher::RegexMatcher) -> Res<Regex> {
+pub(super) fn full_regex(m: &matcher::RegexMatcher) -> Res<Regex> {
     // `engine_type` (google_re2, with a deprecated max_program_size) names
     // the only engine there is; the regex crate applies its own size limit.
     let matcher::RegexMatcher {

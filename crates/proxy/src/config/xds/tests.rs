@@ -602,7 +602,7 @@ fn listener_nacks_name_the_field() {
             "filter_chains[0].filter_chain_match.application_protocols: requires the envoy.filters.listener.http_inspector",
             |l| l.listener_filters.clear(),
         ),
-        ("filter_chains[0].filters: exactly one filter is supported, found 2", |l| {
+        ("filter_chains[0].filters[0].typed_config: unsupported type \"type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager\" (filter \"envoy.filters.network.http_connection_manager\"): only envoy.filters.network.rbac may come before the terminal filter", |l| {
             let f = l.filter_chains[0].filters[0].clone();
             l.filter_chains[0].filters.push(f)
         }),
@@ -713,7 +713,7 @@ fn hcm_nacks_name_the_field() {
             h.strip_matching_host_port = true
         }),
         ("via: unsupported field", |h| h.via = "meshwork".into()),
-        ("http_filters: exactly one filter", |h| {
+        ("http_filters[0].typed_config: unsupported type \"type.googleapis.com/envoy.extensions.filters.http.router.v3.Router\" (filter \"envoy.filters.http.router\"): only envoy.filters.http.rbac may come before", |h| {
             h.http_filters.push(router_filter())
         }),
         ("http_filters[0].typed_config: unsupported type", |h| {
