@@ -228,18 +228,19 @@ impl crate::api::ProxyStatus for XdsServer {
 }
 
 impl Shared {
-    /// The snapshot for `ctx` (limited to `scope`) at the current merged
-    /// generation, shared by every stream with the same context and scope;
+    /// The snapshot for `ctx` (limited to `scope`; `key` is
+    /// [`snapshot_key`] of both) at the current merged generation, shared
+    /// by every stream with the same context and scope;
     /// its base is shared by every stream with the same base context.
     pub(crate) fn snapshot(
         &self,
+        key: &str,
         ctx: &ProxyContext,
         scope: Option<&BTreeSet<String>>,
     ) -> Arc<Snapshot> {
         let merged = self.merged.borrow().clone();
-        let key = format!("{ctx:?}/{scope:?}");
         let mut cache = lock(&self.cache);
-        let prev = match cache.snapshots.get(&key) {
+        let prev = match cache.snapshots.get(key) {
             Some(e) => match e.item.upgrade() {
                 Some(s) if e.generation == merged.generation => return s,
                 other => other,
@@ -274,7 +275,7 @@ impl Shared {
             prev.as_deref(),
         ));
         cache.snapshots.insert(
-            key,
+            key.to_string(),
             CacheEntry {
                 generation: merged.generation,
                 item: Arc::downgrade(&snap),
@@ -307,6 +308,12 @@ impl Shared {
             m.skipped = skipped;
         });
     }
+}
+
+/// The cache key of a stream's snapshot: its context and scope (made once
+/// per stream; they do not change while it lives).
+pub(crate) fn snapshot_key(ctx: &ProxyContext, scope: Option<&BTreeSet<String>>) -> String {
+    format!("{ctx:?}/{scope:?}")
 }
 
 /// Waits for mesh or registry changes, lets a burst settle for [`DEBOUNCE`],

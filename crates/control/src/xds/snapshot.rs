@@ -478,15 +478,21 @@ impl Snapshot {
     }
 
     fn build_all(&self, kind: TypeKind, proxyless: bool) -> View {
-        let mut out: View = self.base.resources[kind.index()]
-            .iter()
-            .filter(|(n, _)| self.base_allows(kind, n))
-            .map(|(n, v)| (n.clone(), v.clone()))
-            .collect();
+        let base = &self.base.resources[kind.index()];
+        let mut out: View = match &self.allowed {
+            // Scoped: what the scope allows, looked up one by one, so the
+            // cost follows the scope, not the mesh.
+            Some(allowed) => allowed[kind.index()]
+                .iter()
+                .filter_map(|n| base.get_key_value(n))
+                .map(|(n, v)| (n.clone(), v.clone()))
+                .collect(),
+            None => base.clone(),
+        };
         if proxyless && kind == TypeKind::Cluster {
-            for (n, v) in &self.base.grpc_clusters {
-                if out.contains_key(n) {
-                    out.insert(n.clone(), v.clone());
+            for (n, v) in out.iter_mut() {
+                if let Some(g) = self.base.grpc_clusters.get(n) {
+                    *v = g.clone();
                 }
             }
         }

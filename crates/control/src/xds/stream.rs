@@ -68,6 +68,8 @@ struct Conn {
     mode: Mode,
     ctx: ProxyContext,
     scope: Option<BTreeSet<String>>,
+    /// [`super::snapshot_key`] of `ctx` and `scope`.
+    key: String,
     record_id: u64,
     record: Arc<Mutex<ProxyRecord>>,
     snapshot: Arc<Snapshot>,
@@ -296,8 +298,10 @@ impl Conn {
         let (record_id, record) = shared.remember(record);
         tracing::info!(node = %info.id, ?mode, "xDS stream opened");
         let scope = info.upstreams.clone();
+        let key = super::snapshot_key(&ctx, scope.as_ref());
         Ok(Conn {
-            snapshot: shared.snapshot(&ctx, scope.as_ref()),
+            snapshot: shared.snapshot(&key, &ctx, scope.as_ref()),
+            key,
             scope,
             shared: shared.clone(),
             mode,
@@ -450,7 +454,9 @@ impl Conn {
 
     /// A new merged mesh: rebuild the snapshot and push what changed.
     fn refresh(&mut self) -> Vec<Out> {
-        self.snapshot = self.shared.snapshot(&self.ctx, self.scope.as_ref());
+        self.snapshot = self
+            .shared
+            .snapshot(&self.key, &self.ctx, self.scope.as_ref());
         let mut outs = Vec::new();
         for k in TypeKind::ALL {
             if self.types[k.index()].requested {
