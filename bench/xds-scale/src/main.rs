@@ -145,7 +145,10 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         upstreams: num(&m, "upstreams", 5)?,
         first: m
             .get("first")
-            .map(|v| v.parse().map_err(|_| format!("--first: {v:?} is not a number")))
+            .map(|v| {
+                v.parse()
+                    .map_err(|_| format!("--first: {v:?} is not a number"))
+            })
             .transpose()?
             .unwrap_or(usize::MAX),
         changes: num(&m, "changes", 4)?,
@@ -244,12 +247,12 @@ fn me() -> String {
 async fn start_control(data_dir: Option<PathBuf>) -> Result<control::app::Control, String> {
     let local = SocketAddr::from(([127, 0, 0, 1], 0));
     control::app::Control::start(control::app::Options {
-        data_dir,
-        xds_addr: local,
-        api_addr: local,
         // Longer than the run: a simulated proxy that drops out stays
         // registered, so the mesh does not shift under the measurements.
         grace: Duration::from_secs(600),
+        // The simulated proxies speak plaintext ADS.
+        plaintext_xds: true,
+        ..control::app::Options::new(data_dir, local, local)
     })
     .await
     .map_err(|e| format!("control plane: {e}"))
@@ -299,7 +302,7 @@ async fn run_phases(o: &Opts, cp: &control::app::Control, r: &mut Report) -> Res
     );
     let body = mesh::mesh_body(o.services, o.workloads, o.routes);
     let t = Instant::now();
-    sys::apply(api, &body).await?;
+    sys::apply(api, cp.admin_token(), &body).await?;
     r.mesh_apply = t.elapsed();
     drop(body);
     // Let the debounced mesh settle before the baseline.
@@ -309,7 +312,7 @@ async fn run_phases(o: &Opts, cp: &control::app::Control, r: &mut Report) -> Res
     eprintln!("xds-scale: starting {} simulated proxies", o.proxies);
     let mut clients = Clients::spawn(o, cp.xds_addr())?;
     let result = match staged(o, &mut clients, r).await {
-        Ok(()) => timed_changes(o, api, &mut clients, r).await,
+        Ok(()) => timed_changes(o, api, cp.admin_token(), &mut clients, r).await,
         Err(e) => Err(e),
     };
     r.rss_after = sys::status_bytes(&me(), "VmRSS");
@@ -330,7 +333,7 @@ async fn run_phases(o: &Opts, cp: &control::app::Control, r: &mut Report) -> Res
         );
         let small = start_control(None).await?;
         let body = mesh::mesh_body(o.upstreams, o.workloads, o.routes.min(o.upstreams));
-        let res = match sys::apply(small.api_addr(), &body).await {
+        let res = match sys::apply(small.api_addr(), small.admin_token(), &body).await {
             Ok(()) => {
                 real_proxy(
                     bin,
@@ -367,6 +370,7 @@ async fn staged(o: &Opts, clients: &mut Clients, r: &mut Report) -> Result<(), S
 async fn timed_changes(
     o: &Opts,
     api: SocketAddr,
+    token: &str,
     clients: &mut Clients,
     r: &mut Report,
 ) -> Result<(), String> {
@@ -408,7 +412,7 @@ async fn timed_changes(
         let cpu0 = sys::cpu_seconds(&me());
         let ccpu0 = sys::cpu_seconds(&clients.pid());
         let t = Instant::now();
-        sys::apply(api, &body).await?;
+        sys::apply(api, token, &body).await?;
         let apply = t.elapsed();
         let line = clients.expect(
             &format!("done {n} "),
@@ -596,7 +600,7 @@ async fn real_proxy(
             result = Err(format!("{name} exited: {status}"));
             break;
         }
-        let Ok((200, body)) = sys::http(api, "GET", &path, "").await else {
+        let Ok((200, body)) = sys::http(api, "GET", &path, "", None).await else {
             continue;
         };
         let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) else {

@@ -264,9 +264,9 @@ async fn wait_settled(shared: &Shared, ks: impl Iterator<Item = usize> + Clone, 
             last = now;
             last_change = Instant::now();
         }
-        let complete = ks.clone().all(|k| {
-            failed(shared, k) || shared.stats[k].types.load(Ordering::Relaxed) == 0b1111
-        });
+        let complete = ks
+            .clone()
+            .all(|k| failed(shared, k) || shared.stats[k].types.load(Ordering::Relaxed) == 0b1111);
         let settled = complete && last_change.elapsed() >= quiet;
         if settled || started.elapsed() >= shared.opts.sync_timeout {
             break;

@@ -46,12 +46,16 @@ pub async fn http(
     method: &str,
     path: &str,
     body: &str,
+    admin_token: Option<&str>,
 ) -> Result<(u16, String), String> {
     let mut s = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connect {addr}: {e}"))?;
+    let auth = admin_token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{auth}Connection: close\r\n\r\n",
         body.len()
     );
     s.write_all(head.as_bytes())
@@ -78,8 +82,9 @@ pub async fn http(
 
 /// POSTs `body` to `/api/v1/apply`; an answer other than 200 is an error
 /// carrying the server's message.
-pub async fn apply(api: SocketAddr, body: &str) -> Result<(), String> {
-    match http(api, "POST", "/api/v1/apply", body).await? {
+/// `POST /api/v1/apply` with the control plane's admin token.
+pub async fn apply(api: SocketAddr, admin_token: &str, body: &str) -> Result<(), String> {
+    match http(api, "POST", "/api/v1/apply", body, Some(admin_token)).await? {
         (200, _) => Ok(()),
         (code, text) => Err(format!(
             "apply answered {code}: {}",

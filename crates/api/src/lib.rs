@@ -34,5 +34,6 @@ pub use mesh::{Key, Mesh};
 pub use resources::{Kind, Resource};
 pub use source::Sourced;
 pub use translate::grpc_api_listener;
+pub use translate::mtls;
 pub use translate::{names, translate, ProxyContext, Xds};
 pub use validate::{validate, with_workloads};

@@ -84,6 +84,7 @@ fn ctx() -> ProxyContext {
         inbound_addr: "127.0.0.1:15006".parse().unwrap(),
         workload: None,
         detect_timeout: Duration::from_secs(1),
+        certs_dir: None,
     }
 }
 

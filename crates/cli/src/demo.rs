@@ -22,9 +22,14 @@
 //! gives instance k (in the order printed) M+10k (application), +1
 //! (sidecar outbound), +2 (inbound), +3 (admin). 0: the OS picks every port.
 //!
+//! Identity: the control plane runs its CA with TLS-only xDS; each sidecar
+//! gets a single-use join token from the API (`POST /api/v1/tokens`, for
+//! its Service's account; the traffic sidecar is `traffic`), the trust
+//! bundle from `GET /api/v1/ca/bundle` (written to `root.pem`), and
+//! bootstraps its certificate as `meshwork proxy --token --ca-bundle` does.
+//!
 //! Non-goals: transparent capture (the apps call their sidecar explicitly),
-//! mTLS (not in the mesh yet), surviving the loss of its own control plane
-//! (it is in the same process).
+//! surviving the loss of its own control plane (it is in the same process).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -135,6 +140,8 @@ struct Running {
     spec: &'static Instance,
     app: Option<SocketAddr>,
     sidecar: proxy::Proxy,
+    /// The SPIFFE id of its sidecar's certificate.
+    spiffe_id: String,
 }
 
 /// How long the sidecars get to receive their config and the app to answer.
@@ -170,12 +177,15 @@ async fn demo(args: Args, log: proxy::logging::LogHandle) -> anyhow::Result<Exit
     });
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
 
-    // 1. The control plane.
+    // 1. The control plane: CA on, xDS over TLS only; every sidecar joins
+    //    with a join token, as `meshwork proxy --token` does.
     let control = control::app::Control::start(control::app::Options {
-        data_dir: args.data_dir.clone(),
-        xds_addr: at(args.control_port, 1)?,
-        api_addr: at(args.control_port, 0)?,
         grace: Duration::from_secs(10),
+        ..control::app::Options::new(
+            args.data_dir.clone(),
+            at(args.control_port, 1)?,
+            at(args.control_port, 0)?,
+        )
     })
     .await
     .map_err(|e| match e {
@@ -188,19 +198,47 @@ async fn demo(args: Args, log: proxy::logging::LogHandle) -> anyhow::Result<Exit
         e => anyhow::Error::new(e).context("starting the demo's control plane"),
     })?;
     let (api, xds) = (control.api_addr(), control.xds_addr());
+    // The admin token `meshwork apply` needs: in the data directory, or
+    // written beside the run when the store is in memory.
+    let token_file = match control.admin_token_path() {
+        Some(p) => p.to_path_buf(),
+        None => {
+            let p = dir.join("admin.token");
+            write_secret(&p, control.admin_token())?;
+            p
+        }
+    };
+
+    // The trust bundle every sidecar verifies the control plane with, as
+    // `meshwork ca bundle > root.pem` would print it.
+    let bundle_pem = String::from_utf8(
+        api_call(api, control.admin_token(), "GET", "/api/v1/ca/bundle", None)
+            .await
+            .context("fetching the trust bundle")?
+            .to_vec(),
+    )
+    .context("the trust bundle is not text")?;
+    let bundle_file = dir.join("root.pem");
+    std::fs::write(&bundle_file, &bundle_pem)
+        .with_context(|| format!("writing {}", bundle_file.display()))?;
 
     // 2. The mesh, through the API.
     let mesh_file = dir.join("mesh.yaml");
     let split_file = dir.join("catalog-split.yaml");
     let split = mesh::split(90, 10).replace(
         "THIS_FILE --control API_ADDR",
-        &format!("{} --control {api}", split_file.display()),
+        &format!(
+            "{} --control {api} --admin-token-file {}",
+            split_file.display(),
+            token_file.display()
+        ),
     );
     for (file, text) in [(&mesh_file, mesh::MESH), (&split_file, split.as_str())] {
         std::fs::write(file, text).with_context(|| format!("writing {}", file.display()))?;
     }
     apply(
         api,
+        control.admin_token(),
         &[("mesh.yaml", mesh::MESH), ("catalog-split.yaml", &split)],
     )
     .await
@@ -251,13 +289,45 @@ async fn demo(args: Args, log: proxy::logging::LogHandle) -> anyhow::Result<Exit
         if spec.service.is_none() {
             node.id = spec.name.to_owned();
         }
+        // Its identity: a single-use token from the API for the service's
+        // account (the traffic sidecar: `traffic`), then Sign over TLS.
+        let account = spec.service.unwrap_or(spec.name);
+        let token = create_token(api, control.admin_token(), account)
+            .await
+            .with_context(|| format!("creating {}'s join token", spec.name))?;
+        let manager = tokio::time::timeout(
+            READY_WITHIN,
+            proxy::identity::Manager::bootstrap(proxy::identity::Options {
+                servers: vec![xds.to_string()],
+                token: Some(proxy::identity::Token::new(&token)),
+                bundle_pem: bundle_pem.clone(),
+                bundle_source: bundle_file.display().to_string(),
+                trust_domain: None,
+                identity_dir: None,
+                ttl: None,
+                connect_timeout: Duration::from_secs(2),
+                max_backoff: Duration::from_secs(2),
+            }),
+        )
+        .await
+        .map_err(|_| {
+            anyhow!(
+                "{}'s sidecar got no certificate within {}s",
+                spec.name,
+                READY_WITHIN.as_secs()
+            )
+        })?
+        .with_context(|| format!("getting {}'s workload certificate", spec.name))?;
+        let spiffe_id = manager.spiffe_id().to_string();
         let opts = proxy::Options {
+            identity: Some(manager.identity()),
             source: proxy::app::Source::Control {
                 client: Box::new(proxy::xds_client::ClientOptions {
                     servers: crate::proxy_cmd::servers(&[xds.to_string()]),
                     node,
                     connect_timeout: Duration::from_secs(2),
                     max_backoff: Duration::from_secs(2),
+                    identity: Some(manager),
                 }),
                 service: spec.service.map(|s| format!("{s}.default")),
             },
@@ -278,7 +348,12 @@ async fn demo(args: Args, log: proxy::logging::LogHandle) -> anyhow::Result<Exit
                     spec.name
                 )
             })?;
-        running.push(Running { spec, app, sidecar });
+        running.push(Running {
+            spec,
+            app,
+            sidecar,
+            spiffe_id,
+        });
     }
 
     // Each app needs its sidecar's listener before it can call anything.
@@ -337,6 +412,7 @@ async fn demo(args: Args, log: proxy::logging::LogHandle) -> anyhow::Result<Exit
         traffic_out,
         &mesh_file,
         &split_file,
+        &token_file,
     );
 
     // 5. Traffic and the summary.
@@ -410,7 +486,7 @@ async fn wait_listener(
 
 /// `POST /api/v1/apply` of `files` (name, YAML) in one request, as
 /// `meshwork apply -f` sends them.
-async fn apply(api: SocketAddr, files: &[(&str, &str)]) -> anyhow::Result<()> {
+async fn apply(api: SocketAddr, admin_token: &str, files: &[(&str, &str)]) -> anyhow::Result<()> {
     let body = serde_json::to_vec(&control::api::FilesBody {
         files: files
             .iter()
@@ -427,6 +503,10 @@ async fn apply(api: SocketAddr, files: &[(&str, &str)]) -> anyhow::Result<()> {
     tokio::spawn(conn);
     let req = hyper::Request::post("/api/v1/apply")
         .header(hyper::header::HOST, api.to_string())
+        .header(
+            hyper::header::AUTHORIZATION,
+            format!("Bearer {admin_token}"),
+        )
         .header(
             hyper::header::CONTENT_TYPE,
             control::api::FILES_CONTENT_TYPE,
@@ -446,6 +526,91 @@ async fn apply(api: SocketAddr, files: &[(&str, &str)]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A single-use join token for `default/<account>` (`POST /api/v1/tokens`,
+/// what `meshwork token create` calls).
+async fn create_token(api: SocketAddr, admin_token: &str, account: &str) -> anyhow::Result<String> {
+    let body = serde_json::to_vec(&control::api::TokenRequest {
+        namespace: "default".to_owned(),
+        service_account: account.to_owned(),
+        ttl_seconds: 600,
+        reusable: false,
+    })?;
+    let answer = api_call(
+        api,
+        admin_token,
+        "POST",
+        "/api/v1/tokens",
+        Some(("application/json", body)),
+    )
+    .await?;
+    let v: serde_json::Value = serde_json::from_slice(&answer)?;
+    v["token"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow!("the control plane answered without a token: {v}"))
+}
+
+/// One request to the control plane's API with the admin token; the body
+/// of a 2xx answer.
+async fn api_call(
+    api: SocketAddr,
+    admin_token: &str,
+    method: &str,
+    path: &str,
+    body: Option<(&str, Vec<u8>)>,
+) -> anyhow::Result<Bytes> {
+    let stream = tokio::net::TcpStream::connect(api)
+        .await
+        .with_context(|| format!("connecting to the API at {api}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, api.to_string())
+        .header(
+            hyper::header::AUTHORIZATION,
+            format!("Bearer {admin_token}"),
+        );
+    let body = match body {
+        Some((content_type, bytes)) => {
+            req = req.header(hyper::header::CONTENT_TYPE, content_type);
+            Bytes::from(bytes)
+        }
+        None => Bytes::new(),
+    };
+    let resp = tokio::time::timeout(
+        Duration::from_secs(30),
+        sender.send_request(req.body(Full::new(body))?),
+    )
+    .await
+    .map_err(|_| anyhow!("the API did not answer {method} {path} within 30s"))??;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    if !status.is_success() {
+        bail!(
+            "{method} {path}: the control plane refused it ({status}): {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    Ok(body)
+}
+
+/// Writes `text` to a new file only its owner can read.
+fn write_secret(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    writeln!(f, "{text}").with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 fn print_banner(
     args: &Args,
@@ -456,6 +621,7 @@ fn print_banner(
     traffic_out: SocketAddr,
     mesh_file: &std::path::Path,
     split_file: &std::path::Path,
+    token_file: &std::path::Path,
 ) {
     let store = match &args.data_dir {
         Some(d) => format!("stored in {}", d.display()),
@@ -484,6 +650,10 @@ fn print_banner(
             r.sidecar.admin_addr(),
         ));
     }
+    let mut identities = String::new();
+    for r in running {
+        identities.push_str(&format!("  {:<13} {}\n", r.spec.name, r.spiffe_id));
+    }
     let admin = |name: &str| {
         admin_of
             .get(name)
@@ -497,9 +667,12 @@ and steady traffic ({rps}/s), all in this process on 127.0.0.1.
 
 control plane
   API (HTTP)   http://{api}   resources {store}
-  xDS (gRPC)   {xds}
+  xDS (gRPC)   {xds} (TLS; also the CA's Sign service)
 
 {table}
+identities: each sidecar joined with a single-use token and holds a 24h X.509-SVID,
+renewed at half-life; the key never left it
+{identities}
 request path (every arrow goes through the caller's own sidecar):
   traffic --HTTP--> frontend --gRPC--> catalog-v1 (90%) | catalog-v2 (10%) --TCP--> inventory
   the GRPCRoute `catalog` makes the split; catalog-v1's two instances take turns (TrafficPolicy)
@@ -508,6 +681,7 @@ files ({dir})
   applied at start:     {mesh}
   the split, to edit:   {split}
   access logs:          {dir}/access-<instance>.log
+  trust bundle:         {dir}/root.pem (what `meshwork proxy --ca-bundle` takes)
 
 look
   curl -s http://{api}/api/v1/resources
@@ -517,12 +691,14 @@ look
   meshwork proxy-status --control {api}
   curl -s http://{fe_admin}/metrics | grep meshwork_requests_total
   curl -s http://{fe_admin}/config_dump
+  curl -s http://{fe_admin}/certs
+  meshwork ca status --control {api}
   curl -s -H 'Host: frontend' http://{traffic_out}/product/3
   curl -s -H 'Host: frontend' -H 'x-catalog-version: v2' http://{traffic_out}/
 
 try: change the split (e.g. weights 50 and 50), apply it, and watch the lines below follow
   $EDITOR {split}
-  meshwork apply -f {split} --control {api}
+  meshwork apply -f {split} --control {api} --admin-token-file {token}
 
 {stop}
 "#,
@@ -531,6 +707,7 @@ try: change the split (e.g. weights 50 and 50), apply it, and watch the lines be
         dir = dir.display(),
         mesh = mesh_file.display(),
         split = split_file.display(),
+        token = token_file.display(),
         fe_admin = admin("frontend-0"),
         stop = if args.seconds > 0 {
             format!("running {}s of traffic", args.seconds)

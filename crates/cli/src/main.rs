@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod apply;
+mod ca_cmd;
 mod control_cmd;
 mod demo;
 mod proxy_cmd;
@@ -25,6 +26,10 @@ struct Cli {
 enum Command {
     /// Run the mesh on this machine with sample services and print what to try.
     Demo(demo::Args),
+    /// The control plane's CA: status, trust bundle, root rotation.
+    Ca(ca_cmd::CaArgs),
+    /// Join tokens a proxy bootstraps its identity with.
+    Token(ca_cmd::TokenArgs),
     /// Run the control plane: store, resource API, registry, xDS server.
     Control(control_cmd::Args),
     /// Run a sidecar proxy, fed by a control plane (--control) or a mesh YAML file (--config).
@@ -54,6 +59,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Control(args) => control_cmd::run(args),
+        Command::Ca(args) => ca_cmd::ca(args),
+        Command::Token(args) => ca_cmd::token(args),
         Command::Demo(args) => demo::run(args),
         Command::Proxy(args) => proxy_cmd::run(*args),
         Command::Apply(args) => apply::run(args),

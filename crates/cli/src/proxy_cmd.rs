@@ -44,6 +44,36 @@ pub struct Args {
     /// scoped to them (and what their routes reach) instead of the whole mesh.
     #[arg(long, value_delimiter = ',')]
     upstreams: Vec<String>,
+    /// With --control: a join token (`meshwork token create`): the proxy gets its workload
+    /// certificate with it and talks to the control plane over TLS. Also read from
+    /// $MESHWORK_TOKEN. Without one, the proxy has no identity and xDS is plaintext.
+    #[arg(long, requires = "control", conflicts_with = "token_file")]
+    token: Option<String>,
+    /// Like --token, read from this file (keeps the token out of `ps`).
+    #[arg(long, requires = "control")]
+    token_file: Option<PathBuf>,
+    /// With a token: the control plane's root certificates (PEM), to verify it
+    /// (`meshwork ca bundle > root.pem`).
+    #[arg(long)]
+    ca_bundle: Option<PathBuf>,
+    /// With a token: refuse a token (or saved certificate) of another trust domain.
+    #[arg(long)]
+    trust_domain: Option<String>,
+    /// With a token: keep the key and certificate here (mode 0600) so a restarted proxy resumes
+    /// with its still-valid certificate instead of needing a new token.
+    #[arg(long)]
+    identity_dir: Option<PathBuf>,
+    /// With a token: the certificate lifetime to ask for (`90s`, `30m`, `24h`); the control plane
+    /// caps it. Default: the control plane's (24h).
+    #[arg(long, value_parser = parse_duration)]
+    cert_ttl: Option<Duration>,
+    /// Without a control plane: this proxy's certificate chain (PEM, leaf first), for mTLS.
+    /// Needs --key and --ca-bundle (the roots); the files are reloaded when they change.
+    #[arg(long, requires_all = ["key", "ca_bundle"], conflicts_with_all = ["token", "token_file", "identity_dir"])]
+    cert: Option<PathBuf>,
+    /// With --cert: its private key (PEM).
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
     /// Where applications send outbound requests (explicit mode).
     #[arg(long, default_value = "127.0.0.1:15001")]
     outbound_addr: SocketAddr,
@@ -94,7 +124,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(p) => p.display().to_string(),
         None => format!("control plane {}", args.control.join(",")),
     };
-    let opts = proxy::Options {
+    let identity = identity_options(&args)?;
+    let cert_files = cert_files(&args)?;
+    let mut opts = proxy::Options {
         source,
         outbound_addr: args.outbound_addr,
         inbound_addr: args.inbound_addr,
@@ -102,6 +134,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         workload: args.workload.clone(),
         access_log,
         detect_timeout: Duration::from_millis(args.detect_timeout_ms),
+        identity: None,
     };
     let workers = args.workers.max(1);
     // One worker: a current-thread runtime, no cross-thread wakeups.
@@ -118,6 +151,28 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     .context("starting the async runtime")?;
     let drain = Duration::from_secs(args.drain_timeout_secs);
     rt.block_on(async move {
+        if let Some((identity, files)) = cert_files {
+            tracing::info!(spiffe_id = ?identity.id().map(|i| i.to_string()), "workload certificate loaded from files");
+            opts.identity = Some(identity.clone());
+            tokio::spawn(proxy::cert_files::watch(
+                identity,
+                files,
+                Duration::from_secs(2),
+            ));
+        }
+        if let Some(identity) = identity {
+            // The first certificate before anything else: xDS runs over TLS
+            // presenting it. A refusal ends the process with the fix.
+            let manager = tokio::select! {
+                r = proxy::identity::Manager::bootstrap(identity) => r.context("getting this proxy's workload certificate")?,
+                () = wait_for_signal() => return Ok(ExitCode::SUCCESS),
+            };
+            tracing::info!(spiffe_id = %manager.spiffe_id(), "workload certificate installed");
+            opts.identity = Some(manager.identity());
+            if let proxy::app::Source::Control { client, .. } = &mut opts.source {
+                client.identity = Some(manager);
+            }
+        }
         let proxy = proxy::Proxy::start(opts, log)
             .await
             .with_context(|| format!("starting the proxy from {what}"))?;
@@ -167,9 +222,132 @@ fn control_source(args: &Args) -> anyhow::Result<proxy::app::Source> {
             node,
             connect_timeout: Duration::from_secs(2),
             max_backoff: Duration::from_secs(10),
+            identity: None,
         }),
         service: workload.map(|w| format!("{}.{}", w.service, w.namespace)),
     })
+}
+
+/// `--cert/--key/--ca-bundle`: an identity from files (no control plane
+/// needed), checked before anything starts.
+fn cert_files(
+    args: &Args,
+) -> anyhow::Result<
+    Option<(
+        std::sync::Arc<identity::WorkloadIdentity>,
+        proxy::cert_files::CertFiles,
+    )>,
+> {
+    let (Some(cert), Some(key), Some(ca_bundle)) = (&args.cert, &args.key, &args.ca_bundle) else {
+        return Ok(None);
+    };
+    let files = proxy::cert_files::CertFiles {
+        cert: cert.clone(),
+        key: key.clone(),
+        ca_bundle: ca_bundle.clone(),
+    };
+    let identity = proxy::cert_files::load(&files)?;
+    Ok(Some((identity, files)))
+}
+
+/// The identity manager's options, if the proxy is to have an identity
+/// (a token, or an identity dir to resume from); checked here so that a
+/// missing or unreadable file is reported before anything starts.
+fn identity_options(args: &Args) -> anyhow::Result<Option<proxy::identity::Options>> {
+    use anyhow::bail;
+    let token = match (&args.token, &args.token_file) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(file)) => Some(
+            std::fs::read_to_string(file)
+                .with_context(|| format!("reading --token-file {}", file.display()))?,
+        ),
+        (None, None) => std::env::var("MESHWORK_TOKEN")
+            .ok()
+            .filter(|t| !t.trim().is_empty()),
+    };
+    let token = token.map(|t| proxy::identity::Token::new(&t));
+    if let Some(t) = &token {
+        if t.as_str().is_empty() {
+            bail!("the join token is empty; {}", proxy::identity::TOKEN_HINT);
+        }
+    }
+    if token.is_none() && args.identity_dir.is_none() {
+        if (args.ca_bundle.is_some() && args.cert.is_none())
+            || args.trust_domain.is_some()
+            || args.cert_ttl.is_some()
+        {
+            bail!(
+                "--ca-bundle, --trust-domain and --cert-ttl go with a join token: pass --token, \
+                 --token-file or $MESHWORK_TOKEN ({})",
+                proxy::identity::TOKEN_HINT
+            );
+        }
+        return Ok(None);
+    }
+    if args.control.is_empty() {
+        bail!("a join token (or --identity-dir) needs --control: certificates come from the control plane");
+    }
+    let Some(bundle_file) = &args.ca_bundle else {
+        bail!(
+            "a join token needs --ca-bundle FILE, the control plane's root certificates, so the \
+             proxy can verify it; {}",
+            proxy::identity::BUNDLE_HINT
+        );
+    };
+    let bundle_pem = std::fs::read_to_string(bundle_file).with_context(|| {
+        format!(
+            "reading --ca-bundle {} ({})",
+            bundle_file.display(),
+            proxy::identity::BUNDLE_HINT
+        )
+    })?;
+    let trust_domain = match &args.trust_domain {
+        Some(td) => Some(
+            proxy::identity::TrustDomain::new(td)
+                .with_context(|| format!("--trust-domain {td:?}"))?,
+        ),
+        None => None,
+    };
+    if let Some(dir) = &args.identity_dir {
+        proxy::identity::check_identity_dir(dir)?;
+    }
+    Ok(Some(proxy::identity::Options {
+        servers: args
+            .control
+            .iter()
+            .filter(|a| !a.is_empty())
+            .cloned()
+            .collect(),
+        token,
+        bundle_pem,
+        bundle_source: bundle_file.display().to_string(),
+        trust_domain,
+        identity_dir: args.identity_dir.clone(),
+        ttl: args.cert_ttl,
+        connect_timeout: Duration::from_secs(2),
+        max_backoff: Duration::from_secs(10),
+    }))
+}
+
+/// `90s`, `30m`, `24h`, `2d` or plain seconds.
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number with a unit, like 90s, 30m or 24h"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        "d" => n.saturating_mul(86_400),
+        _ => return Err(format!("{s:?}: unknown unit {unit:?}; use s, m, h or d")),
+    };
+    if secs == 0 {
+        return Err(format!("{s:?}: must be positive"));
+    }
+    Ok(Duration::from_secs(secs))
 }
 
 /// The workload a sidecar registers with the control plane (`--service`

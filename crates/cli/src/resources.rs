@@ -35,6 +35,10 @@ pub struct ControlArgs {
     /// Control plane HTTP API address (host:port); default $MESHWORK_CONTROL, else 127.0.0.1:15014.
     #[arg(long, value_name = "ADDR")]
     control: Option<String>,
+    /// File holding the admin token that changes need; default $MESHWORK_ADMIN_TOKEN,
+    /// else ./meshwork-data/admin.token when it exists.
+    #[arg(long, value_name = "FILE")]
+    admin_token_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -83,6 +87,8 @@ pub struct DescribeArgs {
 /// The control plane's HTTP API.
 pub(crate) struct Control {
     addr: String,
+    /// The admin token, or why the one asked for could not be read.
+    admin: Result<Option<String>, String>,
 }
 
 /// A response, read to the end.
@@ -103,7 +109,8 @@ impl Control {
             .trim_start_matches("http://")
             .trim_end_matches('/')
             .to_string();
-        Control { addr }
+        let admin = crate::ca_cmd::admin_token(args.admin_token_file.as_deref());
+        Control { addr, admin }
     }
 
     fn unreachable(&self, e: impl std::fmt::Display) -> anyhow::Error {
@@ -131,10 +138,14 @@ impl Control {
             .await
             .map_err(|e| self.unreachable(e))?;
         tokio::spawn(conn);
+        let admin = self.admin.clone().map_err(|e| anyhow!(e))?;
         let mut req = Request::builder()
             .method(method)
             .uri(path)
             .header(hyper::header::HOST, self.addr.as_str());
+        if let Some(token) = admin {
+            req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
         let bytes = match body {
             Some((ct, b)) => {
                 req = req.header(hyper::header::CONTENT_TYPE, ct);

@@ -79,6 +79,7 @@ pub fn translate(args: TranslateArgs) -> anyhow::Result<ExitCode> {
             None => ("default".to_owned(), w.to_owned()),
         }),
         detect_timeout: Duration::from_secs(1),
+        certs_dir: None,
     };
     let xds = api::translate(&mesh, &ctx);
     if let Some(path) = &args.envoy_bootstrap {
@@ -88,12 +89,13 @@ pub fn translate(args: TranslateArgs) -> anyhow::Result<ExitCode> {
         eprintln!("wrote Envoy bootstrap {}", path.display());
     }
     // What our proxy makes of it: the same view as its /config_dump.
-    let snapshot = proxy::config::xds::from_resources(
+    let snapshot = proxy::config::xds::from_resources_with(
         &xds.version,
         xds.listeners,
         xds.routes,
         xds.clusters,
         xds.endpoints,
+        &proxy::config::Env::offline(),
     )
     .map_err(|e| anyhow::anyhow!("the proxy would refuse this config: {e}"))?;
     println!("{}", serde_json::to_string_pretty(&snapshot)?);

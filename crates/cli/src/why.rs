@@ -145,12 +145,13 @@ fn explain(args: &Args) -> anyhow::Result<(String, bool)> {
         ..Default::default()
     };
     let xds = api::translate(&with_probe, &ctx);
-    let snapshot = proxy::config::xds::from_resources(
+    let snapshot = proxy::config::xds::from_resources_with(
         &xds.version,
         xds.listeners,
         xds.routes,
         xds.clusters,
         xds.endpoints,
+        &proxy::config::Env::offline(),
     )
     .map_err(|e| anyhow!("the proxy would refuse this config: {e}"))?;
     let inbound = snapshot
@@ -164,9 +165,11 @@ fn explain(args: &Args) -> anyhow::Result<(String, bool)> {
         .unwrap_or("plaintext (no peer identity)");
     let http = sp.app_protocol.is_http();
     let (decision, what) = if http {
-        let hcm = inbound
-            .http
-            .as_ref()
+        // With mTLS a caller with an identity arrives on the TLS chain.
+        let tls = inbound.tls.as_ref().filter(|_| identity.is_some());
+        let hcm = tls
+            .and_then(|t| t.http.as_ref())
+            .or(inbound.http.as_ref())
             .ok_or_else(|| anyhow!("the inbound listener has no HTTP chain"))?;
         let (method, path, mut headers) = request_parts(args)?;
         let authority = format!("{svc_name}.{ns}:{}", sp.port);
@@ -206,8 +209,11 @@ fn explain(args: &Args) -> anyhow::Result<(String, bool)> {
             ));
         }
         let tcp = inbound
-            .tcp
+            .tls
             .as_ref()
+            .filter(|_| identity.is_some())
+            .and_then(|t| t.tcp.as_ref())
+            .or(inbound.tcp.as_ref())
             .ok_or_else(|| anyhow!("the inbound listener has no TCP chain"))?;
         let input = proxy::authz::Input {
             peer_identity: identity.as_deref(),

@@ -309,6 +309,8 @@ async fn control_plane_feeds_proxies_and_survives_a_restart() {
                 &api.to_string(),
                 "--log-level",
                 "warn",
+                // The sidecars and Envoy here speak plaintext xDS.
+                "--plaintext-xds",
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -318,12 +320,15 @@ async fn control_plane_feeds_proxies_and_survives_a_restart() {
     let mut control = Guard(start_control());
     wait_for_port(api).await;
 
+    let token_file = &dir.join("data").join("admin.token");
     let apply = |yaml: String| async move {
+        let token = std::fs::read_to_string(token_file).unwrap();
         let mut c = H1Client::connect(api).await.unwrap();
         let req = http::Request::builder()
             .method("POST")
             .uri("/api/v1/apply")
             .header("host", "control")
+            .header("authorization", format!("Bearer {}", token.trim()))
             .header("content-type", "application/yaml")
             .body(http_body_util::Full::new(bytes::Bytes::from(yaml)))
             .unwrap();

@@ -11,6 +11,8 @@
 //! | DELETE | same `[?resourceVersion=N]` | `{"revision":N,"results":[...]}` |
 //! | POST | `/api/v1/apply[?dryRun=true&file=NAME]` | apply YAML/JSON documents, all or nothing |
 //! | GET | `/api/v1/proxies`, `/api/v1/proxies/{id}` | from [`ProxyStatus`] |
+//! | GET | `/api/v1/ca`, `/api/v1/ca/bundle` | CA status JSON, trust bundle PEM |
+//! | POST | `/api/v1/ca/rotate`, `/api/v1/tokens` | root rotation, join tokens (see `admin`) |
 //!
 //! - `{kind}` is a kind name in any case, singular or plural (`service`,
 //!   `HTTPRoutes`, `svc`): see [`kind_from_arg`].
@@ -32,9 +34,11 @@
 //! - Requests that change something and carry a browser `Origin` other than
 //!   this server's own are refused (403), so a web page cannot drive the API
 //!   through a local browser.
+//! - Served with an [`AdminToken`] ([`serve_with`]), requests that change
+//!   something need `Authorization: Bearer <admin token>` (401 otherwise).
 //! - Nothing here panics on input; garbage on the socket gets hyper's 400.
 //!
-//! Non-goals: authentication and TLS (bind it to localhost), watch streams,
+//! Non-goals: TLS (bind it to localhost), per-user authorization, watch streams,
 //! server-side apply field ownership, HTTP/2.
 
 use std::convert::Infallible;
@@ -58,6 +62,12 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::store::{Applied, Op, Precondition, ResourceKey, Store, StoreError};
+
+mod admin;
+
+pub use admin::{
+    AdminToken, AdminTokenError, RotateRequest, TokenRequest, TokenResponse, ADMIN_TOKEN_FILE,
+};
 
 /// What the API shows about connected proxies (`meshwork proxy-status` and
 /// `proxy-config`). Implemented by the xDS server.
@@ -171,6 +181,21 @@ const JSON: &str = "application/json";
 struct Api {
     store: Arc<dyn Store>,
     status: Arc<dyn ProxyStatus>,
+    admin: Option<Arc<AdminToken>>,
+    ca: Option<Arc<crate::ca::Authority>>,
+    acks: Arc<dyn crate::ca::AckTracker>,
+}
+
+/// What the API serves beyond the store: [`serve_with`]'s parts.
+pub struct ApiParts {
+    pub store: Arc<dyn Store>,
+    pub status: Arc<dyn ProxyStatus>,
+    /// Required on mutating requests when set.
+    pub admin: Option<Arc<AdminToken>>,
+    /// The CA behind `/api/v1/ca` and `/api/v1/tokens`.
+    pub ca: Option<Arc<crate::ca::Authority>>,
+    /// Who root rotation waits for.
+    pub acks: Arc<dyn crate::ca::AckTracker>,
 }
 
 /// Serves the API on `listener` until `shutdown` completes, then stops
@@ -181,7 +206,29 @@ pub async fn serve(
     status: Arc<dyn ProxyStatus>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let api = Arc::new(Api { store, status });
+    let parts = ApiParts {
+        store,
+        status,
+        admin: None,
+        ca: None,
+        acks: Arc::new(crate::ca::NoStreams),
+    };
+    serve_with(listener, parts, shutdown).await
+}
+
+/// [`serve`] with an admin credential and a CA.
+pub async fn serve_with(
+    listener: TcpListener,
+    parts: ApiParts,
+    shutdown: impl Future<Output = ()>,
+) {
+    let api = Arc::new(Api {
+        store: parts.store,
+        status: parts.status,
+        admin: parts.admin,
+        ca: parts.ca,
+        acks: parts.acks,
+    });
     let (closing_tx, closing_rx) = watch::channel(false);
     let mut conns = JoinSet::new();
     tokio::pin!(shutdown);
@@ -340,6 +387,7 @@ where
     let method = req.method().clone();
     if matches!(method, Method::PUT | Method::POST | Method::DELETE) {
         check_origin(&req)?;
+        admin::check(api, &req)?;
     }
     if path == "/healthz" {
         return match method {
@@ -356,6 +404,9 @@ where
         return Err(not_found(&path));
     };
     let segs: Vec<&str> = rest.split('/').collect();
+    if matches!(segs.first(), Some(&"ca" | &"tokens")) {
+        return admin::route(api, &segs, req).await;
+    }
     match segs.as_slice() {
         ["resources"] => match method {
             Method::GET => {

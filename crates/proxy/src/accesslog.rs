@@ -102,6 +102,12 @@ pub struct AccessLogEntry {
     pub upstream_host: Option<SocketAddr>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub downstream_remote: Option<SocketAddr>,
+    /// SPIFFE id of the downstream mTLS peer (verified client certificate).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub downstream_peer_principal: Option<String>,
+    /// SPIFFE id the upstream proved over mTLS (the cluster's expected id).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_peer_principal: Option<String>,
     /// Body bytes (HTTP) or stream bytes (TCP) received from the downstream.
     pub bytes_received: u64,
     /// Body bytes (HTTP) or stream bytes (TCP) sent to the downstream.
@@ -283,6 +289,8 @@ impl AccessLogEntry {
             upstream_cluster: None,
             upstream_host: None,
             downstream_remote: None,
+            downstream_peer_principal: None,
+            upstream_peer_principal: None,
             bytes_received: 0,
             bytes_sent: 0,
             user_agent: None,

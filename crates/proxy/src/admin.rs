@@ -14,6 +14,7 @@
 //!   | GET | `/metrics` | Prometheus text 0.0.4 |
 //!   | GET | `/config_dump` | the config in use, JSON |
 //!   | GET | `/listeners` | JSON object: listener name -> bound address |
+//!   | GET | `/certs` | the workload certificate (SPIFFE id, serial, fingerprint, validity, renewals) and trust bundle, JSON |
 //!   | GET | `/logging` | the log filter in effect |
 //!   | POST | `/logging?level=L` or `?filter=DIRECTIVES` | changes it; 400 with the reason if invalid |
 //!
@@ -56,6 +57,13 @@ pub trait AdminSource: Send + Sync + 'static {
     fn config_dump(&self) -> serde_json::Value;
     /// Listener names and the addresses they are bound to.
     fn listeners(&self) -> Vec<(String, SocketAddr)>;
+    /// The workload certificate and trust bundle, for `/certs`; `None`
+    /// when the proxy runs without an identity.
+    fn certs(&self) -> Option<serde_json::Value> {
+        None
+    }
+    /// Extra Prometheus text appended to `/metrics` (identity metrics).
+    fn render_metrics(&self, _out: &mut String) {}
 }
 
 /// Everything a request handler needs.
@@ -67,7 +75,7 @@ struct Admin {
 
 /// Path, allowed methods (GET implies HEAD), description: the index and the
 /// 404/405 answers come from this one table.
-const ENDPOINTS: [(&str, &[Method], &str); 8] = [
+const ENDPOINTS: [(&str, &[Method], &str); 9] = [
     ("/", &[Method::GET], "this list"),
     (
         "/ready",
@@ -85,6 +93,11 @@ const ENDPOINTS: [(&str, &[Method], &str); 8] = [
         "/listeners",
         &[Method::GET],
         "listener name -> bound address, as JSON",
+    ),
+    (
+        "/certs",
+        &[Method::GET],
+        "the workload certificate and trust bundle, as JSON",
     ),
     ("/logging", &[Method::GET], "the log filter in effect"),
     (
@@ -196,8 +209,22 @@ fn handle<B>(admin: &Admin, req: &Request<B>) -> Response<Full<Bytes>> {
         }
         (&Method::GET, "/live") => text(StatusCode::OK, "live\n".into()),
         (&Method::GET, "/metrics") => {
-            respond(StatusCode::OK, PROMETHEUS, admin.metrics.render().into())
+            let mut out = admin.metrics.render();
+            admin.source.render_metrics(&mut out);
+            respond(StatusCode::OK, PROMETHEUS, out.into())
         }
+        (&Method::GET, "/certs") => match admin.source.certs() {
+            Some(certs) => json(&certs),
+            None => respond(
+                StatusCode::NOT_FOUND,
+                JSON,
+                serde_json::json!({
+                    "error": "this proxy has no workload identity: start it with --token (or --token-file) and --ca-bundle to get one"
+                })
+                .to_string()
+                .into(),
+            ),
+        },
         (&Method::GET, "/config_dump") => json(&admin.source.config_dump()),
         (&Method::GET, "/listeners") => {
             let listeners: serde_json::Map<String, serde_json::Value> = admin

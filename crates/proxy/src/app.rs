@@ -57,6 +57,11 @@ pub struct Options {
     pub access_log: crate::accesslog::Target,
     /// Protocol detection bound for listeners that sniff.
     pub detect_timeout: Duration,
+    /// This proxy's workload certificate and trust bundle (hot-swapped on
+    /// renewal and root rotation), for mTLS on the data path. `None`: no
+    /// identity (plaintext mesh). Kept up to date by the
+    /// [`crate::identity::Manager`] in the control-plane source.
+    pub identity: Option<Arc<identity::WorkloadIdentity>>,
 }
 
 /// Why the proxy could not start or a config was refused.
@@ -175,6 +180,9 @@ impl Proxy {
             }
             Source::Control { client, service } => {
                 shared.set_local_service(service.clone());
+                if let Some(manager) = &client.identity {
+                    tasks.push(tokio::spawn(manager.clone().run(trigger.watch())));
+                }
                 let (tx, rx) = tokio::sync::mpsc::channel(4);
                 tasks.push(tokio::spawn(crate::xds_client::run(
                     (**client).clone(),
@@ -309,18 +317,20 @@ impl Inner {
             inbound_addr: self.opts.inbound_addr,
             workload: self.opts.workload.as_deref().map(split_workload),
             detect_timeout: self.opts.detect_timeout,
+            certs_dir: None,
         };
         let out = api::translate(&mesh, &ctx);
         let local_service = ctx.workload.as_ref().and_then(|(ns, name)| {
             mesh.workload(ns, name)
                 .map(|w| format!("{}.{ns}", w.value.spec.service))
         });
-        let snapshot = xds::from_resources(
+        let snapshot = xds::from_resources_with(
             &out.version,
             out.listeners,
             out.routes,
             out.clusters,
             out.endpoints,
+            &self.xds_env(),
         )
         .map_err(|e| Error::Nack(e.to_string()))?;
         self.install(Arc::new(snapshot)).await?;
@@ -346,11 +356,19 @@ impl Inner {
         Ok(())
     }
 
+    /// What config conversion resolves mTLS secrets against: this proxy's
+    /// identity (SDS `default` and `ROOTCA`).
+    fn xds_env(&self) -> xds::Env {
+        xds::Env {
+            identity: self.opts.identity.clone(),
+        }
+    }
+
     /// Applies one xDS update on top of the active config.
     async fn apply_update(&self, update: xds::Update) -> crate::xds_client::Verdict {
         let kind = update_kind(&update);
         let previous = self.shared.runtime().snapshot.clone();
-        let result = match xds::apply(&previous, update) {
+        let result = match xds::apply_with(&previous, update, &self.xds_env()) {
             Ok(next) => {
                 let next = Arc::new(next);
                 self.install(next.clone())
@@ -439,6 +457,25 @@ impl AdminSource for Inner {
 
     fn listeners(&self) -> Vec<(String, SocketAddr)> {
         lock(&self.bound).clone()
+    }
+
+    fn certs(&self) -> Option<serde_json::Value> {
+        self.identity_manager().map(|m| m.status())
+    }
+
+    fn render_metrics(&self, out: &mut String) {
+        if let Some(m) = self.identity_manager() {
+            m.render_metrics(out);
+        }
+    }
+}
+
+impl Inner {
+    fn identity_manager(&self) -> Option<&Arc<crate::identity::Manager>> {
+        match &self.opts.source {
+            Source::Control { client, .. } => client.identity.as_ref(),
+            Source::File { .. } => None,
+        }
     }
 }
 

@@ -1,6 +1,10 @@
 //! Protocol detection: is this connection HTTP/1.1, HTTP/2 prior knowledge
 //! (h2c), or something else?
 //!
+//! Also recognises a TLS ClientHello's record header (`0x16 0x03`), as
+//! Envoy's `tls_inspector` does, so a permissive mTLS listener can take the
+//! TLS or the plaintext path.
+//!
 //! Mirrors Envoy's `http_inspector` listener filter: it reads at most the
 //! request line, and gives up after a bound so that server-first protocols
 //! (where the client waits for the server to speak) are not stalled: on
@@ -16,6 +20,10 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 pub enum Protocol {
     Http1,
     Http2,
+    /// A TLS handshake record (`0x16 0x03`): a ClientHello, as Envoy's
+    /// `tls_inspector` sees it. Only listeners with TLS chains act on it;
+    /// for the others it is opaque bytes.
+    Tls,
     /// Bytes arrived that are not HTTP.
     Opaque,
     /// Nothing conclusive arrived before the deadline.
@@ -53,8 +61,11 @@ pub async fn detect<T: AsyncRead + Unpin>(io: &mut T, timeout: Duration) -> (Pro
 
 /// `None` while the bytes so far could still be either.
 pub fn classify(buf: &[u8]) -> Option<Protocol> {
-    if buf.is_empty() {
-        return None;
+    match buf {
+        [] => return None,
+        [0x16] => return None,
+        [0x16, 0x03, ..] => return Some(Protocol::Tls),
+        _ => {}
     }
     let n = buf.len().min(H2_PREFACE.len());
     if buf[..n] == H2_PREFACE[..n] {
@@ -117,7 +128,9 @@ mod tests {
         assert_eq!(classify(b"GET /very/long"), None);
         assert_eq!(classify(H2_PREFACE), Some(Protocol::Http2));
         assert_eq!(classify(&H2_PREFACE[..10]), None);
-        assert_eq!(classify(b"\x16\x03\x01\x02"), Some(Protocol::Opaque));
+        assert_eq!(classify(b"\x16\x03\x01\x02"), Some(Protocol::Tls));
+        assert_eq!(classify(b"\x16"), None);
+        assert_eq!(classify(b"\x16\x00"), Some(Protocol::Opaque));
         assert_eq!(classify(b"SSH-2.0-OpenSSH\r\n"), Some(Protocol::Opaque));
         assert_eq!(classify(b"GET / SMTP/1.0\r\n"), Some(Protocol::Opaque));
         assert_eq!(classify(b"\0\0\0"), Some(Protocol::Opaque));

@@ -77,7 +77,9 @@ impl ConnCtx {
         if let Some((_, _, s)) = cache.iter().find(|(d, r, _)| d == dest && r == route) {
             return s.clone();
         }
-        let s = self.shared.http_series(self.direction, dest, route);
+        let s = self
+            .shared
+            .http_series(self.direction, dest, route, self.peer_identity.as_deref());
         if cache.len() < 16 {
             cache.push((dest.to_owned(), route.to_owned(), s.clone()));
         }
@@ -264,6 +266,12 @@ async fn forward(
         .or_insert(HeaderValue::from_static("http"));
 
     let target = target_of(cluster, &pick);
+    if obs.detailed {
+        obs.upstream_principal = target
+            .tls
+            .as_ref()
+            .and_then(|t| t.expected_ids.first().cloned());
+    }
     if let Err(e) = set_target_uri(&mut parts, uri, &authority, target.http2) {
         return local_reply(
             obs,
@@ -549,11 +557,13 @@ fn shadow_host(authority: &str) -> String {
 }
 
 fn target_of(state: &ClusterState, pick: &Pick) -> Target {
+    let addr = pick.address();
     Target {
-        addr: pick.address(),
+        addr,
         http2: state.config.http2,
         connect_timeout: state.config.connect_timeout,
         idle_timeout: state.config.idle_timeout,
+        tls: state.upstream_tls(addr).cloned(),
     }
 }
 
@@ -835,6 +845,8 @@ struct Observation {
     cluster: Option<String>,
     destination_service: Option<String>,
     upstream: Option<SocketAddr>,
+    /// The SPIFFE id the upstream proved over mTLS (access log only).
+    upstream_principal: Option<String>,
     flag: Option<ResponseFlag>,
     reason: Option<String>,
     /// Set when the proxy answered itself.
@@ -935,6 +947,8 @@ impl Observation {
             e.upstream_cluster = self.cluster;
             e.upstream_host = self.upstream;
             e.downstream_remote = Some(conn.peer);
+            e.downstream_peer_principal = conn.peer_identity.as_deref().map(str::to_owned);
+            e.upstream_peer_principal = self.upstream_principal;
             e.bytes_received = self.received.load(std::sync::atomic::Ordering::Relaxed);
             e.bytes_sent = bytes_sent;
             e.user_agent = self.user_agent;

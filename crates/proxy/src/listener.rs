@@ -20,7 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
-use crate::config::model::Listener;
+use crate::config::model::{Listener, ListenerTls};
 use crate::detect::{self, Protocol};
 use crate::drain;
 use crate::http::{self as proxy_http, ConnCtx};
@@ -239,46 +239,49 @@ impl Connection {
         } else {
             Direction::Outbound
         };
-        let l = &self.config;
-        let detect_for = match (&l.http, l.detect_timeout) {
-            (None, _) => None,
-            (Some(_), Some(t)) => Some(t),
-            (Some(_), None) => Some(SNIFF_WITHOUT_INSPECTOR),
+        let l = self.config.clone();
+        let detect_for = match (&l.http, &l.tls, l.detect_timeout) {
+            (None, None, _) => None,
+            (_, _, Some(t)) => Some(t),
+            (_, _, None) => Some(SNIFF_WITHOUT_INSPECTOR),
         };
-        let (protocol, prefix) = match detect_for {
+        let (mut protocol, prefix) = match detect_for {
             Some(t) => detect::detect(&mut stream, t).await,
             None => (Protocol::Opaque, bytes::Bytes::new()),
         };
+        if protocol == Protocol::Tls {
+            match &l.tls {
+                Some(tls) => {
+                    return self
+                        .serve_tls(tls, Rewind::new(prefix, stream), peer, direction)
+                        .await
+                }
+                // No TLS chain: a ClientHello is just bytes (TCP passthrough).
+                None => protocol = Protocol::Opaque,
+            }
+        }
+        if l.is_strict_mtls() {
+            if protocol != Protocol::Closed {
+                self.shared
+                    .metrics
+                    .tls_handshake_failed(direction, "plaintext_refused");
+                tracing::debug!(listener = %self.name, %peer, protocol = ?protocol, "plaintext connection refused: this listener accepts mTLS only (strict)");
+            }
+            return;
+        }
         if protocol == Protocol::Timeout {
             self.series.detection_timeout();
         }
-        // The SPIFFE id of the peer, which authorization rules on sources
-        // match. The one place to set it: from the verified peer certificate
-        // once inbound mTLS terminates here; plaintext has none.
-        let peer_identity: Option<Arc<str>> = None;
         match (protocol, &l.http, &l.tcp) {
             (Protocol::Http1 | Protocol::Http2, Some(hcm), _) => {
-                let ctx = Arc::new(ConnCtx {
-                    shared: self.shared.clone(),
-                    direction,
-                    drain: self.global.clone(),
-                    hcm: Arc::new(hcm.clone()),
-                    peer,
-                    peer_identity,
-                    series: Default::default(),
-                });
                 let io = TokioIo::new(Rewind::new(prefix, stream));
-                self.serve_http(protocol, io, ctx).await;
+                self.serve_http(protocol, io, self.conn_ctx(direction, hcm, peer, None))
+                    .await;
             }
             (Protocol::Closed, _, _) => {}
             (_, _, Some(tcp_proxy)) => {
-                if !tcp::authorize(
-                    &self.shared,
-                    tcp_proxy,
-                    direction,
-                    peer,
-                    peer_identity.as_deref(),
-                ) {
+                // Plaintext has no verified identity.
+                if !tcp::authorize(&self.shared, tcp_proxy, direction, peer, None) {
                     // Closed right away (dropping the stream), as Envoy's
                     // network RBAC filter does.
                     return;
@@ -290,6 +293,7 @@ impl Connection {
                     prefix,
                     stream,
                     peer,
+                    None,
                 )
                 .await;
             }
@@ -299,12 +303,96 @@ impl Connection {
         }
     }
 
-    async fn serve_http(
+    /// Terminates mTLS, then takes the chain the negotiated ALPN selects
+    /// (h2, http/1.1: HTTP; anything else: the TLS TCP chain, as Envoy's
+    /// `application_protocols` match on the ClientHello).
+    async fn serve_tls(
         &self,
-        protocol: Protocol,
-        io: TokioIo<Rewind<TcpStream>>,
-        ctx: Arc<ConnCtx>,
+        tls: &ListenerTls,
+        io: Rewind<TcpStream>,
+        peer: SocketAddr,
+        direction: Direction,
     ) {
+        let stream = match crate::tls::accept(tls.server.clone(), io).await {
+            Ok(s) => s,
+            Err(e) => {
+                self.shared
+                    .metrics
+                    .tls_handshake_failed(direction, e.reason);
+                tracing::debug!(listener = %self.name, %peer, reason = e.reason, error = %e.detail, "inbound mTLS handshake failed");
+                return;
+            }
+        };
+        let (_, session) = stream.get_ref();
+        // The SPIFFE id of the peer, which authorization rules on sources
+        // match. The one place it is set: from the certificate the handshake
+        // verified (plaintext has none).
+        let peer_identity: Option<Arc<str>> =
+            identity::peer_identity(session).map(|id| Arc::from(id.to_string()));
+        let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
+        tracing::debug!(listener = %self.name, %peer, identity = ?peer_identity, alpn = ?alpn.as_deref().map(String::from_utf8_lossy), "mTLS established");
+        let http_alpn = alpn
+            .as_deref()
+            .filter(|a| tls.http_alpn.iter().any(|m| m.as_bytes() == *a));
+        match (http_alpn, &tls.http, &tls.tcp) {
+            (Some(a), Some(hcm), _) => {
+                let protocol = if a == identity::ALPN_H2 {
+                    Protocol::Http2
+                } else {
+                    Protocol::Http1
+                };
+                let ctx = self.conn_ctx(direction, hcm, peer, peer_identity);
+                self.serve_http(protocol, TokioIo::new(stream), ctx).await;
+            }
+            (_, _, Some(tcp_proxy)) => {
+                if !tcp::authorize(
+                    &self.shared,
+                    tcp_proxy,
+                    direction,
+                    peer,
+                    peer_identity.as_deref(),
+                ) {
+                    return;
+                }
+                tcp::proxy(
+                    self.shared.clone(),
+                    tcp_proxy,
+                    direction,
+                    bytes::Bytes::new(),
+                    stream,
+                    peer,
+                    peer_identity.as_deref(),
+                )
+                .await;
+            }
+            _ => {
+                tracing::debug!(listener = %self.name, %peer, "mTLS connection matches no TLS chain: closing");
+            }
+        }
+    }
+
+    fn conn_ctx(
+        &self,
+        direction: Direction,
+        hcm: &crate::config::model::HttpConnectionManager,
+        peer: SocketAddr,
+        peer_identity: Option<Arc<str>>,
+    ) -> Arc<ConnCtx> {
+        Arc::new(ConnCtx {
+            shared: self.shared.clone(),
+            direction,
+            drain: self.global.clone(),
+            hcm: Arc::new(hcm.clone()),
+            peer,
+            peer_identity,
+            series: Default::default(),
+        })
+    }
+
+    async fn serve_http<IO>(&self, protocol: Protocol, io: TokioIo<IO>, ctx: Arc<ConnCtx>)
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
         let svc = service_fn(move |req| proxy_http::handle(ctx.clone(), req));
         let draining = async {
             tokio::select! {

@@ -80,6 +80,18 @@ pub struct HttpLabels {
     pub destination_service: String,
     /// Route name (`<namespace>/<route>/<rule>`), empty when none matched.
     pub route: String,
+    /// SPIFFE id of the mTLS peer (inbound); empty (label omitted) for
+    /// plaintext and outbound traffic. Istio's name.
+    pub source_principal: String,
+}
+
+/// Labels of one `meshwork_tls_handshake_failures_total` series.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TlsLabels {
+    pub direction: Direction,
+    /// Why: see `docs/mtls.md` (`no_client_certificate`, `unknown_issuer`,
+    /// `certificate_expired`, `identity_mismatch`, `plaintext_refused`, ...).
+    pub reason: &'static str,
 }
 
 /// Labels of one `meshwork_authz_decisions_total` series.
@@ -134,6 +146,8 @@ pub struct TcpLabels {
     pub direction: Direction,
     pub source_service: String,
     pub destination_service: String,
+    /// SPIFFE id of the mTLS peer (inbound); empty (label omitted) otherwise.
+    pub source_principal: String,
 }
 
 /// The registry. Share it as `Arc<Metrics>`.
@@ -143,6 +157,7 @@ pub struct Metrics {
     tcp: Family<TcpLabels, TcpSeries>,
     listeners: Family<String, ListenerSeries>,
     authz: Family<AuthzLabels, Counter>,
+    tls_failures: Family<TlsLabels, Counter>,
     /// Config updates are rare (seconds apart), so a mutex is fine here.
     config: Mutex<BTreeMap<String, ConfigState>>,
 }
@@ -249,6 +264,20 @@ impl Metrics {
         self.authz.get(labels)
     }
 
+    /// Counts one failed (or refused) TLS handshake.
+    pub fn tls_handshake_failed(&self, direction: Direction, reason: &'static str) {
+        self.tls_failures
+            .get(&TlsLabels { direction, reason })
+            .inc();
+    }
+
+    /// The count of failed TLS handshakes for one label set (tests, admin).
+    pub fn tls_handshake_failures(&self, direction: Direction, reason: &'static str) -> u64 {
+        self.tls_failures
+            .lookup(&TlsLabels { direction, reason })
+            .map_or(0, |c| c.get())
+    }
+
     /// The handle for one listener (by listener name). Keep it.
     pub fn listener(&self, name: &str) -> Arc<ListenerSeries> {
         if let Some(series) = self.listeners.lookup(name) {
@@ -279,8 +308,28 @@ impl Metrics {
         self.render_tcp(&mut out);
         self.render_listeners(&mut out);
         self.render_authz(&mut out);
+        self.render_tls(&mut out);
         self.render_config(&mut out);
         out
+    }
+
+    fn render_tls(&self, out: &mut String) {
+        let failures = self.tls_failures.sorted();
+        header(
+            out,
+            "meshwork_tls_handshake_failures_total",
+            "mTLS handshakes that failed, and plaintext connections a strict listener refused, by reason.",
+            "counter",
+        );
+        for (l, c) in &failures {
+            let labels = [("direction", l.direction.as_str()), ("reason", l.reason)];
+            sample(
+                out,
+                "meshwork_tls_handshake_failures_total",
+                &labels,
+                c.get(),
+            );
+        }
     }
 
     fn render_authz(&self, out: &mut String) {
@@ -404,11 +453,14 @@ impl Metrics {
         for (name, help, field) in families {
             header(out, name, help, "counter");
             for (labels, series) in &tcp {
-                let l = [
+                let mut l = vec![
                     ("direction", labels.direction.as_str()),
                     ("source_service", labels.source_service.as_str()),
                     ("destination_service", labels.destination_service.as_str()),
                 ];
+                if !labels.source_principal.is_empty() {
+                    l.push(("source_principal", labels.source_principal.as_str()));
+                }
                 sample(out, name, &l, field(series).load(Ordering::Relaxed));
             }
         }
@@ -676,12 +728,16 @@ fn decode_response_key(key: u32) -> Option<(ResponseFlag, u16)> {
 }
 
 fn http_labels(l: &HttpLabels) -> Vec<(&'static str, &str)> {
-    vec![
+    let mut v = vec![
         ("direction", l.direction.as_str()),
         ("source_service", &l.source_service),
         ("destination_service", &l.destination_service),
         ("route", &l.route),
-    ]
+    ];
+    if !l.source_principal.is_empty() {
+        v.push(("source_principal", &l.source_principal));
+    }
+    v
 }
 
 fn header(out: &mut String, name: &str, help: &str, kind: &str) {

@@ -5,11 +5,14 @@
 //! atomically; requests in flight keep the one they started with. Balancers of
 //! clusters that survive an update keep their load statistics.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::balance::Balancer;
-use crate::config::model::{Cluster, HttpConnectionManager, LoadAssignment, RouteTable, Snapshot};
+use crate::config::model::{
+    Cluster, HttpConnectionManager, LoadAssignment, RouteTable, Snapshot, UpstreamTls,
+};
 
 /// Everything a request needs, immutable once built.
 #[derive(Debug, Default)]
@@ -24,6 +27,17 @@ pub struct ClusterState {
     pub config: Arc<Cluster>,
     pub endpoints: Arc<LoadAssignment>,
     pub balancer: Balancer,
+    /// Endpoints reached over mTLS (`tlsMode: meshwork`, and the cluster
+    /// has `transport_socket_matches`).
+    mtls_endpoints: HashSet<SocketAddr>,
+}
+
+impl ClusterState {
+    /// The mTLS settings for a connection to `addr`, if it takes mTLS.
+    pub fn upstream_tls(&self, addr: SocketAddr) -> Option<&Arc<UpstreamTls>> {
+        let tls = self.config.tls.as_ref()?;
+        self.mtls_endpoints.contains(&addr).then_some(tls)
+    }
 }
 
 impl Runtime {
@@ -45,12 +59,22 @@ impl Runtime {
                 Some(old) => old.balancer.update(&config.lb, &endpoints),
                 None => Balancer::new(&config.lb, &endpoints),
             };
+            let mtls_endpoints = if config.tls.is_some() {
+                endpoints
+                    .endpoints()
+                    .filter(|e| e.mtls)
+                    .map(|e| e.address)
+                    .collect()
+            } else {
+                HashSet::new()
+            };
             clusters.insert(
                 name.clone(),
                 Arc::new(ClusterState {
                     config: config.clone(),
                     endpoints,
                     balancer,
+                    mtls_endpoints,
                 }),
             );
         }

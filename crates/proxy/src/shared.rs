@@ -31,7 +31,7 @@ impl Shared {
         let unknown = Arc::new("unknown".to_owned());
         Arc::new(Self {
             runtime: ArcSwap::from_pointee(Runtime::default()),
-            pools: Pools::new(),
+            pools: Pools::with_metrics(metrics.clone()),
             metrics,
             access_log,
             local_service: ArcSwap::new(unknown.clone()),
@@ -105,26 +105,35 @@ impl Shared {
         }
     }
 
-    /// The metric series of one (direction, destination, route).
+    /// The metric series of one (direction, destination, route, mTLS peer).
     pub fn http_series(
         &self,
         direction: Direction,
         destination: &str,
         route: &str,
+        principal: Option<&str>,
     ) -> Arc<HttpSeries> {
         self.metrics.http(&HttpLabels {
             direction,
             source_service: self.source_service(direction).to_string(),
             destination_service: destination.to_owned(),
             route: route.to_owned(),
+            source_principal: principal.unwrap_or_default().to_owned(),
         })
     }
 
-    pub fn tcp_series(&self, direction: Direction, destination: &str) -> Arc<TcpSeries> {
+    /// The metric series of one (direction, destination, mTLS peer).
+    pub fn tcp_series(
+        &self,
+        direction: Direction,
+        destination: &str,
+        principal: Option<&str>,
+    ) -> Arc<TcpSeries> {
         self.metrics.tcp(&TcpLabels {
             direction,
             source_service: self.source_service(direction).to_string(),
             destination_service: destination.to_owned(),
+            source_principal: principal.unwrap_or_default().to_owned(),
         })
     }
 

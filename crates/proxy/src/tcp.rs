@@ -8,8 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -18,6 +17,7 @@ use crate::config::model::TcpProxy;
 use crate::metrics::TcpSeries;
 use crate::router;
 use crate::shared::{Direction, Shared};
+use crate::tls::IntoHalves;
 
 /// Runs the chain's RBAC filters on a new connection (source identity and
 /// port only: no HTTP attributes). Counts the decision; a denial is
@@ -49,6 +49,7 @@ pub fn authorize(
     if shared.access_log_enabled() {
         let mut entry = AccessLogEntry::new(direction, Protocol::Tcp, std::time::SystemTime::now());
         entry.downstream_remote = Some(peer);
+        entry.downstream_peer_principal = peer_identity.map(str::to_owned);
         entry.source_service = Some(shared.source_service(direction).to_string());
         entry.destination_service = Some(destination.to_string());
         entry.response_flags = vec![ResponseFlag::RbacDenied];
@@ -58,20 +59,23 @@ pub fn authorize(
     false
 }
 
-/// Proxies one downstream connection. `prefix` holds bytes already read.
-pub async fn proxy(
+/// Proxies one downstream connection (plain TCP, or mTLS terminated by the
+/// listener with the verified `principal`). `prefix` holds bytes already read.
+pub async fn proxy<D: IntoHalves>(
     shared: Arc<Shared>,
     tcp: &TcpProxy,
     direction: Direction,
     prefix: Bytes,
-    downstream: TcpStream,
+    downstream: D,
     peer: SocketAddr,
+    principal: Option<&str>,
 ) {
     let start = Instant::now();
     let wall = std::time::SystemTime::now();
     let rt = shared.runtime();
     let mut entry = AccessLogEntry::new(direction, Protocol::Tcp, wall);
     entry.downstream_remote = Some(peer);
+    entry.downstream_peer_principal = principal.map(str::to_owned);
     entry.source_service = Some(shared.source_service(direction).to_string());
     let outcome = async {
         let wc = router::pick_cluster(&tcp.clusters, fastrand::u64(..)).ok_or_else(|| {
@@ -94,39 +98,66 @@ pub async fn proxy(
                 format!("cluster {} has no endpoints", wc.name),
             )
         })?;
-        entry.upstream_host = Some(pick.address());
-        let connect = tokio::time::timeout(
-            cluster.config.connect_timeout,
-            TcpStream::connect(pick.address()),
-        )
-        .await;
+        let addr = pick.address();
+        entry.upstream_host = Some(addr);
+        let connect =
+            tokio::time::timeout(cluster.config.connect_timeout, TcpStream::connect(addr)).await;
         let upstream = match connect {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 pick.failed();
                 return Err((
                     ResponseFlag::UpstreamConnectFailure,
-                    format!("connecting to {} failed: {e}", pick.address()),
+                    format!("connecting to {addr} failed: {e}"),
                 ));
             }
             Err(_) => {
                 pick.failed();
                 return Err((
                     ResponseFlag::UpstreamConnectFailure,
-                    format!("connecting to {} timed out", pick.address()),
+                    format!("connecting to {addr} timed out"),
                 ));
             }
         };
-        pick.complete(start.elapsed());
         let _ = upstream.set_nodelay(true);
-        let _ = downstream.set_nodelay(true);
+        downstream.nodelay();
+        let upstream = match cluster.upstream_tls(addr) {
+            None => Upstream::Plain(upstream),
+            Some(tls) => match crate::tls::connect(
+                tls.client.clone(),
+                addr,
+                upstream,
+                cluster.config.connect_timeout,
+            )
+            .await
+            {
+                Ok(s) => {
+                    entry.upstream_peer_principal = tls.expected_ids.first().cloned();
+                    Upstream::Tls(Box::new(s))
+                }
+                Err(e) => {
+                    pick.failed();
+                    shared
+                        .metrics
+                        .tls_handshake_failed(Direction::Outbound, e.reason);
+                    return Err((
+                        ResponseFlag::UpstreamConnectFailure,
+                        format!("mTLS handshake with {addr} failed: {e}"),
+                    ));
+                }
+            },
+        };
+        pick.complete(start.elapsed());
         let series = shared.tcp_series(
             direction,
             entry.destination_service.as_deref().unwrap_or("unknown"),
+            principal,
         );
         series.opened();
-        let (received, sent) =
-            copy_both(downstream, upstream, prefix, tcp.idle_timeout, &series).await;
+        let (received, sent) = match upstream {
+            Upstream::Plain(u) => copy_both(downstream, u, prefix, tcp.idle_timeout, &series).await,
+            Upstream::Tls(u) => copy_both(downstream, *u, prefix, tcp.idle_timeout, &series).await,
+        };
         series.closed();
         drop(pick);
         Ok((received, sent))
@@ -151,15 +182,21 @@ pub async fn proxy(
 
 /// Copies until both directions have closed, or no byte moved for `idle`.
 /// Returns (bytes downstream -> upstream, bytes upstream -> downstream).
-async fn copy_both(
-    downstream: TcpStream,
-    upstream: TcpStream,
+/// A connected upstream.
+enum Upstream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+async fn copy_both<D: IntoHalves, U: IntoHalves>(
+    downstream: D,
+    upstream: U,
     prefix: Bytes,
     idle: Option<Duration>,
     series: &Arc<TcpSeries>,
 ) -> (u64, u64) {
-    let (down_r, down_w) = downstream.into_split();
-    let (up_r, mut up_w) = upstream.into_split();
+    let (down_r, down_w) = downstream.into_halves();
+    let (up_r, mut up_w) = upstream.into_halves();
     if !prefix.is_empty() {
         if up_w.write_all(&prefix).await.is_err() {
             return (0, 0);
@@ -211,14 +248,17 @@ async fn copy_both(
     )
 }
 
-async fn pipe(
-    mut from: OwnedReadHalf,
-    mut to: OwnedWriteHalf,
+async fn pipe<R, W>(
+    mut from: R,
+    mut to: W,
     total: Arc<AtomicU64>,
     activity: Arc<AtomicU64>,
     epoch: Instant,
     count: impl Fn(u64),
-) {
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         let n = match from.read(&mut buf).await {

@@ -5,8 +5,12 @@
 //! that lists the endpoint, and survive config updates, so a reload does not
 //! reconnect. An HTTP/1.1 connection goes back to its pool only once its
 //! response body has been read to the end (see [`Returner`]); idle ones are
-//! closed after the cluster's idle timeout. Non-goals: TLS (added with mTLS),
-//! per-endpoint connection limits (circuit breaking comes with TrafficPolicy).
+//! closed after the cluster's idle timeout. Connections to mTLS endpoints
+//! do a TLS 1.3 handshake with the cluster's cached client config (ALPN h2
+//! or http/1.1 by the cluster's protocol); pools are keyed by address,
+//! protocol and TLS settings, so plaintext and mTLS never share a
+//! connection. Non-goals: per-endpoint connection limits (circuit breaking
+//! comes with TrafficPolicy).
 
 use std::collections::HashMap;
 use std::io;
@@ -21,6 +25,7 @@ use tokio::time::Instant;
 
 use crate::accesslog::ResponseFlag;
 use crate::body::Body;
+use crate::config::model::UpstreamTls;
 
 /// Why an upstream request failed before a response arrived.
 #[derive(Debug, thiserror::Error)]
@@ -43,15 +48,21 @@ pub enum UpstreamError {
     },
     #[error("upstream {addr}: a fresh connection was not HTTP/1.1")]
     Protocol { addr: SocketAddr },
+    #[error("mTLS handshake with {addr} failed: {source}")]
+    Tls {
+        addr: SocketAddr,
+        source: crate::tls::HandshakeError,
+    },
 }
 
 impl UpstreamError {
     /// Envoy-style response flag.
     pub fn flag(&self) -> ResponseFlag {
         match self {
-            Self::ConnectRefused { .. } | Self::ConnectTimeout { .. } | Self::Connect { .. } => {
-                ResponseFlag::UpstreamConnectFailure
-            }
+            Self::ConnectRefused { .. }
+            | Self::ConnectTimeout { .. }
+            | Self::Connect { .. }
+            | Self::Tls { .. } => ResponseFlag::UpstreamConnectFailure,
             Self::Handshake { .. } | Self::Reset { .. } | Self::Protocol { .. } => {
                 ResponseFlag::UpstreamReset
             }
@@ -62,25 +73,35 @@ impl UpstreamError {
     pub fn is_connect(&self) -> bool {
         matches!(
             self,
-            Self::ConnectRefused { .. } | Self::ConnectTimeout { .. } | Self::Connect { .. }
+            Self::ConnectRefused { .. }
+                | Self::ConnectTimeout { .. }
+                | Self::Connect { .. }
+                | Self::Tls { .. }
         )
     }
 }
 
 /// How to reach one endpoint.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Target {
     pub addr: SocketAddr,
     pub http2: bool,
     pub connect_timeout: Duration,
     pub idle_timeout: Option<Duration>,
+    /// mTLS to this endpoint (the cluster's cached client config).
+    pub tls: Option<Arc<UpstreamTls>>,
 }
+
+/// Pool key: address and TLS settings (`None`: plaintext).
+type PoolKey = (SocketAddr, Option<Arc<str>>);
 
 /// All upstream pools of a proxy.
 #[derive(Debug, Default)]
 pub struct Pools {
-    h1: Mutex<HashMap<SocketAddr, Arc<H1Pool>>>,
-    h2: Mutex<HashMap<SocketAddr, Arc<H2Slot>>>,
+    h1: Mutex<HashMap<PoolKey, Arc<H1Pool>>>,
+    h2: Mutex<HashMap<PoolKey, Arc<H2Slot>>>,
+    /// Where failed mTLS handshakes are counted.
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 #[derive(Debug, Default)]
@@ -143,13 +164,21 @@ impl Pools {
         Arc::new(Self::default())
     }
 
+    /// Pools that count failed mTLS handshakes in `metrics`.
+    pub fn with_metrics(metrics: Arc<crate::metrics::Metrics>) -> Arc<Self> {
+        Arc::new(Self {
+            metrics: Some(metrics),
+            ..Self::default()
+        })
+    }
+
     /// A connection ready to take one request: an idle pooled one if any
     /// is still usable, else a new one.
     pub async fn lease(&self, target: &Target) -> Result<Lease, UpstreamError> {
         if target.http2 {
             return self.lease_h2(target).await.map(Lease::Http2);
         }
-        let pool = self.h1_pool(target.addr);
+        let pool = self.h1_pool(target);
         loop {
             let candidate = lock(&pool.idle).pop();
             let Some(mut conn) = candidate else { break };
@@ -173,8 +202,8 @@ impl Pools {
         if target.http2 {
             return self.lease_h2(target).await.map(Lease::Http2);
         }
-        let pool = self.h1_pool(target.addr);
-        let sender = connect_h1(target).await?;
+        let pool = self.h1_pool(target);
+        let sender = self.connect_h1(target).await?;
         Ok(Lease::Http1 {
             sender,
             returner: Returner { pool },
@@ -182,19 +211,19 @@ impl Pools {
         })
     }
 
-    fn h1_pool(&self, addr: SocketAddr) -> Arc<H1Pool> {
-        lock(&self.h1).entry(addr).or_default().clone()
+    fn h1_pool(&self, target: &Target) -> Arc<H1Pool> {
+        lock(&self.h1).entry(key(target)).or_default().clone()
     }
 
     async fn lease_h2(&self, target: &Target) -> Result<http2::SendRequest<Body>, UpstreamError> {
-        let slot = lock(&self.h2).entry(target.addr).or_default().clone();
+        let slot = lock(&self.h2).entry(key(target)).or_default().clone();
         let mut conn = slot.conn.lock().await;
         if let Some(sender) = conn.as_ref() {
             if !sender.is_closed() {
                 return Ok(sender.clone());
             }
         }
-        let sender = connect_h2(target).await?;
+        let sender = self.connect_h2(target).await?;
         *conn = Some(sender.clone());
         Ok(sender)
     }
@@ -216,7 +245,8 @@ impl Pools {
     }
 }
 
-async fn connect(target: &Target) -> Result<TcpStream, UpstreamError> {
+/// A TCP connection to `target` within its connect timeout.
+pub(crate) async fn connect(target: &Target) -> Result<TcpStream, UpstreamError> {
     let addr = target.addr;
     let stream = match tokio::time::timeout(target.connect_timeout, TcpStream::connect(addr)).await
     {
@@ -237,13 +267,71 @@ async fn connect(target: &Target) -> Result<TcpStream, UpstreamError> {
     Ok(stream)
 }
 
-async fn connect_h1(target: &Target) -> Result<http1::SendRequest<Body>, UpstreamError> {
-    let addr = target.addr;
-    let stream = connect(target).await?;
+impl Pools {
+    /// The transport to `target`: plain TCP, or mTLS for mTLS endpoints.
+    async fn transport(&self, target: &Target) -> Result<Transport, UpstreamError> {
+        let stream = connect(target).await?;
+        let Some(tls) = &target.tls else {
+            return Ok(Transport::Plain(stream));
+        };
+        match crate::tls::connect(
+            tls.client.clone(),
+            target.addr,
+            stream,
+            target.connect_timeout,
+        )
+        .await
+        {
+            Ok(s) => Ok(Transport::Tls(Box::new(s))),
+            Err(source) => {
+                tracing::debug!(addr = %target.addr, reason = source.reason, error = %source.detail, "upstream mTLS handshake failed");
+                if let Some(m) = &self.metrics {
+                    m.tls_handshake_failed(crate::metrics::Direction::Outbound, source.reason);
+                }
+                Err(UpstreamError::Tls {
+                    addr: target.addr,
+                    source,
+                })
+            }
+        }
+    }
+
+    async fn connect_h1(&self, target: &Target) -> Result<http1::SendRequest<Body>, UpstreamError> {
+        match self.transport(target).await? {
+            Transport::Plain(s) => handshake_h1(target.addr, s).await,
+            Transport::Tls(s) => handshake_h1(target.addr, *s).await,
+        }
+    }
+
+    async fn connect_h2(&self, target: &Target) -> Result<http2::SendRequest<Body>, UpstreamError> {
+        match self.transport(target).await? {
+            Transport::Plain(s) => handshake_h2(target.addr, s).await,
+            Transport::Tls(s) => handshake_h2(target.addr, *s).await,
+        }
+    }
+}
+
+/// A connected upstream stream.
+enum Transport {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+fn key(target: &Target) -> PoolKey {
+    (target.addr, target.tls.as_ref().map(|t| t.pool_key.clone()))
+}
+
+async fn handshake_h1<IO>(
+    addr: SocketAddr,
+    io: IO,
+) -> Result<http1::SendRequest<Body>, UpstreamError>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
     // Flattened writes, as downstream (see listener.rs).
     let (sender, conn) = http1::Builder::new()
         .writev(false)
-        .handshake(TokioIo::new(stream))
+        .handshake(TokioIo::new(io))
         .await
         .map_err(|source| UpstreamError::Handshake { addr, source })?;
     tokio::spawn(async move {
@@ -254,16 +342,20 @@ async fn connect_h1(target: &Target) -> Result<http1::SendRequest<Body>, Upstrea
     Ok(sender)
 }
 
-async fn connect_h2(target: &Target) -> Result<http2::SendRequest<Body>, UpstreamError> {
-    let addr = target.addr;
-    let stream = connect(target).await?;
+async fn handshake_h2<IO>(
+    addr: SocketAddr,
+    io: IO,
+) -> Result<http2::SendRequest<Body>, UpstreamError>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
     let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())
         .adaptive_window(true)
         .keep_alive_interval(Duration::from_secs(30));
     let (sender, conn) = builder
-        .handshake(TokioIo::new(stream))
+        .handshake(TokioIo::new(io))
         .await
         .map_err(|source| UpstreamError::Handshake { addr, source })?;
     tokio::spawn(async move {

@@ -10,11 +10,21 @@
 //! reconnects with jittered exponential backoff, trying the listed control
 //! planes in turn; the proxy keeps serving meanwhile.
 //!
+//! With a workload identity ([`ClientOptions::identity`]) the stream runs
+//! over TLS ([`crate::identity::ControlConnector`]: the control plane is
+//! verified against the trust bundle, this proxy presents its SVID) and
+//! also subscribes to the `ROOTCA` [`Secret`]: its PEM goes to
+//! [`crate::identity::Manager::on_bundle`], ACKed when installed, NACKed
+//! with the reason (old bundle kept) when unparseable. Without one, the
+//! stream is plaintext, as to a control plane run with `--plaintext-xds`.
+//!
 //! Non-goals: delta xDS (the server speaks it; this client uses SotW, which
-//! is simpler and just as correct at a sidecar's scale), xDS over TLS (with
-//! the identity issue).
+//! is simpler and just as correct at a sidecar's scale), SDS for other
+//! secrets (the proxy's own certificate never leaves it; `default` resolves
+//! locally).
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
@@ -22,6 +32,7 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{secret, Secret};
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use envoy_types::pb::google::protobuf::Any;
@@ -36,6 +47,9 @@ pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listene
 pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
 pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+pub const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+/// The secret holding the trust bundle (Istio's name).
+pub const ROOTCA: &str = "ROOTCA";
 
 /// What the app answers for an update.
 pub type Verdict = Result<Needs, String>;
@@ -58,6 +72,9 @@ pub struct ClientOptions {
     pub node: Node,
     pub connect_timeout: Duration,
     pub max_backoff: Duration,
+    /// This proxy's identity: xDS over TLS presenting its certificate, and
+    /// `ROOTCA` followed. `None`: plaintext, no bundle.
+    pub identity: Option<Arc<crate::identity::Manager>>,
 }
 
 /// Why one stream ended.
@@ -90,7 +107,7 @@ pub async fn run(opts: ClientOptions, updates: mpsc::Sender<Request>, stop: drai
         match outcome {
             Err(StreamEnd::AppGone) => return,
             Err(e) => {
-                tracing::warn!(%server, error = %e, retry_in = ?backoff, "control plane unreachable; keeping the last good config");
+                tracing::warn!(%server, error = %chain(&e), retry_in = ?backoff, "control plane unreachable; keeping the last good config");
             }
             Ok(()) => {}
         }
@@ -109,6 +126,23 @@ pub async fn run(opts: ClientOptions, updates: mpsc::Sender<Request>, stop: drai
     }
 }
 
+/// `e` and its sources, `: `-separated (tonic's transport error alone
+/// says only "transport error"; the cause, e.g. a certificate that does
+/// not verify, is further down).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = s.source();
+    }
+    out
+}
+
 /// What survives a reconnect: the last accepted versions (so the server can
 /// skip unchanged resources) and the names the config needs.
 #[derive(Debug, Default)]
@@ -124,11 +158,24 @@ async fn stream(
     updates: &mpsc::Sender<Request>,
     state: &mut State,
 ) -> Result<(), StreamEnd> {
-    let endpoint = tonic::transport::Endpoint::from_shared(server.to_owned())?
+    let uri = match &opts.identity {
+        Some(_) => crate::identity::client::tls_uri(server),
+        None => server.to_owned(),
+    };
+    let endpoint = tonic::transport::Endpoint::from_shared(uri)?
         .connect_timeout(opts.connect_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30));
-    let channel = endpoint.connect().await?;
+    let channel = match &opts.identity {
+        // The manager is built by bootstrap, which returns only once a
+        // certificate is installed: the first handshake presents it.
+        Some(identity) => {
+            endpoint
+                .connect_with_connector(identity.connector())
+                .await?
+        }
+        None => endpoint.connect().await?,
+    };
     let mut client =
         AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
     let (tx, rx) = mpsc::channel::<DiscoveryRequest>(16);
@@ -136,7 +183,7 @@ async fn stream(
         .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await?
         .into_inner();
-    tracing::info!(%server, "connected to the control plane");
+    tracing::info!(%server, tls = opts.identity.is_some(), "connected to the control plane");
     state.connected_once = true;
 
     let request = |type_url: &'static str,
@@ -201,8 +248,50 @@ async fn stream(
         ))
         .await?;
     }
+    if opts.identity.is_some() {
+        send(request(
+            SECRET,
+            vec![ROOTCA.to_owned()],
+            version(state, SECRET),
+            String::new(),
+            None,
+            false,
+        ))
+        .await?;
+    }
 
     while let Some(resp) = responses.message().await? {
+        if resp.type_url == SECRET {
+            if let Some(identity) = &opts.identity {
+                let verdict = root_bundle(&resp).and_then(|pem| identity.on_bundle(&pem));
+                let error = match verdict {
+                    Ok(()) => {
+                        tracing::debug!(version = %resp.version_info, "trust bundle accepted");
+                        state.versions.insert(SECRET, resp.version_info.clone());
+                        None
+                    }
+                    Err(reason) => {
+                        tracing::error!(version = %resp.version_info, %reason, "trust bundle refused (NACK); keeping the current one");
+                        Some(Status {
+                            code: 3,
+                            message: reason,
+                            details: vec![],
+                        })
+                    }
+                };
+                let version = version(state, SECRET);
+                send(request(
+                    SECRET,
+                    vec![ROOTCA.to_owned()],
+                    version,
+                    resp.nonce.clone(),
+                    error,
+                    false,
+                ))
+                .await?;
+                continue;
+            }
+        }
         let Some(type_url) = known_type(&resp.type_url) else {
             // Not something we asked for: NACK it by name, keep streaming.
             let msg = format!("unsupported resource type {:?}", resp.type_url);
@@ -296,6 +385,44 @@ async fn stream(
         }
     }
     Err(StreamEnd::Closed)
+}
+
+/// The PEM of the `ROOTCA` secret in a Secret response:
+/// `validation_context.trusted_ca` inline (string or bytes).
+fn root_bundle(resp: &DiscoveryResponse) -> Result<String, String> {
+    use envoy_types::pb::envoy::config::core::v3::data_source::Specifier;
+    let mut found = None;
+    for (i, any) in resp.resources.iter().enumerate() {
+        if any.type_url != SECRET {
+            return Err(format!(
+                "resources[{i}]: type {:?} in a {SECRET} response",
+                any.type_url
+            ));
+        }
+        let s = Secret::decode(any.value.as_slice())
+            .map_err(|e| format!("resources[{i}]: cannot decode: {e}"))?;
+        if s.name != ROOTCA {
+            continue;
+        }
+        let Some(secret::Type::ValidationContext(vc)) = s.r#type else {
+            return Err(format!(
+                "resources[{i}] ({ROOTCA}): expected a validation_context"
+            ));
+        };
+        let pem = match vc.trusted_ca.and_then(|ca| ca.specifier) {
+            Some(Specifier::InlineString(s)) => s,
+            Some(Specifier::InlineBytes(b)) => String::from_utf8(b).map_err(|_| {
+                format!("resources[{i}] ({ROOTCA}): validation_context.trusted_ca.inline_bytes is not PEM text")
+            })?,
+            _ => {
+                return Err(format!(
+                    "resources[{i}] ({ROOTCA}): validation_context.trusted_ca must be inline_string (PEM)"
+                ))
+            }
+        };
+        found = Some(pem);
+    }
+    found.ok_or_else(|| format!("no secret named {ROOTCA} in the response"))
 }
 
 fn known_type(url: &str) -> Option<&'static str> {

@@ -191,6 +191,7 @@ pub(crate) fn load_assignment(
     mesh: &Mesh,
     svc: &Service,
     sp: &ServicePort,
+    mtls: bool,
 ) -> ClusterLoadAssignment {
     let ns = &svc.metadata.namespace;
     let mut groups: BTreeMap<(String, String), Vec<&Sourced<Workload>>> = BTreeMap::new();
@@ -210,7 +211,11 @@ pub(crate) fn load_assignment(
                     .iter()
                     .map(|w| {
                         let (ip, port) = w.value.endpoint_for(sp);
-                        lb_endpoint(ip, port, w.value.spec.weight)
+                        let mut e = lb_endpoint(ip, port, w.value.spec.weight);
+                        if mtls && super::mtls::has_sidecar(&w.value) {
+                            e.metadata = Some(super::mtls::endpoint_metadata());
+                        }
+                        e
                     })
                     .collect(),
                 load_balancing_weight: Some(u32v(total.max(1))),

@@ -17,8 +17,11 @@
 //! AuthorizationPolicies of its service and the Mesh default action
 //! (`authz`, contract in `docs/authorization.md`).
 //!
+//! mTLS: when the mesh enables it, clusters to sidecars originate mTLS and
+//! the inbound listener terminates it (`mtls`, contract in `docs/mtls.md`).
+//!
 //! Non-goals: scoping the output to the services a proxy calls (the control
-//! plane filters), mTLS secrets, and `api_listener`s for proxyless gRPC
+//! plane filters), the mTLS secrets themselves (SDS), and `api_listener`s for proxyless gRPC
 //! (the control plane adds them on request with [`grpc_api_listener`]).
 
 use std::net::SocketAddr;
@@ -36,6 +39,7 @@ mod authz;
 mod clusters;
 mod grpc;
 mod listeners;
+pub mod mtls;
 mod routes;
 mod util;
 
@@ -55,6 +59,10 @@ pub struct ProxyContext {
     pub workload: Option<(String, String)>,
     /// Protocol detection bound (`listener_filters_timeout`).
     pub detect_timeout: Duration,
+    /// Node metadata `meshwork.certs_dir`: the proxy (an Envoy sidecar)
+    /// reads its certificate and roots from SDS files in this directory
+    /// (`default.yaml`, `ROOTCA.yaml`) instead of over ADS. See `docs/mtls.md`.
+    pub certs_dir: Option<String>,
 }
 
 impl Default for ProxyContext {
@@ -67,6 +75,7 @@ impl Default for ProxyContext {
             inbound_addr: SocketAddr::new(lo, 15006),
             workload: None,
             detect_timeout: Duration::from_secs(1),
+            certs_dir: None,
         }
     }
 }
@@ -151,15 +160,20 @@ pub fn translate(mesh: &Mesh, ctx: &ProxyContext) -> Xds {
         ..Default::default()
     };
 
+    let mtls = mtls::Mtls::of(mesh, ctx.certs_dir.as_deref());
     for s in mesh.services() {
         let svc = &s.value;
         let policy = mesh
             .traffic_policy_for(&svc.metadata.namespace, &svc.metadata.name)
             .map(|p| &p.value);
         for sp in &svc.spec.ports {
-            xds.clusters
-                .push(clusters::service_cluster(svc, sp, policy));
-            xds.endpoints.push(clusters::load_assignment(mesh, svc, sp));
+            let mut cluster = clusters::service_cluster(svc, sp, policy);
+            if let Some(m) = &mtls {
+                cluster.transport_socket_matches = m.cluster_matches(mesh, svc, sp.app_protocol);
+            }
+            xds.clusters.push(cluster);
+            xds.endpoints
+                .push(clusters::load_assignment(mesh, svc, sp, mtls.is_some()));
         }
     }
 
@@ -241,14 +255,21 @@ pub fn translate(mesh: &Mesh, ctx: &ProxyContext) -> Xds {
     }
 
     if let Some((wns, wname)) = &ctx.workload {
-        inbound(mesh, ctx, wns, wname, &mut xds);
+        inbound(mesh, ctx, mtls.as_ref(), wns, wname, &mut xds);
     }
     xds
 }
 
 /// The inbound listener, route configuration and clusters of the fronted
 /// workload (nothing if it or its service is unknown).
-fn inbound(mesh: &Mesh, ctx: &ProxyContext, wns: &str, wname: &str, xds: &mut Xds) {
+fn inbound(
+    mesh: &Mesh,
+    ctx: &ProxyContext,
+    mtls: Option<&mtls::Mtls>,
+    wns: &str,
+    wname: &str,
+    xds: &mut Xds,
+) {
     let Some(w) = mesh.workload(wns, wname) else {
         return;
     };
@@ -290,8 +311,19 @@ fn inbound(mesh: &Mesh, ctx: &ProxyContext, wns: &str, wname: &str, xds: &mut Xd
     let rbac = authz::inbound(mesh, svc, &hosts, &service_ports);
     let mut tcp_chain = rbac.tcp;
     tcp_chain.push(tcp);
-    if ports.iter().any(|(sp, _)| sp.app_protocol.is_http()) {
+    let has_http = ports.iter().any(|(sp, _)| sp.app_protocol.is_http());
+    if has_http {
         xds.routes.push(routes::inbound(svc, &ports));
+    }
+    if let Some(m) = mtls {
+        xds.listeners.push(listeners::inbound_mtls(
+            m,
+            ctx.inbound_addr,
+            ctx.detect_timeout,
+            has_http.then_some(rbac.http),
+            tcp_chain,
+        ));
+    } else if has_http {
         xds.listeners.push(listeners::detecting(
             names::INBOUND,
             ctx.inbound_addr,

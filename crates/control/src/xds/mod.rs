@@ -26,8 +26,13 @@
 //! - [`XdsServer::serve`] ends every stream when its shutdown future
 //!   completes, so graceful shutdown does not wait for long-lived streams.
 //!
+//! - With a CA ([`XdsServer::set_ca`]): the `ROOTCA` Secret (the trust
+//!   bundle, signing root first) is served to every stream that subscribes
+//!   to it, the CA's `Sign` method is served on the same port, and
+//!   [`XdsServer::serve_tls`] serves TLS (see `tls`).
+//!
 //! Non-goals (for now): inferring what a proxy calls when it does not say,
-//! TLS on the xDS port (comes with the CA), and xdstp:// names.
+//! and xdstp:// names.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
@@ -39,15 +44,19 @@ use api::{Mesh, ProxyContext};
 use serde_json::Value;
 use tokio::sync::watch;
 
+use crate::ca::Authority;
 use crate::registry::{self, Registry};
 
 mod service;
 mod snapshot;
 mod status;
 mod stream;
+mod tls;
 
-use snapshot::{Base, Snapshot};
+use snapshot::{Base, Snapshot, TypeKind, Versioned};
+pub(crate) use status::rfc3339;
 use status::ProxyRecord;
+pub use tls::{PeerInfo, TlsSetupError, XdsTls, HANDSHAKE_TIMEOUT};
 
 /// How long a change waits for more changes before it is pushed: the quiet
 /// period that ends a burst.
@@ -66,6 +75,8 @@ const MAX_REQUEST: usize = 4 * 1024 * 1024;
 pub enum XdsError {
     #[error("xDS server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("xDS TLS: {0}")]
+    Tls(#[from] TlsSetupError),
 }
 
 /// The ADS server. Cheap to clone: clones share the same state, so one can
@@ -92,6 +103,10 @@ pub(crate) struct Shared {
     cache: Mutex<Cache>,
     proxies: Mutex<BTreeMap<u64, Arc<Mutex<ProxyRecord>>>>,
     next_record: AtomicU64,
+    /// The `ROOTCA` secret, once a CA is set.
+    pub(crate) rootca: watch::Sender<Option<Versioned>>,
+    /// The CA answering `Sign`, once set.
+    pub(crate) ca: std::sync::OnceLock<Arc<Authority>>,
 }
 
 #[derive(Default)]
@@ -129,15 +144,72 @@ impl XdsServer {
             cache: Mutex::new(Cache::default()),
             proxies: Mutex::new(BTreeMap::new()),
             next_record: AtomicU64::new(1),
+            rootca: watch::channel(None).0,
+            ca: std::sync::OnceLock::new(),
         });
         XdsServer { shared, mesh }
     }
 
-    /// Serves ADS on `listener` until `shutdown` completes, then ends every
-    /// stream and returns.
+    /// Attaches the CA: its bundle is served as the `ROOTCA` secret (and
+    /// follows every change), and `Sign` is answered by it. Call before
+    /// serving; a second call is ignored.
+    pub fn set_ca(&self, ca: Arc<Authority>) {
+        if self.shared.ca.set(ca.clone()).is_err() {
+            return;
+        }
+        let mut published = ca.published();
+        let shared = Arc::downgrade(&self.shared);
+        let publish = move |p: &crate::ca::Published, shared: &Shared| {
+            let secret = snapshot::rootca_secret(&p.resource_version(), &p.bundle.to_pem());
+            shared.rootca.send_replace(Some(secret));
+        };
+        let first = published.borrow_and_update().clone();
+        publish(&first, &self.shared);
+        tokio::spawn(async move {
+            while published.changed().await.is_ok() {
+                let p = published.borrow_and_update().clone();
+                let Some(shared) = shared.upgrade() else {
+                    return;
+                };
+                publish(&p, &shared);
+            }
+        });
+    }
+
+    /// Serves ADS (and `Sign`) over TLS on `listener` (plaintext too when
+    /// `tls.plaintext`) until `shutdown` completes; see `tls`.
+    pub async fn serve_tls(
+        self,
+        listener: tokio::net::TcpListener,
+        tls: XdsTls,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), XdsError> {
+        self.set_ca(tls.authority.clone());
+        let server = Arc::new(tls::ServerTls::new(&tls)?);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let fresh = tokio::spawn(server.clone().keep_fresh(stop_rx));
+        let incoming = tls::incoming(listener, Some(server));
+        let result = self.serve_incoming(incoming, shutdown).await;
+        let _ = stop_tx.send(true);
+        fresh.abort();
+        result
+    }
+
+    /// Serves ADS on `listener` (plaintext) until `shutdown` completes,
+    /// then ends every stream and returns.
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), XdsError> {
+        tracing::info!(addr = ?listener.local_addr().ok(), "xDS server listening (plaintext)");
+        let incoming = tls::incoming(listener, None);
+        self.serve_incoming(incoming, shutdown).await
+    }
+
+    async fn serve_incoming(
+        self,
+        incoming: tokio::sync::mpsc::Receiver<std::io::Result<tls::Conn>>,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), XdsError> {
         let debouncer = tokio::spawn(debounce(
@@ -152,14 +224,13 @@ impl XdsServer {
             shutdown.await;
             stopping.send_replace(true);
         };
-        tracing::info!(addr = ?listener.local_addr().ok(), "xDS server listening");
         let result = tonic::transport::Server::builder()
             // Detect dead peers on idle streams.
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             // One service: no router needed (tonic's router pulls in axum).
             .serve_with_incoming_shutdown(
                 svc,
-                tonic::transport::server::TcpIncoming::from(listener),
+                tokio_stream::wrappers::ReceiverStream::new(incoming),
                 signal,
             )
             .await;
@@ -213,6 +284,24 @@ impl XdsServer {
     /// (unknown service, name taken by a static Workload, invalid).
     pub fn skipped_workloads(&self) -> Vec<(String, String)> {
         self.shared.merged.borrow().skipped.clone()
+    }
+}
+
+/// Which streams have not ACKed a ROOTCA version (root rotation waits for
+/// them).
+impl crate::ca::AckTracker for XdsServer {
+    fn pending(&self, version: &str) -> Vec<String> {
+        let records: Vec<Arc<Mutex<ProxyRecord>>> =
+            lock(&self.shared.proxies).values().cloned().collect();
+        records
+            .iter()
+            .filter_map(|r| {
+                let r = lock(r);
+                let t = r.types.get(&TypeKind::Secret)?;
+                t.resources.get(crate::ca::ROOTCA)?;
+                (t.acked_version.as_deref() != Some(version)).then(|| r.id.clone())
+            })
+            .collect()
     }
 }
 

@@ -11,7 +11,10 @@
 //!
 //! Contract: the same gRPC methods, paths and limits as the generated
 //! server: `StreamAggregatedResources` (state of the world) and
-//! `DeltaAggregatedResources` (incremental); any other path answers
+//! `DeltaAggregatedResources` (incremental); plus the CA's unary
+//! `meshwork.ca.v1.CertificateService/Sign` (docs/identity.md), decided by
+//! [`crate::ca::Authority::sign`] with the caller's transport and client
+//! certificate from [`super::PeerInfo`]; any other path answers
 //! `UNIMPLEMENTED`. Requests larger than `max_request` are refused by the
 //! codec (the stream then ends with a clear error, see `stream`).
 
@@ -25,9 +28,10 @@ use std::task::{Context, Poll};
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
+use identity::wire::{SignRequest, SignResponse, SIGN_PATH};
 use tokio::sync::mpsc;
 use tonic::codec::{BufferSettings, Codec};
-use tonic::server::{Grpc, NamedService, StreamingService};
+use tonic::server::{Grpc, NamedService, StreamingService, UnaryService};
 use tonic::{Status, Streaming};
 use tonic_prost::{ProstDecoder, ProstEncoder};
 
@@ -45,6 +49,8 @@ const BUFFER: usize = 1024;
 const YIELD_THRESHOLD: usize = 32 * 1024;
 /// Responses queued per stream before the stream waits for the client.
 const QUEUE: usize = 4;
+/// Largest Sign request: a CSR is about a kilobyte (RSA 8192: a few).
+const MAX_SIGN_REQUEST: usize = 64 * 1024;
 
 /// One queued response (boxed: the channel's blocks hold 32 slots whatever
 /// its capacity, and a response with a `Status` is a few hundred bytes).
@@ -108,9 +114,14 @@ where
                 let mut grpc = ads.grpc::<DeltaDiscoveryResponse, DeltaDiscoveryRequest>();
                 Ok(grpc.streaming(Delta(ads.shared), req).await)
             }),
+            SIGN_PATH => Box::pin(async move {
+                let mut grpc = Grpc::new(SmallCodec::<SignResponse, SignRequest>(PhantomData))
+                    .apply_max_message_size_config(Some(MAX_SIGN_REQUEST), None);
+                Ok(grpc.unary(Sign(ads.shared), req).await)
+            }),
             other => {
                 let status = Status::unimplemented(format!(
-                    "unknown method {other}: this server serves {SOTW_PATH} and {DELTA_PATH}"
+                    "unknown method {other}: this server serves {SOTW_PATH}, {DELTA_PATH} and {SIGN_PATH}"
                 ));
                 Box::pin(async move { Ok(status.into_http()) })
             }
@@ -145,6 +156,48 @@ impl StreamingService<DeltaDiscoveryRequest> for Delta {
         let (tx, rx) = mpsc::channel(QUEUE);
         tokio::spawn(stream::run_delta(self.0.clone(), request.into_inner(), tx));
         Box::pin(async move { Ok(tonic::Response::new(Responses(rx))) })
+    }
+}
+
+/// The CA's Sign method.
+struct Sign(Arc<Shared>);
+
+impl UnaryService<SignRequest> for Sign {
+    type Response = SignResponse;
+    type Future = BoxFuture<tonic::Response<SignResponse>, Status>;
+
+    fn call(&mut self, request: tonic::Request<SignRequest>) -> Self::Future {
+        let ca = self.0.ca.get().cloned();
+        Box::pin(async move {
+            let Some(ca) = ca else {
+                return Err(Status::unimplemented(
+                    "this control plane runs without a CA; start `meshwork control` with its CA enabled",
+                ));
+            };
+            let peer = request.extensions().get::<super::PeerInfo>().cloned();
+            // `Bearer <token>`; anything else is passed on whole, to be
+            // refused as a malformed token.
+            let token = request.metadata().get("authorization").map(|v| {
+                let v = v.to_str().unwrap_or("").trim();
+                v.strip_prefix("Bearer ").unwrap_or(v).trim().to_string()
+            });
+            let body = request.into_inner();
+            let decided = tokio::task::spawn_blocking(move || {
+                let chain = peer.as_ref().and_then(|p| p.chain.clone());
+                let creds = crate::ca::Credentials {
+                    tls: peer.as_ref().is_some_and(|p| p.tls),
+                    token: token.as_deref(),
+                    peer_chain: chain.as_deref().map(Vec::as_slice),
+                };
+                ca.sign(&body, &creds)
+            })
+            .await;
+            match decided {
+                Ok(Ok(r)) => Ok(tonic::Response::new(r)),
+                Ok(Err(refusal)) => Err(Status::new(refusal.code, refusal.message)),
+                Err(e) => Err(Status::internal(format!("signing failed: {e}"))),
+            }
+        })
     }
 }
 

@@ -34,24 +34,32 @@ use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::{filter, Listener};
 use envoy_types::pb::envoy::config::route::v3::{route, route_action, RouteConfiguration};
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{tcp_proxy, TcpProxy};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use envoy_types::pb::google::protobuf::Any;
 use prost::{Message, Name};
 
-/// The four resource types served, in the order Envoy warms them.
+/// The resource types served, the translated ones in the order Envoy
+/// warms them, then Secret (the `ROOTCA` trust bundle: global, not in any
+/// snapshot; see `stream`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) enum TypeKind {
     Cluster,
     Endpoints,
     Listener,
     Route,
+    Secret,
 }
 
+/// How many [`TypeKind`]s there are.
+pub(crate) const KINDS: usize = 5;
+
 impl TypeKind {
-    pub(crate) const ALL: [TypeKind; 4] = [
+    pub(crate) const ALL: [TypeKind; KINDS] = [
         TypeKind::Cluster,
         TypeKind::Endpoints,
         TypeKind::Listener,
         TypeKind::Route,
+        TypeKind::Secret,
     ];
 
     pub(crate) fn index(self) -> usize {
@@ -64,6 +72,7 @@ impl TypeKind {
             TypeKind::Endpoints => ClusterLoadAssignment::type_url(),
             TypeKind::Listener => Listener::type_url(),
             TypeKind::Route => RouteConfiguration::type_url(),
+            TypeKind::Secret => Secret::type_url(),
         }
     }
 
@@ -78,6 +87,7 @@ impl TypeKind {
             TypeKind::Endpoints => "endpoints",
             TypeKind::Listener => "listeners",
             TypeKind::Route => "routes",
+            TypeKind::Secret => "secrets",
         }
     }
 
@@ -101,6 +111,7 @@ pub(crate) enum Res {
     Route(Box<RouteConfiguration>),
     Cluster(Box<Cluster>),
     Endpoints(Box<ClusterLoadAssignment>),
+    Secret(Box<Secret>),
 }
 
 /// `m` packed in an `Any`.
@@ -118,6 +129,7 @@ impl Res {
             Res::Route(m) => pack(m.as_ref()),
             Res::Cluster(m) => pack(m.as_ref()),
             Res::Endpoints(m) => pack(m.as_ref()),
+            Res::Secret(m) => pack(m.as_ref()),
         }
     }
 }
@@ -141,7 +153,7 @@ enum Body {
 }
 
 impl Versioned {
-    fn new(version: Arc<str>, res: Res) -> Versioned {
+    pub(crate) fn new(version: Arc<str>, res: Res) -> Versioned {
         Versioned {
             version,
             body: Arc::new(Body::Message {
@@ -182,7 +194,7 @@ impl Versioned {
 /// Resources by name: what a subscription selects.
 pub(crate) type View = BTreeMap<String, Versioned>;
 
-type ByType = [View; 4];
+type ByType = [View; KINDS];
 
 /// Resources shared by every proxy with the same base context.
 #[derive(Debug)]
@@ -237,12 +249,12 @@ pub(crate) struct Snapshot {
     /// The translator's version of the inbound side.
     inbound_version: Option<Arc<str>>,
     /// When scoped: the base resources this proxy may see, per type.
-    allowed: Option<[HashSet<String>; 4]>,
+    allowed: Option<[HashSet<String>; KINDS]>,
     /// [`Snapshot::all`], made once per (type, proxyless) and shared by
     /// every stream of this snapshot.
-    wildcard: [OnceLock<Arc<View>>; 8],
+    wildcard: [OnceLock<Arc<View>>; 2 * KINDS],
     /// The names of `wildcard`, likewise.
-    all_names: [OnceLock<Arc<BTreeSet<String>>>; 8],
+    all_names: [OnceLock<Arc<BTreeSet<String>>>; 2 * KINDS],
 }
 
 /// Field number of `RouteConfiguration.virtual_hosts`.
@@ -699,9 +711,9 @@ impl ScopeIndex {
 /// services and of every backend their routes send to, and `outbound_http`
 /// cut to their virtual hosts (returned separately, encoded: it replaces
 /// the base's).
-fn scoped(base: &Base, scope: &BTreeSet<String>) -> ([HashSet<String>; 4], Option<Any>) {
+fn scoped(base: &Base, scope: &BTreeSet<String>) -> ([HashSet<String>; KINDS], Option<Any>) {
     let ix = &base.index;
-    let mut allowed: [HashSet<String>; 4] = Default::default();
+    let mut allowed: [HashSet<String>; KINDS] = Default::default();
     let mut clusters: HashSet<String> = HashSet::new();
     let mut listeners: HashSet<String> = ix.common_listeners.iter().cloned().collect();
     let mut vhosts: Vec<usize> = Vec::new();
@@ -795,6 +807,27 @@ fn for_grpc(c: &Cluster) -> Option<Cluster> {
     c.lb_policy = LbPolicy::RoundRobin as i32;
     c.lb_config = None;
     Some(c)
+}
+
+/// The `ROOTCA` secret: a validation context trusting `bundle_pem`.
+pub(crate) fn rootca_secret(version: &str, bundle_pem: &str) -> Versioned {
+    use envoy_types::pb::envoy::config::core::v3::{data_source, DataSource};
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+        secret, CertificateValidationContext,
+    };
+    let secret = Secret {
+        name: crate::ca::ROOTCA.to_string(),
+        r#type: Some(secret::Type::ValidationContext(
+            CertificateValidationContext {
+                trusted_ca: Some(DataSource {
+                    specifier: Some(data_source::Specifier::InlineString(bundle_pem.to_string())),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        )),
+    };
+    Versioned::new(Arc::from(version), Res::Secret(Box::new(secret)))
 }
 
 #[cfg(test)]

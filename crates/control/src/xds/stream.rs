@@ -39,7 +39,7 @@ use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
 use super::service::Queued;
-use super::snapshot::{Snapshot, TypeKind, Versioned, View};
+use super::snapshot::{Snapshot, TypeKind, Versioned, View, KINDS};
 use super::status::{Held, Nack, ProxyRecord, TypeRecord};
 use super::Shared;
 use crate::registry::{NodeInfo, Registration};
@@ -73,7 +73,7 @@ struct Conn {
     record_id: u64,
     record: Arc<Mutex<ProxyRecord>>,
     snapshot: Arc<Snapshot>,
-    types: [TypeState; 4],
+    types: [TypeState; KINDS],
     proxyless: bool,
     nonce: u64,
     _registration: Option<Registration>,
@@ -168,6 +168,7 @@ async fn run<Req, Resp>(
     Req: Into<In>,
 {
     let mut merged = shared.merged.subscribe();
+    let mut rootca = shared.rootca.subscribe();
     let mut stopping = shared.stopping.subscribe();
     let mut conn: Option<Conn> = None;
     loop {
@@ -204,6 +205,17 @@ async fn run<Req, Resp>(
                     None => Vec::new(),
                 }
             },
+            changed = rootca.changed(), if conn.is_some() => {
+                if changed.is_err() {
+                    break;
+                }
+                match conn.as_mut() {
+                    Some(c) if c.types[TypeKind::Secret.index()].requested => {
+                        c.respond(TypeKind::Secret, false).into_iter().collect()
+                    }
+                    _ => Vec::new(),
+                }
+            },
             _ = stopping.changed() => break,
             _ = tx.closed() => break,
         };
@@ -222,6 +234,23 @@ async fn run<Req, Resp>(
 
 /// Whether a receive error is the client's message (undecodable, too
 /// large) rather than the client going away.
+/// Node metadata `meshwork.certs_dir` (an Envoy sidecar reading its
+/// certificates from SDS files): the translator then emits file-based SDS.
+fn certs_dir_of(node: &Node) -> Option<String> {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    match node
+        .metadata
+        .as_ref()?
+        .fields
+        .get(api::mtls::CERTS_DIR_METADATA)?
+        .kind
+        .as_ref()?
+    {
+        Kind::StringValue(dir) if !dir.is_empty() => Some(dir.clone()),
+        _ => None,
+    }
+}
+
 fn malformed(status: &Status) -> bool {
     matches!(
         status.code(),
@@ -274,6 +303,7 @@ impl Conn {
             inbound_addr: info.inbound_addr.unwrap_or(defaults.inbound_addr),
             workload: info.workload_key(),
             detect_timeout: defaults.detect_timeout,
+            certs_dir: certs_dir_of(node),
         };
         let record = ProxyRecord {
             id: info.id.clone(),
@@ -466,9 +496,19 @@ impl Conn {
         outs
     }
 
-    /// What the subscription of `kind` selects in the current snapshot.
+    /// What the subscription of `kind` selects in the current snapshot
+    /// (Secrets: in the server's global secrets).
     fn view(&self, kind: TypeKind) -> Arc<View> {
         let ts = &self.types[kind.index()];
+        if kind == TypeKind::Secret {
+            let mut view = View::new();
+            if let Some(root) = self.shared.rootca.borrow().as_ref() {
+                if ts.wildcard || ts.names.contains(crate::ca::ROOTCA) {
+                    view.insert(crate::ca::ROOTCA.to_string(), root.clone());
+                }
+            }
+            return Arc::new(view);
+        }
         self.snapshot
             .view(kind, ts.wildcard, &ts.names, self.proxyless)
     }
@@ -477,7 +517,15 @@ impl Conn {
     /// `force`: the client is waiting for a first answer).
     fn respond(&mut self, kind: TypeKind, force: bool) -> Option<Out> {
         let view = self.view(kind);
-        let version = self.snapshot.version.to_string();
+        let version = match kind {
+            // The bundle's own version, so that "every stream ACKed this
+            // bundle" can be checked (root rotation).
+            TypeKind::Secret => view
+                .get(crate::ca::ROOTCA)
+                .map(|v| v.version.to_string())
+                .unwrap_or_default(),
+            _ => self.snapshot.version.to_string(),
+        };
         let mut rec = self.record.lock().unwrap_or_else(|p| p.into_inner());
         let t: &mut TypeRecord = rec.types.entry(kind).or_default();
         let out = match self.mode {

@@ -631,7 +631,8 @@ async fn unknown_type_urls_and_missing_nodes_get_a_clear_error() {
         (
             DiscoveryRequest {
                 node: Some(node("x")),
-                type_url: "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+                // Extension config discovery (ECDS): not served.
+                type_url: "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"
                     .to_string(),
                 ..Default::default()
             },

@@ -73,6 +73,7 @@ async fn start() -> Server {
             source_service: "web.default".into(),
             destination_service: "api.default".into(),
             route: "default/api/0".into(),
+            source_principal: String::new(),
         })
         .observe(200, None, Duration::from_millis(3));
     let (subscriber, log) = logging::build("info", false).unwrap();

@@ -28,7 +28,11 @@ fn locality(priority: u32, endpoints: &[(SocketAddr, u32)]) -> LocalityEndpoints
         priority,
         endpoints: endpoints
             .iter()
-            .map(|&(address, weight)| Endpoint { address, weight })
+            .map(|&(address, weight)| Endpoint {
+                address,
+                weight,
+                mtls: false,
+            })
             .collect(),
     }
 }

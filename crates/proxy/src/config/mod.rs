@@ -10,4 +10,7 @@ pub mod model;
 pub mod xds;
 
 pub use model::Snapshot;
-pub use xds::{apply, from_resources, NackError, NackReason, ResourceKind, Update};
+pub use xds::{
+    apply, apply_with, from_resources, from_resources_with, Env, NackError, NackReason,
+    ResourceKind, Update,
+};

@@ -51,6 +51,37 @@ pub struct Listener {
     /// The chain for everything else (`default_filter_chain`, or the only
     /// chain without `filter_chain_match`). `None`: close such connections.
     pub tcp: Option<TcpProxy>,
+    /// Chains with `transport_protocol: "tls"` (mTLS terminated here, behind
+    /// `tls_inspector`). With `tls` set and neither `http` nor `tcp`, the
+    /// listener is strict: plaintext connections are refused.
+    pub tls: Option<Arc<ListenerTls>>,
+}
+
+impl Listener {
+    /// mTLS only: plaintext connections are refused (and counted).
+    pub fn is_strict_mtls(&self) -> bool {
+        self.tls.is_some() && self.http.is_none() && self.tcp.is_none()
+    }
+}
+
+/// The TLS filter chains of a listener (a `DownstreamTlsContext` with
+/// `require_client_certificate`, certificates by SDS from the proxy's own
+/// identity). The chain is chosen by the ALPN negotiated in the handshake,
+/// as Envoy matches `application_protocols` on the ClientHello.
+#[derive(Debug, Clone, Serialize)]
+pub struct ListenerTls {
+    /// Offered ALPN values, in preference order (HTTP chain's first).
+    pub alpn: Vec<String>,
+    /// Chain with `application_protocols` (h2, http/1.1): HTTP over TLS.
+    pub http: Option<HttpConnectionManager>,
+    /// The ALPN values the HTTP chain matches.
+    pub http_alpn: Vec<String>,
+    /// Chain without `application_protocols`: opaque TCP over TLS.
+    pub tcp: Option<TcpProxy>,
+    /// Built once per config from the proxy's identity (which it reads at
+    /// each handshake, so certificate rotation needs no rebuild).
+    #[serde(skip)]
+    pub server: Arc<rustls::ServerConfig>,
 }
 
 /// `envoy.filters.network.http_connection_manager` (router filter only).
@@ -414,6 +445,25 @@ pub struct Cluster {
     /// `metadata.filter_metadata["meshwork"]["service"]`: the mesh service
     /// (`name.namespace`) for metric labels.
     pub service: Option<String>,
+    /// `transport_socket_matches`: mTLS to endpoints whose metadata says
+    /// `tlsMode: meshwork`, plaintext to the others. `None`: all plaintext.
+    pub tls: Option<Arc<UpstreamTls>>,
+}
+
+/// Upstream mTLS (an `UpstreamTlsContext` with SDS `default`/`ROOTCA`).
+#[derive(Debug, Clone, Serialize)]
+pub struct UpstreamTls {
+    /// `match_typed_subject_alt_names` (URI, exact): the SPIFFE ids the
+    /// server may present.
+    pub expected_ids: Vec<String>,
+    /// `alpn_protocols`, offered in order.
+    pub alpn: Vec<String>,
+    /// Identifies the TLS settings for connection pooling (ids and ALPN):
+    /// equal settings share pooled connections across config updates.
+    pub pool_key: Arc<str>,
+    /// Built once per config (cached for the cluster's lifetime).
+    #[serde(skip)]
+    pub client: Arc<rustls::ClientConfig>,
 }
 
 /// `lb_policy` (with its config), or meshwork's peak-EWMA, which xDS carries as
@@ -465,6 +515,9 @@ pub struct Endpoint {
     pub address: SocketAddr,
     /// `load_balancing_weight` (default 1).
     pub weight: u32,
+    /// `metadata.filter_metadata["envoy.transport_socket_match"].tlsMode ==
+    /// "meshwork"`: the endpoint is a sidecar that terminates mTLS.
+    pub mtls: bool,
 }
 
 fn ser_regex<S: serde::Serializer>(r: &Regex, s: S) -> Result<S::Ok, S::Error> {

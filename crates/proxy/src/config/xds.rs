@@ -21,8 +21,12 @@
 //!   naming an unknown cluster, a cluster without endpoints) are not errors:
 //!   as in Envoy they fail at request time (404 / 503).
 //!
-//! Non-goals: fetching resources (the xDS client), Secrets (not yet in the
-//! subset), runtime overrides (`runtime_key`s are ignored: meshwork has no
+//! mTLS (`tls`): transport sockets naming SDS secrets `default` and
+//! `ROOTCA` resolve to the proxy's own identity ([`Env::identity`]); a
+//! config that needs mTLS is refused when the proxy has none.
+//!
+//! Non-goals: fetching resources (the xDS client), Secret resources (the
+//! identity manager consumes them), runtime overrides (`runtime_key`s are ignored: meshwork has no
 //! runtime layer, so the `default_value` applies, as in Envoy without one).
 
 use std::collections::{HashMap, HashSet};
@@ -60,6 +64,7 @@ mod rbac;
 mod route;
 #[cfg(test)]
 mod tests;
+mod tls;
 
 /// One delivery of resources: `Some((version_info, resources))` for each type
 /// that was sent; `None` leaves that type as it was.
@@ -140,11 +145,39 @@ fn join_reasons(reasons: &[NackReason]) -> String {
     parts.join("; ")
 }
 
+/// What conversion needs to know about the proxy itself.
+#[derive(Debug, Clone, Default)]
+pub struct Env {
+    /// The proxy's workload identity: SDS secrets `default` and `ROOTCA`
+    /// resolve to it. `None`: configs that need mTLS are refused.
+    pub identity: Option<Arc<identity::WorkloadIdentity>>,
+}
+
+impl Env {
+    /// For offline checks (`meshwork validate`, `meshwork why`): convert as
+    /// a proxy with an identity would, so mTLS configs are checked rather
+    /// than refused for the lack of one. The identity is a throwaway (a
+    /// fresh CA's bundle, no certificate): nothing handshakes with it.
+    pub fn offline() -> Env {
+        let identity = identity::TrustDomain::new("offline.invalid")
+            .ok()
+            .and_then(|td| identity::Ca::generate(td).ok())
+            .map(|ca| identity::WorkloadIdentity::new(ca.bundle()));
+        Env { identity }
+    }
+}
+
+/// Apply `update` on top of `previous` (state of the world per type), for
+/// a proxy without identity. See [`apply_with`].
+pub fn apply(previous: &Snapshot, update: Update) -> Result<Snapshot, NackError> {
+    apply_with(previous, update, &Env::default())
+}
+
 /// Apply `update` on top of `previous` (state of the world per type).
 ///
 /// Returns the new snapshot, or every reason to refuse it; on error nothing
 /// of the update is applied.
-pub fn apply(previous: &Snapshot, update: Update) -> Result<Snapshot, NackError> {
+pub fn apply_with(previous: &Snapshot, update: Update, env: &Env) -> Result<Snapshot, NackError> {
     let mut next = previous.clone();
     let mut reasons = Vec::new();
     if let Some((version, items)) = update.listeners {
@@ -152,7 +185,7 @@ pub fn apply(previous: &Snapshot, update: Update) -> Result<Snapshot, NackError>
             ResourceKind::Listener,
             &items,
             |l| &l.name,
-            listener::listener,
+            |l| listener::listener(l, env),
             &mut reasons,
         );
         next.versions.listeners = version;
@@ -172,7 +205,7 @@ pub fn apply(previous: &Snapshot, update: Update) -> Result<Snapshot, NackError>
             ResourceKind::Cluster,
             &items,
             |c| &c.name,
-            |c| cluster::cluster(c).map(Some),
+            |c| cluster::cluster(c, env).map(Some),
             &mut reasons,
         );
         next.versions.clusters = version;
@@ -195,7 +228,7 @@ pub fn apply(previous: &Snapshot, update: Update) -> Result<Snapshot, NackError>
 }
 
 /// A snapshot from a complete set of resources, all at `version`
-/// (standalone mode, tests).
+/// (standalone mode, tests), for a proxy without identity.
 pub fn from_resources(
     version: &str,
     listeners: Vec<lpb::Listener>,
@@ -203,7 +236,26 @@ pub fn from_resources(
     clusters: Vec<cpb::Cluster>,
     endpoints: Vec<epb::ClusterLoadAssignment>,
 ) -> Result<Snapshot, NackError> {
-    apply(
+    from_resources_with(
+        version,
+        listeners,
+        routes,
+        clusters,
+        endpoints,
+        &Env::default(),
+    )
+}
+
+/// [`from_resources`] for a proxy described by `env`.
+pub fn from_resources_with(
+    version: &str,
+    listeners: Vec<lpb::Listener>,
+    routes: Vec<rpb::RouteConfiguration>,
+    clusters: Vec<cpb::Cluster>,
+    endpoints: Vec<epb::ClusterLoadAssignment>,
+    env: &Env,
+) -> Result<Snapshot, NackError> {
+    apply_with(
         &Snapshot::default(),
         Update {
             listeners: Some((version.to_string(), listeners)),
@@ -211,6 +263,7 @@ pub fn from_resources(
             clusters: Some((version.to_string(), clusters)),
             endpoints: Some((version.to_string(), endpoints)),
         },
+        env,
     )
 }
 

@@ -12,6 +12,7 @@ fn labels(route: &str) -> HttpLabels {
         source_service: "web.default".into(),
         destination_service: "api.default".into(),
         route: route.into(),
+        source_principal: String::new(),
     }
 }
 
@@ -173,6 +174,7 @@ fn help_and_type_once_per_family() {
         direction: Direction::Inbound,
         source_service: "web.default".into(),
         destination_service: "db.default".into(),
+        source_principal: String::new(),
     });
     tcp.opened();
     tcp.received(100);
@@ -221,6 +223,7 @@ fn tcp_listener_and_config_families() {
         direction: Direction::Inbound,
         source_service: "web.default".into(),
         destination_service: "db.default".into(),
+        source_principal: String::new(),
     });
     tcp.opened();
     tcp.opened();

@@ -66,6 +66,7 @@ impl Harness {
             workload: workload.map(str::to_owned),
             access_log: Target::File(access_log.clone()),
             detect_timeout: Duration::from_millis(300),
+            identity: None,
         };
         let (subscriber, log) = log_handle();
         let proxy = Proxy::start(opts, log).await?;

@@ -9,5 +9,6 @@ mod basics;
 mod edges;
 mod lb;
 mod lifecycle;
+mod mtls;
 mod protocols;
 mod routing;

@@ -28,7 +28,7 @@ const DEFAULT_MAGLEV_TABLE: u64 = 65537;
 const MAX_MAGLEV_TABLE: u64 = 5_000_011;
 
 #[allow(deprecated)]
-pub(super) fn cluster(c: &cpb::Cluster) -> Res<model::Cluster> {
+pub(super) fn cluster(c: &cpb::Cluster, env: &super::Env) -> Res<model::Cluster> {
     use cpb::cluster::{ClusterDiscoveryType, DiscoveryType};
     let cpb::Cluster {
         transport_socket_matches,
@@ -87,7 +87,6 @@ pub(super) fn cluster(c: &cpb::Cluster) -> Res<model::Cluster> {
         lb_config,
     } = c;
     deny!(
-        transport_socket_matches,
         transport_socket_matcher,
         health_checks,
         max_requests_per_connection,
@@ -214,6 +213,9 @@ pub(super) fn cluster(c: &cpb::Cluster) -> Res<model::Cluster> {
         (http2, idle_timeout) = upstream_http_options(&options).at(&at)?;
     }
 
+    let tls = super::tls::cluster_matches(transport_socket_matches, env)
+        .at("transport_socket_matches")?;
+
     Ok(model::Cluster {
         name: name.clone(),
         eds_name,
@@ -223,6 +225,7 @@ pub(super) fn cluster(c: &cpb::Cluster) -> Res<model::Cluster> {
         connect_timeout,
         idle_timeout,
         service: meshwork.service,
+        tls,
     })
 }
 
@@ -544,7 +547,7 @@ fn locality_endpoints(group: &epb::LocalityLbEndpoints) -> Res<LocalityEndpoints
 fn lb_endpoint(e: &epb::LbEndpoint) -> Res<Endpoint> {
     let epb::LbEndpoint {
         health_status,
-        metadata: _,
+        metadata,
         load_balancing_weight,
         host_identifier,
     } = e;
@@ -587,5 +590,13 @@ fn lb_endpoint(e: &epb::LbEndpoint) -> Res<Endpoint> {
         }
         Some(w) => w.value,
     };
-    Ok(Endpoint { address, weight })
+    let mtls = match metadata {
+        Some(m) => super::tls::endpoint_mtls(m).at("metadata")?,
+        None => false,
+    };
+    Ok(Endpoint {
+        address,
+        weight,
+        mtls,
+    })
 }

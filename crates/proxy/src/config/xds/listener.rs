@@ -9,6 +9,7 @@ use envoy_types::pb::envoy::config::listener::v3 as lpb;
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3 as http_rbac;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::listener::http_inspector::v3::HttpInspector;
+use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
 use envoy_types::pb::envoy::extensions::filters::network::rbac::v3 as net_rbac;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp;
@@ -30,9 +31,11 @@ enum NetworkFilter {
 /// HTTP/1.0 is accepted alongside the two required values: meshwork serves
 /// it with its HTTP/1.1 codec, as Envoy's HCM does.
 const HTTP_PROTOCOLS: [&str; 3] = ["http/1.1", "h2c", "http/1.0"];
+/// ALPN values a TLS chain may match for HTTP.
+const TLS_HTTP_PROTOCOLS: [&str; 2] = ["h2", "http/1.1"];
 
 #[allow(deprecated)]
-pub(super) fn listener(l: &lpb::Listener) -> Res<Option<model::Listener>> {
+pub(super) fn listener(l: &lpb::Listener, env: &super::Env) -> Res<Option<model::Listener>> {
     let lpb::Listener {
         name,
         address,
@@ -98,25 +101,85 @@ pub(super) fn listener(l: &lpb::Listener) -> Res<Option<model::Listener>> {
     );
     let address = socket_address(address).at("address")?;
 
-    let mut inspector = false;
+    let (mut inspector, mut tls_inspector) = (false, false);
     for (i, lf) in listener_filters.iter().enumerate() {
-        listener_filter(lf).at(format_args!("listener_filters[{i}]"))?;
-        if inspector {
+        let kind = listener_filter(lf).at(format_args!("listener_filters[{i}]"))?;
+        let (seen, what) = match kind {
+            ListenerFilterKind::Http => (std::mem::replace(&mut inspector, true), "http"),
+            ListenerFilterKind::Tls => (std::mem::replace(&mut tls_inspector, true), "tls"),
+        };
+        if seen {
             return Err(FieldError::new(
                 format!("listener_filters[{i}]"),
-                "http_inspector listed twice",
+                format!("{what}_inspector listed twice"),
             ));
         }
-        inspector = true;
     }
 
     // Classify the chains: at most one matching the sniffed HTTP protocols,
-    // at most one matching everything (Envoy refuses duplicate matchers).
+    // at most one matching everything (Envoy refuses duplicate matchers);
+    // with TLS, at most one TLS chain matching HTTP ALPN values and one for
+    // the rest of TLS.
     let mut http: Option<(usize, model::HttpConnectionManager)> = None;
     let mut catch_all: Option<(usize, NetworkFilter)> = None;
+    let mut tls_http: Option<(
+        usize,
+        model::HttpConnectionManager,
+        Vec<String>,
+        Vec<String>,
+    )> = None;
+    let mut tls_tcp: Option<(usize, model::TcpProxy, Vec<String>)> = None;
     for (i, fc) in filter_chains.iter().enumerate() {
         let at = format!("filter_chains[{i}]");
-        let (matches_http, filter) = filter_chain(fc).at(&at)?;
+        let chain = filter_chain(fc, env).at(&at)?;
+        if chain.transport == Transport::Tls && !tls_inspector {
+            return Err(FieldError::new(
+                format!("{at}.filter_chain_match.transport_protocol"),
+                "requires the envoy.filters.listener.tls_inspector listener filter",
+            ));
+        }
+        if let Some(alpn) = chain.tls {
+            let same = |first: usize| {
+                FieldError::new(
+                    format!("{at}.filter_chain_match"),
+                    format!("same match as filter_chains[{first}]"),
+                )
+            };
+            match (chain.filter, chain.http_alpn.is_empty()) {
+                (NetworkFilter::Http(h), false) => {
+                    if let Some((first, ..)) = tls_http {
+                        return Err(same(first));
+                    }
+                    tls_http = Some((i, h, chain.http_alpn, alpn));
+                }
+                (NetworkFilter::Tcp(t), true) => {
+                    if let Some((first, ..)) = tls_tcp {
+                        return Err(same(first));
+                    }
+                    tls_tcp = Some((i, t, alpn));
+                }
+                (NetworkFilter::Http(_), true) => {
+                    return Err(FieldError::new(
+                        format!("{at}.filter_chain_match.application_protocols"),
+                        "a TLS chain holding http_connection_manager must match application_protocols [h2, http/1.1]",
+                    ))
+                }
+                (NetworkFilter::Tcp(_), false) => {
+                    return Err(FieldError::new(
+                        format!("{at}.filters"),
+                        "a TLS chain matching HTTP application_protocols must hold http_connection_manager",
+                    ))
+                }
+            }
+            continue;
+        }
+        if chain.transport == Transport::Raw && !tls_inspector {
+            return Err(FieldError::new(
+                format!("{at}.filter_chain_match.transport_protocol"),
+                "requires the envoy.filters.listener.tls_inspector listener filter",
+            ));
+        }
+        let (matches_http, filter) = (chain.matches_http, chain.filter);
         if matches_http {
             if !inspector {
                 return Err(FieldError::new(
@@ -158,8 +221,9 @@ pub(super) fn listener(l: &lpb::Listener) -> Res<Option<model::Listener>> {
     let default_chain = match default_filter_chain {
         None => None,
         Some(fc) => {
-            let (matches_http, filter) = filter_chain(fc).at("default_filter_chain")?;
-            if matches_http {
+            let chain = filter_chain(fc, env).at("default_filter_chain")?;
+            let (matches_http, filter) = (chain.matches_http, chain.filter);
+            if matches_http || chain.transport != Transport::Any || chain.tls.is_some() {
                 return Err(FieldError::new(
                     "default_filter_chain.filter_chain_match",
                     "must not be set",
@@ -187,14 +251,45 @@ pub(super) fn listener(l: &lpb::Listener) -> Res<Option<model::Listener>> {
         Some((_, NetworkFilter::Http(h))) => http = Some(h),
         None => {}
     }
-    if http.is_none() && tcp.is_none() {
+    let tls = match (tls_http, tls_tcp) {
+        (None, None) => None,
+        (h, t) => {
+            let mut alpn: Vec<String> = Vec::new();
+            for a in h
+                .iter()
+                .flat_map(|(_, _, _, a)| a)
+                .chain(t.iter().flat_map(|(_, _, a)| a))
+            {
+                if !alpn.contains(a) {
+                    alpn.push(a.clone());
+                }
+            }
+            let identity = super::tls::require_identity(env).at("filter_chains")?;
+            let protocols: Vec<&[u8]> = alpn.iter().map(|a| a.as_bytes()).collect();
+            let server = identity
+                .mesh_server_config(&protocols)
+                .map_err(|e| FieldError::new("filter_chains", e.to_string()))?;
+            let (http, http_alpn) = match h {
+                Some((_, h, m, _)) => (Some(h), m),
+                None => (None, Vec::new()),
+            };
+            Some(Arc::new(model::ListenerTls {
+                alpn,
+                http,
+                http_alpn,
+                tcp: t.map(|(_, t, _)| t),
+                server,
+            }))
+        }
+    };
+    if http.is_none() && tcp.is_none() && tls.is_none() {
         return Err(FieldError::new(
             "filter_chains",
             "at least one filter chain (or default_filter_chain) is required",
         ));
     }
 
-    let detect_timeout = if inspector {
+    let detect_timeout = if inspector || tls_inspector {
         let timeout = opt_duration(listener_filters_timeout, "listener_filters_timeout")?
             // Envoy's default.
             .unwrap_or(Duration::from_secs(15));
@@ -222,10 +317,39 @@ pub(super) fn listener(l: &lpb::Listener) -> Res<Option<model::Listener>> {
         detect_timeout,
         http,
         tcp,
+        tls,
     }))
 }
 
-fn listener_filter(lf: &lpb::ListenerFilter) -> Res<()> {
+enum ListenerFilterKind {
+    Http,
+    Tls,
+}
+
+/// `filter_chain_match.transport_protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    /// Unset: any transport.
+    Any,
+    /// `raw_buffer` (needs tls_inspector).
+    Raw,
+    /// `tls` (needs tls_inspector and a TLS transport socket).
+    Tls,
+}
+
+/// One classified filter chain.
+struct Chain {
+    transport: Transport,
+    /// Plaintext chain matching the sniffed HTTP protocols.
+    matches_http: bool,
+    /// TLS chain: the ALPN values it matches (`application_protocols`).
+    http_alpn: Vec<String>,
+    /// TLS chain: the ALPN values its DownstreamTlsContext offers.
+    tls: Option<Vec<String>>,
+    filter: NetworkFilter,
+}
+
+fn listener_filter(lf: &lpb::ListenerFilter) -> Res<ListenerFilterKind> {
     let lpb::ListenerFilter {
         name,
         filter_disabled,
@@ -234,12 +358,34 @@ fn listener_filter(lf: &lpb::ListenerFilter) -> Res<()> {
     deny!(filter_disabled);
     match config_type {
         Some(lpb::listener_filter::ConfigType::TypedConfig(any)) => {
+            if is_type::<TlsInspector>(any) {
+                let t = decode::<TlsInspector>(any).at("typed_config")?;
+                let TlsInspector {
+                    enable_ja3_fingerprinting,
+                    enable_ja4_fingerprinting,
+                    initial_read_buffer_size,
+                    close_connection_on_client_hello_parsing_errors,
+                    max_client_hello_size,
+                } = &t;
+                (|| {
+                    deny!(
+                        enable_ja3_fingerprinting,
+                        enable_ja4_fingerprinting,
+                        initial_read_buffer_size,
+                        close_connection_on_client_hello_parsing_errors,
+                        max_client_hello_size
+                    );
+                    Ok(())
+                })()
+                .at("typed_config")?;
+                return Ok(ListenerFilterKind::Tls);
+            }
             if !is_type::<HttpInspector>(any) {
                 return Err(unsupported_type(any, name));
             }
             // HttpInspector has no fields; decoding still proves the bytes.
             decode::<HttpInspector>(any).at("typed_config")?;
-            Ok(())
+            Ok(ListenerFilterKind::Http)
         }
         Some(lpb::listener_filter::ConfigType::ConfigDiscovery(_)) => {
             Err(FieldError::unsupported("config_discovery"))
@@ -248,9 +394,9 @@ fn listener_filter(lf: &lpb::ListenerFilter) -> Res<()> {
     }
 }
 
-/// Returns whether the chain matches the sniffed HTTP protocols, and its filter.
+/// Classifies a chain: its transport, HTTP match, TLS context and filter.
 #[allow(deprecated)]
-fn filter_chain(fc: &lpb::FilterChain) -> Res<(bool, NetworkFilter)> {
+fn filter_chain(fc: &lpb::FilterChain, env: &super::Env) -> Res<Chain> {
     let lpb::FilterChain {
         filter_chain_match,
         filters,
@@ -260,15 +406,53 @@ fn filter_chain(fc: &lpb::FilterChain) -> Res<(bool, NetworkFilter)> {
         transport_socket_connect_timeout,
         name: _,
     } = fc;
-    deny!(
-        use_proxy_proto,
-        transport_socket,
-        transport_socket_connect_timeout
-    );
-    let matches_http = match filter_chain_match {
-        None => false,
+    deny!(use_proxy_proto, transport_socket_connect_timeout);
+    let (transport, matches_http, http_alpn) = match filter_chain_match {
+        None => (Transport::Any, false, Vec::new()),
         Some(m) => filter_chain_match_http(m).at("filter_chain_match")?,
     };
+    let tls = match transport_socket {
+        None => None,
+        Some(ts) => match super::tls::transport_socket(ts, true).at("transport_socket")? {
+            super::tls::Socket::Plaintext => None,
+            super::tls::Socket::Downstream(ctx) => Some(
+                super::tls::downstream_context(&ctx, env).at("transport_socket.typed_config")?,
+            ),
+            super::tls::Socket::Upstream(_) => {
+                return Err(FieldError::new(
+                    "transport_socket.typed_config",
+                    "UpstreamTlsContext on a listener (use DownstreamTlsContext)",
+                ))
+            }
+        },
+    };
+    match (transport, &tls) {
+        (Transport::Tls, None) => {
+            return Err(FieldError::new(
+                "transport_socket",
+                "a chain matching transport_protocol \"tls\" needs a TLS transport socket",
+            ))
+        }
+        (Transport::Any | Transport::Raw, Some(_)) => {
+            return Err(FieldError::new(
+                "filter_chain_match.transport_protocol",
+                "must be \"tls\" on a chain with a TLS transport socket",
+            ))
+        }
+        _ => {}
+    }
+    if let Some(offered) = &tls {
+        for a in &http_alpn {
+            if !offered.contains(a) {
+                return Err(FieldError::new(
+                    "filter_chain_match.application_protocols",
+                    format!(
+                        "{a:?} is not offered by the chain's DownstreamTlsContext alpn_protocols"
+                    ),
+                ));
+            }
+        }
+    }
     // RBAC filters (authorization), then one terminal filter.
     let Some((last, rbacs)) = filters.split_last() else {
         return Err(FieldError::new(
@@ -292,10 +476,18 @@ fn filter_chain(fc: &lpb::FilterChain) -> Res<(bool, NetworkFilter)> {
         };
         t.authz = Some(Arc::new(authz));
     }
-    Ok((matches_http, filter))
+    Ok(Chain {
+        transport,
+        matches_http,
+        http_alpn,
+        tls,
+        filter,
+    })
 }
 
-fn filter_chain_match_http(m: &lpb::FilterChainMatch) -> Res<bool> {
+/// Returns the transport, whether a plaintext chain matches the sniffed
+/// HTTP protocols, and the ALPN values a TLS chain matches.
+fn filter_chain_match_http(m: &lpb::FilterChainMatch) -> Res<(Transport, bool, Vec<String>)> {
     let lpb::FilterChainMatch {
         destination_port,
         prefix_ranges,
@@ -319,10 +511,31 @@ fn filter_chain_match_http(m: &lpb::FilterChainMatch) -> Res<bool> {
         source_prefix_ranges,
         source_ports,
         server_names,
-        transport_protocol,
     );
+    let transport = match transport_protocol.as_str() {
+        "" => Transport::Any,
+        "raw_buffer" => Transport::Raw,
+        "tls" => Transport::Tls,
+        other => {
+            return Err(FieldError::new(
+                "transport_protocol",
+                format!("unsupported {other:?} (only tls and raw_buffer)"),
+            ))
+        }
+    };
     if application_protocols.is_empty() {
-        return Ok(false);
+        return Ok((transport, false, Vec::new()));
+    }
+    if transport == Transport::Tls {
+        for (i, p) in application_protocols.iter().enumerate() {
+            if !TLS_HTTP_PROTOCOLS.contains(&p.as_str()) {
+                return Err(FieldError::new(
+                    format!("application_protocols[{i}]"),
+                    format!("unsupported value {p:?} on a TLS chain (expected h2, http/1.1)"),
+                ));
+            }
+        }
+        return Ok((transport, false, application_protocols.clone()));
     }
     for (i, p) in application_protocols.iter().enumerate() {
         if !HTTP_PROTOCOLS.contains(&p.as_str()) {
@@ -340,7 +553,7 @@ fn filter_chain_match_http(m: &lpb::FilterChainMatch) -> Res<bool> {
             ));
         }
     }
-    Ok(true)
+    Ok((transport, true, Vec::new()))
 }
 
 /// A network filter before the terminal one: only `envoy.filters.network.rbac`.

@@ -606,7 +606,7 @@ fn listener_nacks_name_the_field() {
             let f = l.filter_chains[0].filters[0].clone();
             l.filter_chains[0].filters.push(f)
         }),
-        ("filter_chains[0].transport_socket: unsupported field", |l| {
+        ("filter_chains[0].transport_socket.typed_config: required", |l| {
             l.filter_chains[0].transport_socket = Some(core::TransportSocket {
                 name: "tls".into(),
                 config_type: None,
@@ -678,11 +678,11 @@ fn listener_nacks_name_the_field() {
             l.listener_filters.push(inspector())
         }),
         (
-            "listener_filters[0].typed_config: unsupported type \"type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector\"",
+            "listener_filters[0].typed_config: unsupported type \"type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst\"",
             |l| {
                 l.listener_filters[0].config_type =
                     Some(lpb::listener_filter::ConfigType::TypedConfig(pbuf::Any {
-                        type_url: "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector".into(),
+                        type_url: "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst".into(),
                         value: vec![],
                     }))
             },

@@ -54,7 +54,7 @@ fn nack_http(change: impl FnOnce(&mut http_rbac::Rbac)) -> String {
     change(&mut r);
     fa.value = r.encode_to_vec();
     any.value = h.encode_to_vec();
-    let e = listener(&l).expect_err("refused");
+    let e = listener(&l, &Default::default()).expect_err("refused");
     format!("{}: {}", e.path, e.message)
 }
 
@@ -70,7 +70,9 @@ fn policy_mut(r: &mut http_rbac::Rbac) -> &mut rbac::Policy {
 
 #[test]
 fn the_translation_is_accepted() {
-    let l = listener(&translated()).unwrap().unwrap();
+    let l = listener(&translated(), &Default::default())
+        .unwrap()
+        .unwrap();
     assert_eq!(l.http.unwrap().authz.unwrap().filters.len(), 1);
     assert_eq!(l.tcp.unwrap().authz.unwrap().filters.len(), 1);
 }
@@ -137,7 +139,7 @@ fn filters_in_the_wrong_place_are_refused() {
     let (any, mut h) = hcm_of(&mut l);
     h.http_filters.insert(0, h.http_filters[1].clone());
     any.value = h.encode_to_vec();
-    let e = listener(&l).unwrap_err();
+    let e = listener(&l, &Default::default()).unwrap_err();
     assert_eq!(
         e.path,
         "filter_chains[0].filters[0].typed_config.http_filters[0].typed_config"
@@ -158,7 +160,7 @@ fn filters_in_the_wrong_place_are_refused() {
     let mut r = net_rbac::Rbac::decode(any.value.as_slice()).unwrap();
     r.enforcement_type = net_rbac::rbac::EnforcementType::Continuous as i32;
     any.value = r.encode_to_vec();
-    let e = listener(&l).unwrap_err();
+    let e = listener(&l, &Default::default()).unwrap_err();
     assert_eq!(
         e.path,
         "default_filter_chain.filters[0].typed_config.enforcement_type"
@@ -168,7 +170,7 @@ fn filters_in_the_wrong_place_are_refused() {
     let mut l = translated();
     let rbac_filter = l.default_filter_chain.as_ref().unwrap().filters[0].clone();
     l.filter_chains[0].filters.insert(0, rbac_filter);
-    let e = listener(&l).unwrap_err();
+    let e = listener(&l, &Default::default()).unwrap_err();
     assert_eq!(e.path, "filter_chains[0].filters[0]");
     assert!(
         e.message.contains("only supported before tcp_proxy"),
