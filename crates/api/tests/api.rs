@@ -2199,3 +2199,111 @@ fn envoy_denies_the_same_requests_as_the_translated_policies_say() {
     let (status, _, _) = http_get(inbound, "web", "/public/y", "x-canary: 1\r\n");
     assert!(status.contains("200"), "{status}");
 }
+
+// ------------------------------------------------------------------ mTLS + Envoy
+
+/// A mesh with mTLS `mode`: an HTTP Service `web` and a TCP Service `db`,
+/// each with one workload behind a sidecar (the inbound annotation).
+fn mtls_envoy_mesh(mode: &str) -> Mesh {
+    mesh(&format!(
+        "---\n{HEAD}\nkind: Mesh\nmetadata: {{name: default}}\nspec: {{trustDomain: example.org, mtls: {{mode: {mode}}}}}\n\
+{}{}\
+---\n{HEAD}\nkind: Workload\nmetadata:\n  name: web-0\n  annotations: {{meshwork.dev/sidecar-inbound: \"127.0.0.1:15006\"}}\nspec: {{service: web, address: 127.0.0.1, ports: {{http: 8080}}}}\n\
+---\n{HEAD}\nkind: Workload\nmetadata:\n  name: db-0\n  annotations: {{meshwork.dev/sidecar-inbound: \"127.0.0.1:15007\"}}\nspec: {{service: db, address: 127.0.0.1, ports: {{pg: 5432}}}}\n",
+        svc("web", "{name: http, port: 80}"),
+        svc("db", "{name: pg, port: 5432, appProtocol: tcp}"),
+    ))
+}
+
+#[test]
+fn envoy_accepts_mtls_bootstraps_with_file_based_sds() {
+    let envoy = envoy_binary();
+    let certs = std::env::temp_dir().join(format!("meshwork-api-{}-certs", std::process::id()));
+    std::fs::create_dir_all(&certs).unwrap();
+    write_sds_files(&certs);
+    for mode in ["strict", "permissive"] {
+        let m = mtls_envoy_mesh(mode);
+        // The caller (outbound clusters with UpstreamTlsContext) and both
+        // callees (inbound listener with DownstreamTlsContext chains).
+        for workload in [None, Some("web-0"), Some("db-0")] {
+            let mut c = ctx();
+            c.workload = workload.map(|w| ("default".to_string(), w.to_string()));
+            c.certs_dir = Some(certs.to_string_lossy().into_owned());
+            let x = api::translate(&m, &c);
+            let name = format!("mtls-{mode}-{}", workload.unwrap_or("caller"));
+            let path = write_bootstrap(&x, 0, &name);
+            let out = Command::new(&envoy)
+                .args(["--mode", "validate", "--disable-hot-restart", "-c"])
+                .arg(&path)
+                .output()
+                .unwrap_or_else(|e| {
+                    panic!("cannot run Envoy {envoy:?}: {e}; run ./scripts/test.sh")
+                });
+            let log = String::from_utf8_lossy(&out.stderr).to_string()
+                + &String::from_utf8_lossy(&out.stdout);
+            std::fs::remove_file(&path).ok();
+            assert!(out.status.success(), "envoy rejected {name}:\n{log}");
+            assert!(
+                !log.to_lowercase().contains("deprecated"),
+                "deprecated fields used in {name}:\n{log}"
+            );
+        }
+    }
+    std::fs::remove_dir_all(&certs).ok();
+}
+
+/// Writes `default.yaml` and `ROOTCA.yaml` (SDS discovery responses, the
+/// layout of docs/mtls.md) into `dir`, with a self-signed SVID made by
+/// `openssl` (Envoy loads the files while validating: they must exist and
+/// hold a usable certificate).
+fn write_sds_files(dir: &std::path::Path) {
+    let (cert, key) = (dir.join("svid.pem"), dir.join("svid.key"));
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/O=meshwork-test",
+            "-addext",
+            "subjectAltName=URI:spiffe://example.org/ns/default/sa/web",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl is installed (./scripts/test.sh)");
+    assert!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let indent = |pem: &str| pem.trim_end().replace('\n', "\n      ");
+    let cert = std::fs::read_to_string(&cert).unwrap();
+    let key = std::fs::read_to_string(&key).unwrap();
+    let secret = "\"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+    std::fs::write(
+        dir.join("default.yaml"),
+        format!(
+            "resources:\n- {secret}\n  name: default\n  tls_certificate:\n    certificate_chain:\n      inline_string: |\n      {}\n    private_key:\n      inline_string: |\n      {}\n",
+            indent(&cert),
+            indent(&key)
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("ROOTCA.yaml"),
+        format!(
+            "resources:\n- {secret}\n  name: ROOTCA\n  validation_context:\n    trusted_ca:\n      inline_string: |\n      {}\n",
+            indent(&cert)
+        ),
+    )
+    .unwrap();
+}

@@ -102,7 +102,10 @@ fn rustls_reason(e: &rustls::Error) -> &'static str {
             CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
                 "certificate_not_yet_valid"
             }
-            CertificateError::UnknownIssuer => "unknown_issuer",
+            // An issuer with the right name but another key: a certificate
+            // from another CA that uses the same trust domain (two meshes
+            // both on `cluster.local`) fails the chain's signature check.
+            CertificateError::UnknownIssuer | CertificateError::BadSignature => "unknown_issuer",
             CertificateError::Other(other)
                 if other
                     .0

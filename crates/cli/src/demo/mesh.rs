@@ -1,7 +1,7 @@
 //! The demo's resources: what `meshwork demo` applies to its control plane.
 //!
-//! Contract: two files. [`MESH`] holds the Services, the frontend's
-//! HTTPRoute and a TrafficPolicy; [`split`] the GRPCRoute that splits
+//! Contract: two files. [`MESH`] holds the Mesh settings (mTLS), the
+//! Services, the frontend's HTTPRoute and a TrafficPolicy; [`split`] the GRPCRoute that splits
 //! `catalog` between `catalog-v1` and `catalog-v2`, which the demo writes
 //! next to its run for the user to edit and `meshwork apply` again. Both are
 //! applied together at start (one all-or-nothing request).
@@ -17,6 +17,15 @@ pub(super) const INVENTORY_LISTENER: &str = "outbound_tcp|7000|inventory.default
 
 /// Services, the frontend's HTTPRoute and a TrafficPolicy.
 pub(super) const MESH: &str = r#"# meshwork demo: the mesh applied at start (the catalog split is in its own file).
+# Mutual TLS between sidecars: each joined with a token and holds a
+# certificate for its service account. Permissive: the demo's traffic
+# generator, outside the mesh, still reaches the frontend in plaintext.
+apiVersion: meshwork.dev/v1alpha1
+kind: Mesh
+metadata: {name: default}
+spec:
+  mtls: {mode: permissive}
+---
 apiVersion: meshwork.dev/v1alpha1
 kind: Service
 metadata: {name: frontend}

@@ -7,9 +7,9 @@
 //! flag.
 //!
 //! Identity-based rules (principals, namespaces) need a peer identity, which
-//! only mTLS provides: until it lands they are covered by the engine's unit
-//! tests (`proxy::authz` tests), which set the identity directly. Here every
-//! client is plaintext (no identity).
+//! only mTLS provides: those rows are in `mtls.rs` (two sidecars with SVIDs),
+//! and the engine's unit tests set identities directly. Here every client is
+//! plaintext (no identity).
 
 use std::time::Duration;
 

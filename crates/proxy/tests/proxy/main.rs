@@ -7,6 +7,7 @@ mod harness;
 mod authz;
 mod basics;
 mod edges;
+mod envoy_mtls;
 mod lb;
 mod lifecycle;
 mod mtls;
