@@ -408,6 +408,25 @@ fn decode<M: prost::Message + prost::Name + Default>(any: &pbuf::Any) -> Res<M> 
         .map_err(|e| FieldError::msg(format!("invalid {}: {e}", M::NAME)))
 }
 
+/// A filter's `typed_config` that may only be `M`: decoded, or an error at
+/// `typed_config` naming the type found and `rule` (what may stand there).
+fn decode_only<M: prost::Message + prost::Name + Default>(
+    any: &pbuf::Any,
+    filter_name: &str,
+    rule: &str,
+) -> Res<M> {
+    if !is_type::<M>(any) {
+        return Err(FieldError::new(
+            "typed_config",
+            format!(
+                "unsupported type {:?} (filter {filter_name:?}): {rule}",
+                any.type_url
+            ),
+        ));
+    }
+    decode::<M>(any).at("typed_config")
+}
+
 fn unsupported_type(any: &pbuf::Any, filter_name: &str) -> FieldError {
     FieldError::new(
         "typed_config",

@@ -16,8 +16,8 @@ use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp;
 
 use super::route::route_configuration;
 use super::{
-    ads_source, decode, is_default, is_type, opt_duration, single_cluster, socket_address,
-    unsupported_type, At, FieldError, Res,
+    ads_source, decode, decode_only, is_default, is_type, opt_duration, single_cluster,
+    socket_address, unsupported_type, At, FieldError, Res,
 };
 use crate::authz::Authz;
 use crate::config::model::{self, HeaderMods, WeightedCluster};
@@ -566,16 +566,11 @@ fn network_rbac_filter(f: &lpb::Filter) -> Res<crate::authz::RbacFilter> {
         }
         None => return Err(FieldError::new("typed_config", "required")),
     };
-    if !is_type::<net_rbac::Rbac>(any) {
-        return Err(FieldError::new(
-            "typed_config",
-            format!(
-                "unsupported type {:?} (filter {name:?}): only envoy.filters.network.rbac may come before the terminal filter",
-                any.type_url
-            ),
-        ));
-    }
-    let r = decode::<net_rbac::Rbac>(any).at("typed_config")?;
+    let r: net_rbac::Rbac = decode_only(
+        any,
+        name,
+        "only envoy.filters.network.rbac may come before the terminal filter",
+    )?;
     super::rbac::network_filter(&r).at("typed_config")
 }
 
@@ -819,16 +814,11 @@ fn http_rbac_filter(f: &hcm::HttpFilter) -> Res<crate::authz::RbacFilter> {
         }
         None => return Err(FieldError::new("typed_config", "required")),
     };
-    if !is_type::<http_rbac::Rbac>(any) {
-        return Err(FieldError::new(
-            "typed_config",
-            format!(
-                "unsupported type {:?} (filter {name:?}): only envoy.filters.http.rbac may come before envoy.filters.http.router",
-                any.type_url
-            ),
-        ));
-    }
-    let r = decode::<http_rbac::Rbac>(any).at("typed_config")?;
+    let r: http_rbac::Rbac = decode_only(
+        any,
+        name,
+        "only envoy.filters.http.rbac may come before envoy.filters.http.router",
+    )?;
     super::rbac::http_filter(&r).at("typed_config")
 }
 
