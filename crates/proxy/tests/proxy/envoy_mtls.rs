@@ -9,6 +9,7 @@
 //! Needs `$MESHWORK_ENVOY` (`./scripts/test.sh` sets it): a missing Envoy
 //! fails the test rather than skipping it.
 
+use crate::mtls::Sidecar;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -18,8 +19,6 @@ use std::time::Duration;
 use api::ProxyContext;
 use identity::{generate_key_and_csr, Ca, SpiffeId, TrustDomain, WorkloadIdentity};
 use prost::Message;
-use proxy::accesslog::Target;
-use proxy::{Options, Proxy};
 use testkit::{Backend, H1Client};
 
 use crate::harness::{scratch, sum_metric};
@@ -205,50 +204,9 @@ fn stat(stats: &str, name: &str) -> u64 {
 
 // ---------------------------------------------------------------- meshwork
 
-struct Sidecar {
-    proxy: Proxy,
-    _subscriber: proxy::logging::BoxedSubscriber,
-}
-
-impl Sidecar {
-    async fn start(
-        yaml: &str,
-        workload: Option<&str>,
-        inbound: SocketAddr,
-        identity: Arc<WorkloadIdentity>,
-    ) -> Sidecar {
-        let file = scratch().join("mesh.yaml");
-        std::fs::write(&file, yaml).unwrap();
-        let opts = Options {
-            source: proxy::app::Source::File {
-                path: file,
-                poll_interval: Duration::from_millis(50),
-            },
-            outbound_addr: local(0),
-            inbound_addr: inbound,
-            admin_addr: local(0),
-            workload: workload.map(str::to_owned),
-            access_log: Target::Off,
-            detect_timeout: Duration::from_millis(300),
-            identity: Some(identity),
-        };
-        let (subscriber, log) = proxy::logging::build("warn", false).unwrap();
-        let proxy = Proxy::start(opts, log).await.unwrap();
-        Sidecar {
-            proxy,
-            _subscriber: subscriber,
-        }
-    }
-
-    async fn metrics(&self) -> String {
-        let mut c = H1Client::connect(self.proxy.admin_addr()).await.unwrap();
-        c.get("localhost", "/metrics").await.unwrap().text()
-    }
-}
-
-fn identity_of(ca: &Ca, sa: &str) -> Arc<WorkloadIdentity> {
+fn identity_of(ca: &Ca, sa: &str) -> Option<Arc<WorkloadIdentity>> {
     let (chain, key) = leaf(ca, sa);
-    WorkloadIdentity::with_cert(&chain, &key, ca.bundle()).unwrap()
+    Some(WorkloadIdentity::with_cert(&chain, &key, ca.bundle()).unwrap())
 }
 
 /// An Envoy caller sidecar (no workload, outbound listener only) holding

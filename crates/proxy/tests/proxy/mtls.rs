@@ -71,14 +71,16 @@ fn mesh(mode: &str, proto: &str, app: SocketAddr, inbound: SocketAddr, extra: &s
     )
 }
 
-struct Sidecar {
-    proxy: Proxy,
+/// A meshwork sidecar from a mesh file, with an identity (shared with
+/// `envoy_mtls`).
+pub(crate) struct Sidecar {
+    pub(crate) proxy: Proxy,
     access_log: PathBuf,
     _subscriber: proxy::logging::BoxedSubscriber,
 }
 
 impl Sidecar {
-    async fn start(
+    pub(crate) async fn start(
         yaml: &str,
         workload: Option<&str>,
         inbound: SocketAddr,
@@ -120,7 +122,7 @@ impl Sidecar {
         self.proxy.listener("outbound_http").unwrap()
     }
 
-    async fn metrics(&self) -> String {
+    pub(crate) async fn metrics(&self) -> String {
         let mut c = H1Client::connect(self.proxy.admin_addr()).await.unwrap();
         c.get("localhost", "/metrics").await.unwrap().text()
     }
