@@ -7,7 +7,7 @@
 //! refused with the field named, since they could never match.
 
 use crate::error::{Errors, FieldPath};
-use crate::mesh::{is_service_group, list_ports, Mesh};
+use crate::mesh::{list_ports, Mesh};
 use crate::resources::{
     AuthorizationPolicy, AuthzOperation, AuthzSource, Kind, MeshConfig, Service, MESH_CONFIG_NAME,
 };
@@ -230,20 +230,7 @@ fn check_policy(mesh: &Mesh, p: &Sourced<AuthorizationPolicy>, errors: &mut Erro
     let mut target: Option<&Service> = None;
     if let Some(tr) = &ap.spec.target_ref {
         let tpath = base.key("targetRef");
-        if tr.kind != "Service" {
-            ck.err(
-                &tpath.key("kind"),
-                format!(
-                    "{:?} is not supported: an AuthorizationPolicy targets a Service",
-                    tr.kind
-                ),
-            );
-        } else if tr.group.as_deref().is_some_and(|g| !is_service_group(g)) {
-            ck.err(
-                &tpath.key("group"),
-                "must be \"\", \"core\" or \"meshwork.dev\" for a Service",
-            );
-        } else {
+        if ck.service_ref(&tpath, tr, "an AuthorizationPolicy") {
             match mesh.service(ns, &tr.name) {
                 Some(s) => target = Some(&s.value),
                 None => ck.err(

@@ -20,7 +20,7 @@ use crate::error::{Error, Errors, FieldPath};
 use crate::mesh::{is_service_group, list_ports, parse_rfc3339, Key, Mesh};
 use crate::resources::{
     AppProtocol, HashConfig, Kind, LbAlgorithm, LoadBalancer, Metadata, Resource, Service,
-    TrafficPolicy, Workload, DEFAULT_MAX_RING,
+    TargetRef, TrafficPolicy, Workload, DEFAULT_MAX_RING,
 };
 use crate::source::Sourced;
 
@@ -159,6 +159,27 @@ impl<'a, T> Ck<'a, T> {
     pub(crate) fn check(&mut self, path: &FieldPath, r: Result<(), String>) {
         if let Err(m) = r {
             self.err(path, m);
+        }
+    }
+
+    /// Checks that `tr` (at `path`) names a Service by kind and group; the
+    /// name is the caller's to resolve. `who` is the policy kind with its
+    /// article ("a TrafficPolicy"). False when it was refused.
+    pub(crate) fn service_ref(&mut self, path: &FieldPath, tr: &TargetRef, who: &str) -> bool {
+        if tr.kind != "Service" {
+            self.err(
+                &path.key("kind"),
+                format!("{:?} is not supported: {who} targets a Service", tr.kind),
+            );
+            false
+        } else if tr.group.as_deref().is_some_and(|g| !is_service_group(g)) {
+            self.err(
+                &path.key("group"),
+                "must be \"\", \"core\" or \"meshwork.dev\" for a Service",
+            );
+            false
+        } else {
+            true
         }
     }
 
@@ -351,20 +372,7 @@ fn check_policies(mesh: &mut Mesh, errors: &mut Errors) {
         let base = FieldPath::root().key("spec");
         let tr = &tp.spec.target_ref;
         let tpath = base.key("targetRef");
-        if tr.kind != "Service" {
-            ck.err(
-                &tpath.key("kind"),
-                format!(
-                    "{:?} is not supported: a TrafficPolicy targets a Service",
-                    tr.kind
-                ),
-            );
-        } else if tr.group.as_deref().is_some_and(|g| !is_service_group(g)) {
-            ck.err(
-                &tpath.key("group"),
-                "must be \"\", \"core\" or \"meshwork.dev\" for a Service",
-            );
-        } else {
+        if ck.service_ref(&tpath, tr, "a TrafficPolicy") {
             let ns = &tp.metadata.namespace;
             let sk: Key = (ns.clone(), tr.name.clone());
             if mesh.services.contains_key(&sk) {
