@@ -468,7 +468,7 @@ pub fn write_rfc3339(out: &mut String, t: SystemTime) {
 /// Proleptic Gregorian date of a day count since 1970-01-01. Works in
 /// 400-year eras (146 097 days), with years starting on March 1st so the
 /// leap day is the last day of a year.
-fn civil_from_days(days: i128) -> (i128, u32, u32) {
+pub(crate) fn civil_from_days(days: i128) -> (i128, u32, u32) {
     let shifted = days + 719_468; // days from 0000-03-01 to 1970-01-01
     let era = shifted.div_euclid(146_097);
     let day_of_era = shifted.rem_euclid(146_097); // 0..=146_096
