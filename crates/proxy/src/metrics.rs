@@ -140,6 +140,93 @@ impl Counter {
     }
 }
 
+/// The resilience mechanisms' counters, one metric family each. Every
+/// family has the labels `destination_service` and the event's `detail`
+/// label (named by [`Event::detail_label`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Event {
+    /// `meshwork_retries_total{reason}`: a retry was sent (reason: the
+    /// condition that triggered it, e.g. `5xx`, `reset`, `connect-failure`).
+    Retry,
+    /// `meshwork_retries_skipped_total{reason}`: a retry was wanted but not
+    /// sent (`budget_exhausted`, `max_retries`, `body_not_replayable`).
+    RetrySkipped,
+    /// `meshwork_upstream_overflow_total{limit}`: a circuit breaker shed a
+    /// request (`connections`, `pending_requests`, `requests`, `retries`).
+    Overflow,
+    /// `meshwork_outlier_ejections_total{detector}`: an endpoint was ejected
+    /// (`consecutive_5xx`, `consecutive_gateway_failure`, `success_rate`,
+    /// `failure_percentage`).
+    Ejection,
+    /// `meshwork_health_checks_total{result}`: an active health check ran
+    /// (`success`, `failure`, `timeout`).
+    HealthCheck,
+    /// `meshwork_rate_limited_total{scope}`: a request was refused by a
+    /// local rate limit (`route`, `listener`, `source`).
+    RateLimited,
+    /// `meshwork_faults_injected_total{kind}`: a fault fired (`delay`,
+    /// `abort`).
+    FaultInjected,
+}
+
+impl Event {
+    const ALL: [Event; 7] = [
+        Event::Retry,
+        Event::RetrySkipped,
+        Event::Overflow,
+        Event::Ejection,
+        Event::HealthCheck,
+        Event::RateLimited,
+        Event::FaultInjected,
+    ];
+
+    /// The metric family name.
+    pub fn metric(self) -> &'static str {
+        match self {
+            Event::Retry => "meshwork_retries_total",
+            Event::RetrySkipped => "meshwork_retries_skipped_total",
+            Event::Overflow => "meshwork_upstream_overflow_total",
+            Event::Ejection => "meshwork_outlier_ejections_total",
+            Event::HealthCheck => "meshwork_health_checks_total",
+            Event::RateLimited => "meshwork_rate_limited_total",
+            Event::FaultInjected => "meshwork_faults_injected_total",
+        }
+    }
+
+    /// The name of the label that carries `detail`.
+    pub fn detail_label(self) -> &'static str {
+        match self {
+            Event::Retry | Event::RetrySkipped => "reason",
+            Event::Overflow => "limit",
+            Event::Ejection => "detector",
+            Event::HealthCheck => "result",
+            Event::RateLimited => "scope",
+            Event::FaultInjected => "kind",
+        }
+    }
+
+    fn help(self) -> &'static str {
+        match self {
+            Event::Retry => "Retries sent to an upstream, by the condition that triggered them.",
+            Event::RetrySkipped => "Retries wanted but not sent: budget exhausted, attempts used up, or a body that cannot be replayed.",
+            Event::Overflow => "Requests shed by a circuit breaker, by the limit that overflowed.",
+            Event::Ejection => "Endpoints ejected by outlier detection, by detector.",
+            Event::HealthCheck => "Active health checks, by result.",
+            Event::RateLimited => "Requests refused by a local rate limit (429), by scope.",
+            Event::FaultInjected => "Faults injected (delays and aborts), by kind.",
+        }
+    }
+}
+
+/// Labels of one resilience counter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EventLabels {
+    pub event: Event,
+    /// Mesh service (`name.namespace`), or the cluster name when unknown.
+    pub destination_service: String,
+    pub detail: &'static str,
+}
+
 /// Labels of one TCP series.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TcpLabels {
@@ -158,6 +245,8 @@ pub struct Metrics {
     listeners: Family<String, ListenerSeries>,
     authz: Family<AuthzLabels, Counter>,
     tls_failures: Family<TlsLabels, Counter>,
+    /// The resilience counters (retries, overflows, ejections, ...).
+    events: Family<EventLabels, Counter>,
     /// Config updates are rare (seconds apart), so a mutex is fine here.
     config: Mutex<BTreeMap<String, ConfigState>>,
 }
@@ -264,6 +353,38 @@ impl Metrics {
         self.authz.get(labels)
     }
 
+    /// The counter of one resilience event label set (created on first
+    /// use). Keep it when counting on a hot path.
+    pub fn event(
+        &self,
+        event: Event,
+        destination_service: &str,
+        detail: &'static str,
+    ) -> Arc<Counter> {
+        let labels = EventLabels {
+            event,
+            destination_service: destination_service.to_owned(),
+            detail,
+        };
+        self.events.get(&labels)
+    }
+
+    /// The count of one resilience event label set (tests, admin).
+    pub fn event_count(
+        &self,
+        event: Event,
+        destination_service: &str,
+        detail: &'static str,
+    ) -> u64 {
+        self.events
+            .lookup(&EventLabels {
+                event,
+                destination_service: destination_service.to_owned(),
+                detail,
+            })
+            .map_or(0, |c| c.get())
+    }
+
     /// Counts one failed (or refused) TLS handshake.
     pub fn tls_handshake_failed(&self, direction: Direction, reason: &'static str) {
         self.tls_failures
@@ -309,6 +430,7 @@ impl Metrics {
         self.render_listeners(&mut out);
         self.render_authz(&mut out);
         self.render_tls(&mut out);
+        self.render_events(&mut out);
         self.render_config(&mut out);
         out
     }
@@ -329,6 +451,20 @@ impl Metrics {
                 &labels,
                 c.get(),
             );
+        }
+    }
+
+    fn render_events(&self, out: &mut String) {
+        let all = self.events.sorted();
+        for event in Event::ALL {
+            header(out, event.metric(), event.help(), "counter");
+            for (l, c) in all.iter().filter(|(l, _)| l.event == event) {
+                let labels = [
+                    ("destination_service", l.destination_service.as_str()),
+                    (event.detail_label(), l.detail),
+                ];
+                sample(out, event.metric(), &labels, c.get());
+            }
         }
     }
 

@@ -152,9 +152,11 @@ impl Metadata {
     }
 }
 
-/// Any resource.
+/// Any resource. Resources are parsed and stored once per change, never on a
+/// hot path, so a large TrafficPolicy variant costs nothing worth boxing.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
+#[allow(clippy::large_enum_variant)]
 pub enum Resource {
     Mesh(MeshConfig),
     Service(Service),

@@ -32,6 +32,7 @@ fn locality(priority: u32, endpoints: &[(SocketAddr, u32)]) -> LocalityEndpoints
                 address,
                 weight,
                 mtls: false,
+                unhealthy: false,
             })
             .collect(),
     }

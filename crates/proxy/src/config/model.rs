@@ -103,6 +103,14 @@ pub struct HttpConnectionManager {
     pub websocket: bool,
     /// `envoy.filters.http.rbac` filters before the router, in order.
     pub authz: Option<Arc<crate::authz::Authz>>,
+    /// `envoy.filters.http.local_ratelimit` is in the filter chain, with this
+    /// listener-wide configuration (routes may override it with
+    /// `typed_per_filter_config`). `None`: no rate limit filter, and route
+    /// overrides have no effect (as in Envoy).
+    pub rate_limit: Option<Arc<LocalRateLimit>>,
+    /// `envoy.filters.http.fault` is in the filter chain, with this default
+    /// configuration (routes may override it). `None`: no fault filter.
+    pub fault: Option<Arc<Fault>>,
 }
 
 /// `envoy.filters.network.tcp_proxy`.
@@ -246,6 +254,117 @@ pub struct Route {
     pub action: RouteAction,
     pub request_headers: HeaderMods,
     pub response_headers: HeaderMods,
+    /// `typed_per_filter_config["envoy.filters.http.local_ratelimit"]`.
+    pub rate_limit: Option<Arc<LocalRateLimit>>,
+    /// `typed_per_filter_config["envoy.filters.http.fault"]`.
+    pub fault: Option<Arc<Fault>>,
+}
+
+/// `envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit`: a token
+/// bucket. Only enforced configurations are represented (`filter_enabled`
+/// and `filter_enforced` at 100%); a bucket without them is refused.
+#[derive(Debug, Clone, Serialize)]
+pub struct LocalRateLimit {
+    pub stat_prefix: String,
+    /// `token_bucket.max_tokens`: the burst.
+    pub max_tokens: u32,
+    /// `token_bucket.tokens_per_fill` (default 1).
+    pub tokens_per_fill: u32,
+    /// `token_bucket.fill_interval`.
+    pub fill_interval: Duration,
+    /// `status.code` (default 429).
+    pub status: u16,
+    /// `enable_x_ratelimit_headers: DRAFT_VERSION_03`: `x-ratelimit-limit`,
+    /// `-remaining`, `-reset` on responses.
+    pub rate_limit_headers: bool,
+    /// `response_headers_to_add` (on rate-limited responses).
+    #[serde(serialize_with = "ser_pairs")]
+    pub response_headers: Vec<(HeaderName, HeaderValue)>,
+    /// One bucket per source: a `descriptors` entry keyed `remote_address`
+    /// with an empty (wildcard) value, fed by a `remote_address` rate limit
+    /// action. meshwork keys the bucket by the peer's SPIFFE id when the
+    /// connection is mTLS, else by the client IP.
+    pub per_source: bool,
+}
+
+/// `envoy.extensions.filters.http.fault.v3.HTTPFault`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Fault {
+    /// `delay.fixed_delay` and `delay.percentage`.
+    pub delay: Option<FaultDelay>,
+    /// `abort`.
+    pub abort: Option<FaultAbort>,
+    /// `headers`: the fault applies only to requests matching all of them.
+    pub headers: Vec<HeaderMatch>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FaultDelay {
+    pub fixed: Duration,
+    /// Fraction of requests, per million.
+    pub per_million: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FaultAbort {
+    pub status: AbortStatus,
+    /// Fraction of requests, per million.
+    pub per_million: u32,
+}
+
+/// `abort.http_status` or `abort.grpc_status`.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub enum AbortStatus {
+    Http(u16),
+    /// A trailers-only gRPC response with this `grpc-status`.
+    Grpc(u32),
+}
+
+/// `RetryPolicy` of a route.
+#[derive(Debug, Clone, Serialize)]
+pub struct RetryPolicy {
+    /// `retry_on`, parsed.
+    pub on: RetryOn,
+    /// `num_retries` (default 1): retries after the first attempt.
+    pub num_retries: u32,
+    /// `per_try_timeout` (`None`: each try may use the whole route timeout).
+    pub per_try_timeout: Option<Duration>,
+    /// `retriable_status_codes` (used with `retriable-status-codes`).
+    pub retriable_status_codes: Vec<u16>,
+    /// `retry_back_off.base_interval` (default 25 ms).
+    pub backoff_base: Duration,
+    /// `retry_back_off.max_interval` (default 10 x base).
+    pub backoff_max: Duration,
+    /// `retry_host_predicate: [envoy.retry_host_predicates.previous_hosts]`:
+    /// a retry avoids endpoints already tried when another one is available.
+    pub avoid_previous_hosts: bool,
+}
+
+/// The `retry_on` conditions meshwork implements (Envoy's names).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct RetryOn {
+    /// `5xx`: any 5xx response, a reset, a connect failure or a per-try timeout.
+    pub five_xx: bool,
+    /// `gateway-error`: 502, 503, 504 (and per-try timeouts).
+    pub gateway_error: bool,
+    /// `reset`: the upstream reset or closed before answering, or a per-try timeout.
+    pub reset: bool,
+    /// `connect-failure`: no connection could be made.
+    pub connect_failure: bool,
+    /// `retriable-status-codes`: a status in `retriable_status_codes`.
+    pub retriable_status_codes: bool,
+    /// `refused-stream`: an HTTP/2 stream refused with REFUSED_STREAM.
+    pub refused_stream: bool,
+    /// gRPC `cancelled` (1).
+    pub grpc_cancelled: bool,
+    /// gRPC `deadline-exceeded` (4).
+    pub grpc_deadline_exceeded: bool,
+    /// gRPC `internal` (13).
+    pub grpc_internal: bool,
+    /// gRPC `resource-exhausted` (8).
+    pub grpc_resource_exhausted: bool,
+    /// gRPC `unavailable` (14).
+    pub grpc_unavailable: bool,
 }
 
 /// `RouteMatch`.
@@ -343,6 +462,11 @@ pub struct Forward {
     pub mirrors: Vec<Mirror>,
     /// `hash_policy`, for ring hash and maglev clusters.
     pub hash_policy: Vec<HashPolicy>,
+    /// `retry_policy`.
+    pub retry: Option<Arc<RetryPolicy>>,
+    /// `idle_timeout`: the stream idle timeout of this route (overrides the
+    /// connection manager's `stream_idle_timeout`; zero disables it).
+    pub idle_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -448,6 +572,146 @@ pub struct Cluster {
     /// `transport_socket_matches`: mTLS to endpoints whose metadata says
     /// `tlsMode: meshwork`, plaintext to the others. `None`: all plaintext.
     pub tls: Option<Arc<UpstreamTls>>,
+    /// `circuit_breakers.thresholds` of priority DEFAULT (Envoy's defaults
+    /// when absent).
+    pub circuit_breakers: CircuitBreakers,
+    /// `outlier_detection` (`None`: no passive health checking).
+    pub outlier_detection: Option<Arc<OutlierDetection>>,
+    /// `health_checks` (active health checking).
+    pub health_checks: Vec<Arc<HealthCheck>>,
+    /// `common_lb_config.healthy_panic_threshold` in percent (default 50;
+    /// 0 disables panic mode): when fewer endpoints than this are healthy,
+    /// requests go to all endpoints, healthy or not.
+    pub panic_threshold: f64,
+}
+
+/// `circuit_breakers.thresholds[]` (priority DEFAULT).
+#[derive(Debug, Clone, Serialize)]
+pub struct CircuitBreakers {
+    /// `max_connections` (default 1024): upstream connections of the cluster.
+    pub max_connections: u32,
+    /// `max_pending_requests` (default 1024): requests waiting for a connection.
+    pub max_pending_requests: u32,
+    /// `max_requests` (default 1024): requests in flight.
+    pub max_requests: u32,
+    /// `max_retries` (default 3): retries in flight (ignored when a budget is set).
+    pub max_retries: u32,
+    /// `retry_budget`.
+    pub retry_budget: Option<RetryBudget>,
+}
+
+impl Default for CircuitBreakers {
+    fn default() -> Self {
+        Self {
+            max_connections: 1024,
+            max_pending_requests: 1024,
+            max_requests: 1024,
+            max_retries: 3,
+            retry_budget: None,
+        }
+    }
+}
+
+/// `retry_budget`: retries in flight may be at most `budget_percent` of the
+/// requests in flight (active and pending), but at least
+/// `min_retry_concurrency`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RetryBudget {
+    /// `budget_percent` (default 20).
+    pub budget_percent: f64,
+    /// `min_retry_concurrency` (default 3).
+    pub min_retry_concurrency: u32,
+}
+
+/// `outlier_detection`. A detector is `Some` when its enforcing percentage is
+/// non-zero (Envoy still counts the others; meshwork does not run them).
+#[derive(Debug, Clone, Serialize)]
+pub struct OutlierDetection {
+    /// `consecutive_5xx` with `enforcing_consecutive_5xx` (default 5 / 100%).
+    pub consecutive_5xx: Option<Detector>,
+    /// `consecutive_gateway_failure` with `enforcing_consecutive_gateway_failure`
+    /// (default 5 / 0%: off).
+    pub consecutive_gateway_failure: Option<Detector>,
+    /// `success_rate_*` with `enforcing_success_rate` (default 100%).
+    pub success_rate: Option<SuccessRate>,
+    /// `failure_percentage_*` with `enforcing_failure_percentage` (default 0%: off).
+    pub failure_percentage: Option<FailurePercentage>,
+    /// `interval` (default 10 s): how often success rate and failure
+    /// percentage are computed and ejections expire.
+    pub interval: Duration,
+    /// `base_ejection_time` (default 30 s): an ejection lasts this times the
+    /// number of times the endpoint has been ejected.
+    pub base_ejection_time: Duration,
+    /// `max_ejection_time` (default 300 s).
+    pub max_ejection_time: Duration,
+    /// `max_ejection_percent` (default 10).
+    pub max_ejection_percent: u32,
+}
+
+/// A consecutive-failure detector.
+#[derive(Debug, Clone, Serialize)]
+pub struct Detector {
+    pub consecutive: u32,
+    /// Percent chance that a detection ejects (1..=100).
+    pub enforcing: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SuccessRate {
+    /// `success_rate_minimum_hosts` (default 5).
+    pub minimum_hosts: u32,
+    /// `success_rate_request_volume` (default 100) per interval.
+    pub request_volume: u32,
+    /// `success_rate_stdev_factor` / 1000 (default 1.9).
+    pub stdev_factor: f64,
+    /// Percent chance that a detection ejects (1..=100).
+    pub enforcing: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FailurePercentage {
+    /// `failure_percentage_threshold` (default 85).
+    pub threshold: u32,
+    /// `failure_percentage_minimum_hosts` (default 5).
+    pub minimum_hosts: u32,
+    /// `failure_percentage_request_volume` (default 50) per interval.
+    pub request_volume: u32,
+    /// Percent chance that a detection ejects (1..=100).
+    pub enforcing: u32,
+}
+
+/// One of `health_checks`.
+#[derive(Debug, Clone, Serialize)]
+pub struct HealthCheck {
+    pub timeout: Duration,
+    pub interval: Duration,
+    /// Failures in a row that mark an endpoint unhealthy.
+    pub unhealthy_threshold: u32,
+    /// Successes in a row that mark an unhealthy endpoint healthy again.
+    pub healthy_threshold: u32,
+    pub kind: HealthCheckKind,
+}
+
+/// `health_checker`.
+#[derive(Debug, Clone, Serialize)]
+pub enum HealthCheckKind {
+    /// `http_health_check`: `GET path` (HTTP/2 when the cluster is), healthy
+    /// when the status is in one of the `expected` ranges (`[start, end)`,
+    /// default `[200, 201)`).
+    Http {
+        path: String,
+        /// `host` (default: the cluster name).
+        host: Option<String>,
+        expected: Vec<(u16, u16)>,
+    },
+    /// `tcp_health_check` without payloads: healthy when a connection opens.
+    Tcp,
+    /// `grpc_health_check`: `grpc.health.v1.Health/Check` for `service_name`;
+    /// healthy on `SERVING`.
+    Grpc {
+        service: String,
+        authority: Option<String>,
+    },
 }
 
 /// Upstream mTLS (an `UpstreamTlsContext` with SDS `default`/`ROOTCA`).
@@ -518,6 +782,9 @@ pub struct Endpoint {
     /// `metadata.filter_metadata["envoy.transport_socket_match"].tlsMode ==
     /// "meshwork"`: the endpoint is a sidecar that terminates mTLS.
     pub mtls: bool,
+    /// `health_status` is UNHEALTHY, DRAINING or TIMEOUT: the control plane
+    /// says not to send new requests here.
+    pub unhealthy: bool,
 }
 
 fn ser_regex<S: serde::Serializer>(r: &Regex, s: S) -> Result<S::Ok, S::Error> {

@@ -49,6 +49,8 @@ fn forward(prefix: Option<&str>, regex: Option<(&str, &str)>) -> Forward {
         host_rewrite: None,
         mirrors: vec![],
         hash_policy: vec![],
+        retry: None,
+        idle_timeout: None,
     }
 }
 
@@ -105,6 +107,8 @@ fn level(name_: &str, request: HeaderMods, response: HeaderMods) -> (VirtualHost
         },
         request_headers: request,
         response_headers: response,
+        rate_limit: None,
+        fault: None,
     };
     (vh, route)
 }

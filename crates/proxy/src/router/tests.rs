@@ -43,6 +43,8 @@ fn route(name: &str, path: PathMatch) -> Route {
         },
         request_headers: HeaderMods::default(),
         response_headers: HeaderMods::default(),
+        rate_limit: None,
+        fault: None,
     }
 }
 
@@ -583,6 +585,8 @@ fn selected_route_exposes_its_action() {
         host_rewrite: None,
         mirrors: vec![],
         hash_policy: vec![],
+        retry: None,
+        idle_timeout: None,
     });
     let v = with_routes(vec![r]);
     let Some(Route {

@@ -226,6 +226,10 @@ pub(super) fn cluster(c: &cpb::Cluster, env: &super::Env) -> Res<model::Cluster>
         idle_timeout,
         service: meshwork.service,
         tls,
+        circuit_breakers: model::CircuitBreakers::default(),
+        outlier_detection: None,
+        health_checks: Vec::new(),
+        panic_threshold: 50.0,
     })
 }
 
@@ -598,5 +602,6 @@ fn lb_endpoint(e: &epb::LbEndpoint) -> Res<Endpoint> {
         address,
         weight,
         mtls,
+        unhealthy: false,
     })
 }

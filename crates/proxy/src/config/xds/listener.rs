@@ -795,6 +795,8 @@ fn http_connection_manager(h: &hcm::HttpConnectionManager) -> Res<model::HttpCon
         idle_timeout: None,
         websocket,
         authz,
+        rate_limit: None,
+        fault: None,
     })
 }
 

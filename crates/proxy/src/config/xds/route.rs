@@ -412,6 +412,8 @@ fn route(r: &rpb::Route, max_body: u32) -> Res<model::Route> {
         action,
         request_headers,
         response_headers,
+        rate_limit: None,
+        fault: None,
     })
 }
 
@@ -716,6 +718,8 @@ fn forward(ra: &rpb::RouteAction) -> Res<model::Forward> {
         host_rewrite,
         mirrors,
         hash_policy: hashes,
+        retry: None,
+        idle_timeout: None,
     })
 }
 
