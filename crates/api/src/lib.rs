@@ -18,6 +18,7 @@
 //! Non-goals: I/O beyond reading one file in [`load_file`], networking, and
 //! Kubernetes status or server-side metadata.
 
+mod effective;
 mod envoy;
 mod error;
 mod load;
@@ -27,13 +28,16 @@ mod source;
 mod translate;
 mod validate;
 
+pub use effective::{service_port_policy, Candidate, EffectivePolicy, Supplied, Supplier};
 pub use envoy::envoy_bootstrap;
 pub use error::{Error, Errors, FieldPath, Seg};
 pub use load::{load_file, load_str};
-pub use mesh::{Key, Mesh};
+pub use mesh::{Key, Mesh, PolicyTarget};
 pub use resources::{Kind, Resource};
 pub use source::Sourced;
 pub use translate::grpc_api_listener;
 pub use translate::mtls;
-pub use translate::{names, translate, ProxyContext, Xds};
+pub use translate::{
+    locality_load_assignments, names, proxy_locality, translate, ProxyContext, Xds,
+};
 pub use validate::{validate, with_workloads};

@@ -305,9 +305,34 @@ fn typed<T: DeserializeOwned>(text: &str) -> Result<T, TypedError> {
                 Some(path)
             },
             location: inner.location().map(|l| (l.line(), l.column())),
-            message: clean_message(&inner),
+            message: integer_range(&clean_message(&inner)),
         }
     })
+}
+
+/// Says plainly that a number does not fit its field: serde's `invalid
+/// type: integer `-1`, expected u32` (or `invalid value: ...`) becomes `-1
+/// is negative: expected a whole number from 0 to 4294967295`.
+fn integer_range(msg: &str) -> String {
+    let rest = msg
+        .strip_prefix("invalid type: integer `")
+        .or_else(|| msg.strip_prefix("invalid value: integer `"));
+    let Some((n, ty)) = rest.and_then(|r| r.split_once("`, expected ")) else {
+        return msg.to_string();
+    };
+    let max: u64 = match ty {
+        "u8" => u8::MAX.into(),
+        "u16" => u16::MAX.into(),
+        "u32" => u32::MAX.into(),
+        "u64" => u64::MAX,
+        _ => return msg.to_string(),
+    };
+    let why = if n.starts_with('-') {
+        "is negative"
+    } else {
+        "is too large"
+    };
+    format!("{n} {why}: expected a whole number from 0 to {max}")
 }
 
 /// `serde_yaml`'s message without the path prefix and position suffix it adds
@@ -404,6 +429,22 @@ mod tests {
             "x at line 14 column 9, in line 13"
         );
         assert_eq!(shift_lines("no lines; line x", 10), "no lines; line x");
+    }
+
+    #[test]
+    fn integer_errors_say_the_range() {
+        assert_eq!(
+            integer_range("invalid type: integer `-1`, expected u32"),
+            "-1 is negative: expected a whole number from 0 to 4294967295"
+        );
+        assert_eq!(
+            integer_range("invalid value: integer `70000`, expected u16"),
+            "70000 is too large: expected a whole number from 0 to 65535"
+        );
+        assert_eq!(
+            integer_range("invalid type: string"),
+            "invalid type: string"
+        );
     }
 
     #[test]

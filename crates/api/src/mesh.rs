@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use crate::effective::{Candidate, EffectivePolicy};
 use crate::resources::{
     AppProtocol, AuthorizationPolicy, BackendView, DefaultAction, GrpcRoute, HttpRoute, MeshConfig,
     Metadata, MtlsMode, ParentRef, Resource, Service, ServicePort, TcpRoute, TrafficPolicy,
@@ -21,6 +22,36 @@ use crate::source::Sourced;
 
 /// `(namespace, name)`.
 pub type Key = (String, String);
+
+/// What a TrafficPolicy applies to, as validation resolved its `targetRef`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PolicyTarget {
+    /// Service `(namespace, name)`; with `port`, only that port (by name).
+    Service { service: Key, port: Option<String> },
+    /// HTTPRoute `(namespace, name)`; with `rule`, only that rule (by name).
+    HttpRoute { route: Key, rule: Option<String> },
+}
+
+impl std::fmt::Display for PolicyTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PolicyTarget::Service { service, port } => {
+                write!(f, "Service {}/{}", service.0, service.1)?;
+                if let Some(p) = port {
+                    write!(f, " port {p}")?;
+                }
+                Ok(())
+            }
+            PolicyTarget::HttpRoute { route, rule } => {
+                write!(f, "HTTPRoute {}/{}", route.0, route.1)?;
+                if let Some(r) = rule {
+                    write!(f, " rule {r}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
 
 /// The validated resources of a mesh. Resources are shared (`Arc`), so a
 /// clone (the control plane adds registered workloads to a copy on every
@@ -36,8 +67,9 @@ pub struct Mesh {
     pub(crate) tcp_routes: BTreeMap<Key, Arc<Sourced<TcpRoute>>>,
     pub(crate) traffic_policies: BTreeMap<Key, Arc<Sourced<TrafficPolicy>>>,
     pub(crate) authz_policies: BTreeMap<Key, Arc<Sourced<AuthorizationPolicy>>>,
-    /// Service key -> key of the TrafficPolicy that targets it.
-    pub(crate) policy_of: BTreeMap<Key, Key>,
+    /// What a TrafficPolicy targets -> the key of that policy (one policy
+    /// per exact target: validation refuses a second).
+    pub(crate) policy_index: BTreeMap<PolicyTarget, Key>,
     /// Service key -> keys of its Workloads, by name: translation asks for
     /// each service's instances, and a scan per service would make it
     /// quadratic (1,000 services x 10,000 workloads).
@@ -135,14 +167,108 @@ impl Mesh {
         self.traffic_policies.values().map(|a| &**a)
     }
 
-    /// The TrafficPolicy that targets Service `namespace/service`, if any.
+    /// The TrafficPolicy that targets Service `namespace/service` as a whole
+    /// (no `sectionName`), if any. See [`Mesh::port_policy`] for what applies
+    /// to one port.
     pub fn traffic_policy_for(
         &self,
         namespace: &str,
         service: &str,
     ) -> Option<&Sourced<TrafficPolicy>> {
-        let pk = self.policy_of.get(&key(namespace, service))?;
+        self.traffic_policy_at(&PolicyTarget::Service {
+            service: key(namespace, service),
+            port: None,
+        })
+    }
+
+    /// The TrafficPolicy whose target is exactly `target`, if any.
+    pub fn traffic_policy_at(&self, target: &PolicyTarget) -> Option<&Sourced<TrafficPolicy>> {
+        let pk = self.policy_index.get(target)?;
         self.traffic_policies.get(pk).map(|a| &**a)
+    }
+
+    /// The policies that apply to port `port` (by name) of Service
+    /// `namespace/service`, most specific first: the one on the port, then
+    /// the one on the Service.
+    fn port_candidates(&self, namespace: &str, service: &str, port: &str) -> Vec<Candidate<'_>> {
+        let svc = key(namespace, service);
+        [Some(port.to_string()), None]
+            .into_iter()
+            .filter_map(|p| {
+                let target = PolicyTarget::Service {
+                    service: svc.clone(),
+                    port: p,
+                };
+                let pol = self.traffic_policy_at(&target)?;
+                Some(Candidate::policy(&pol.value, target))
+            })
+            .collect()
+    }
+
+    /// The effective policy of port `port` (by name) of Service
+    /// `namespace/service`, section by section: the port's policy, else the
+    /// Service's.
+    pub fn port_policy(&self, namespace: &str, service: &str, port: &str) -> EffectivePolicy {
+        EffectivePolicy::merge(self.port_candidates(namespace, service, port))
+    }
+
+    /// What callers apply to requests for port `port` (by name) of Service
+    /// `namespace/service` when no HTTPRoute rule says more: the port's
+    /// effective policy without `rateLimit` (the Service's own sidecars
+    /// enforce that).
+    pub fn caller_policy(&self, namespace: &str, service: &str, port: &str) -> EffectivePolicy {
+        EffectivePolicy::merge(
+            self.port_candidates(namespace, service, port)
+                .into_iter()
+                .map(|mut c| {
+                    c.callers_only = true;
+                    c
+                }),
+        )
+    }
+
+    /// The effective per-request policy (`timeouts`, `retries`, `fault`,
+    /// `rateLimit`) of rule `rule` (index) of HTTPRoute `route` when it
+    /// serves port `port` (by name) of Service `parent` `(namespace, name)`.
+    /// Most specific first: the rule's own Gateway API `timeouts` (field by
+    /// field), a policy on the rule, on the route, on the parent's port, on
+    /// the parent. `rateLimit` only comes from policies on the route (a
+    /// Service's own rate limit is enforced by its sidecars, not callers).
+    pub fn route_policy(
+        &self,
+        route: &HttpRoute,
+        rule: usize,
+        parent: &Key,
+        port: &str,
+    ) -> EffectivePolicy {
+        let rk = key(&route.metadata.namespace, &route.metadata.name);
+        let mut c = Vec::new();
+        let r = route.spec.rules.get(rule);
+        if let Some(name) = r.and_then(|r| r.name.as_ref()) {
+            let target = PolicyTarget::HttpRoute {
+                route: rk.clone(),
+                rule: Some(name.clone()),
+            };
+            if let Some(p) = self.traffic_policy_at(&target) {
+                c.push(Candidate::policy(&p.value, target));
+            }
+        }
+        let target = PolicyTarget::HttpRoute {
+            route: rk.clone(),
+            rule: None,
+        };
+        if let Some(p) = self.traffic_policy_at(&target) {
+            c.push(Candidate::policy(&p.value, target));
+        }
+        for mut cand in self.port_candidates(&parent.0, &parent.1, port) {
+            cand.callers_only = true;
+            c.push(cand);
+        }
+        let mut eff = EffectivePolicy::merge(c);
+        if let Some(t) = r.and_then(|r| r.timeouts.as_ref()) {
+            eff.overlay_route_timeouts(t, rk, rule);
+        }
+        eff
     }
 
     /// The `Mesh` resource, if there is one.
@@ -204,7 +330,8 @@ impl Mesh {
     }
 
     /// What translating the inbound side of Workload `namespace/name` reads:
-    /// the workload, its Service, the `Mesh` settings and the
+    /// the workload, its Service, the `Mesh` settings, the TrafficPolicies
+    /// that target the Service (its rate limit is enforced inbound) and the
     /// AuthorizationPolicies that apply to the service. Empty when the
     /// workload or its service is unknown. (The control plane translates a
     /// proxy's inbound side from these alone.)
@@ -220,6 +347,17 @@ impl Mesh {
             w.clone().map(Resource::Workload),
         ];
         v.extend(self.mesh_config().map(|c| c.clone().map(Resource::Mesh)));
+        // The Service's own policies: its rate limit is enforced inbound.
+        let sk = key(namespace, &svc.value.metadata.name);
+        v.extend(
+            self.policy_index
+                .iter()
+                .filter(
+                    |(t, _)| matches!(t, PolicyTarget::Service { service, .. } if *service == sk),
+                )
+                .filter_map(|(_, pk)| self.traffic_policies.get(pk))
+                .map(|p| (**p).clone().map(Resource::TrafficPolicy)),
+        );
         v.extend(
             self.authorization_policies_for(namespace, &svc.value.metadata.name)
                 .map(|p| p.clone().map(Resource::AuthorizationPolicy)),

@@ -2307,3 +2307,856 @@ fn write_sds_files(dir: &std::path::Path) {
     )
     .unwrap();
 }
+
+// ------------------------------------------------------------------ resilience (TrafficPolicy)
+
+/// A TrafficPolicy `name` whose spec is `spec` (YAML, indented 2).
+fn tp(name: &str, spec: &str) -> String {
+    format!("---\n{HEAD}\nkind: TrafficPolicy\nmetadata:\n  name: {name}\nspec:\n{spec}")
+}
+
+/// Service `a` (ports http 80, admin 81), a workload of it, and HTTPRoute
+/// `r` on its port 80 with a rule named `main` and an unnamed one.
+fn resilience_base() -> String {
+    [
+        svc("a", "{name: http, port: 80}, {name: admin, port: 81}"),
+        http_svc("b"),
+        http_route(
+            "r",
+            "a",
+            "  - name: main\n    matches: [{path: {type: PathPrefix, value: /main}}]\n    backendRefs: [{name: b, port: 80}]\n  - backendRefs: [{name: a, port: 80}]\n",
+        ),
+    ]
+    .concat()
+}
+
+#[test]
+fn traffic_policy_refusals_name_the_field() {
+    let svc_a = "  targetRef: {kind: Service, name: a}\n";
+    let route_r = "  targetRef: {group: gateway.networking.k8s.io, kind: HTTPRoute, name: r}\n";
+    let cases: Vec<(String, &str)> = vec![
+        // targets
+        ("  targetRef: {kind: Gateway, name: a}\n".into(), "spec.targetRef.kind: \"Gateway\" is not supported: a TrafficPolicy targets a Service"),
+        ("  targetRef: {group: apps, kind: Service, name: a}\n".into(), "spec.targetRef.group: must be \"\", \"core\" or \"meshwork.dev\" for a Service"),
+        ("  targetRef: {group: \"\", kind: HTTPRoute, name: r}\n".into(), "spec.targetRef.group: must be \"gateway.networking.k8s.io\" for an HTTPRoute"),
+        ("  targetRef: {kind: Service, name: a, sectionName: grpc}\n".into(), "spec.targetRef.sectionName: Service default/a has no port named \"grpc\" (its ports: http 80 (http), admin 81 (http))"),
+        ("  targetRef: {kind: HTTPRoute, name: r, sectionName: nope}\n".into(), "spec.targetRef.sectionName: HTTPRoute default/r has no rule named \"nope\" (its named rules: main)"),
+        ("  targetRef: {kind: HTTPRoute, name: ghost}\n".into(), "spec.targetRef.name: HTTPRoute default/ghost not found"),
+        // Service-only sections on an HTTPRoute
+        (format!("{route_r}  connectionPool: {{maxConnections: 1}}\n"), "spec.connectionPool: not allowed on an HTTPRoute target: it applies to the destination Service as a whole; put it on a TrafficPolicy for the Service"),
+        (format!("{route_r}  loadBalancer: {{algorithm: random}}\n"), "spec.loadBalancer: not allowed on an HTTPRoute target"),
+        (format!("{route_r}  outlierDetection: {{consecutive5xx: 3}}\n"), "spec.outlierDetection: not allowed on an HTTPRoute target"),
+        (format!("{route_r}  healthCheck: {{tcp: {{}}}}\n"), "spec.healthCheck: not allowed on an HTTPRoute target"),
+        (format!("{route_r}  locality: {{enabled: true}}\n"), "spec.locality: not allowed on an HTTPRoute target"),
+        (format!("{route_r}  retries: {{attempts: 2, budget: {{percent: 20}}}}\n"), "spec.retries.budget: not allowed on an HTTPRoute target"),
+        (format!("{route_r}  rateLimit: {{requests: 5, perSource: true}}\n"), "spec.rateLimit.perSource: not allowed on an HTTPRoute target"),
+        // connectionPool
+        (format!("{svc_a}  connectionPool: {{maxConnections: 0}}\n"), "spec.connectionPool.maxConnections: must be at least 1"),
+        (format!("{svc_a}  connectionPool: {{maxRequests: 0}}\n"), "spec.connectionPool.maxRequests: must be at least 1"),
+        (format!("{svc_a}  connectionPool: {{connectTimeout: 0s}}\n"), "spec.connectionPool.connectTimeout: must be more than 0s"),
+        (format!("{svc_a}  connectionPool: {{maxRetries: 3}}\n  retries: {{attempts: 2, budget: {{percent: 20}}}}\n"), "spec.connectionPool.maxRetries: is ignored when retries.budget is set"),
+        // timeouts
+        (format!("{svc_a}  timeouts: {{request: 1s, perTry: 2s}}\n"), "spec.timeouts.perTry: perTry 2s is longer than request 1s"),
+        // retries
+        (format!("{svc_a}  retries: {{attempts: 0}}\n"), "spec.retries.attempts: 0 is out of range: expected 1 to 10"),
+        (format!("{svc_a}  retries: {{attempts: 11}}\n"), "spec.retries.attempts: 11 is out of range: expected 1 to 10"),
+        (format!("{svc_a}  retries: {{attempts: 2, on: [5xx, bogus]}}\n"), "spec.retries.on[1]: unknown retry condition \"bogus\"; valid: 5xx, gateway-error, reset, connect-failure, refused-stream"),
+        (format!("{svc_a}  retries: {{attempts: 2, on: [unavailable]}}\n"), "spec.retries.on[0]: unknown retry condition \"unavailable\" (a gRPC status: put it in grpcStatuses)"),
+        (format!("{svc_a}  retries: {{attempts: 2, grpcStatuses: [unavailable, aborted]}}\n"), "spec.retries.grpcStatuses[1]: unknown gRPC status \"aborted\"; valid: cancelled, deadline-exceeded, internal, resource-exhausted, unavailable"),
+        (format!("{svc_a}  retries: {{attempts: 2, statusCodes: [503, 99]}}\n"), "spec.retries.statusCodes[1]: 99 is out of range: expected 100 to 599"),
+        (format!("{svc_a}  retries: {{attempts: 2, statusCodes: [600]}}\n"), "spec.retries.statusCodes[0]: 600 is out of range: expected 100 to 599"),
+        (format!("{svc_a}  retries: {{attempts: 2, backoff: {{baseInterval: 0s}}}}\n"), "spec.retries.backoff.baseInterval: must be more than 0s"),
+        (format!("{svc_a}  retries: {{attempts: 2, backoff: {{baseInterval: 1s, maxInterval: 100ms}}}}\n"), "spec.retries.backoff.maxInterval: maxInterval 100ms is shorter than baseInterval 1s"),
+        (format!("{svc_a}  retries: {{attempts: 2, backoff: {{maxInterval: 10ms}}}}\n"), "spec.retries.backoff.maxInterval: maxInterval 10ms is shorter than baseInterval 25ms (the default)"),
+        (format!("{svc_a}  retries: {{attempts: 2, budget: {{percent: 0}}}}\n"), "spec.retries.budget.percent: 0 allows no retry while retries are on; use more than 0 (default 20)"),
+        (format!("{svc_a}  retries: {{attempts: 2, budget: {{percent: 150}}}}\n"), "spec.retries.budget.percent: 150 is out of range: expected a percentage from 0 to 100"),
+        (format!("{svc_a}  retries: {{attempts: 2, budget: {{percent: -10}}}}\n"), "spec.retries.budget.percent: -10 is out of range: expected a percentage from 0 to 100"),
+        // outlierDetection
+        (format!("{svc_a}  outlierDetection: {{baseEjectionTime: 0s}}\n"), "spec.outlierDetection.baseEjectionTime: must be more than 0s"),
+        (format!("{svc_a}  outlierDetection: {{interval: 0s}}\n"), "spec.outlierDetection.interval: must be more than 0s"),
+        (format!("{svc_a}  outlierDetection: {{baseEjectionTime: 60s, maxEjectionTime: 30s}}\n"), "spec.outlierDetection.maxEjectionTime: maxEjectionTime 30s is shorter than baseEjectionTime 1m"),
+        (format!("{svc_a}  outlierDetection: {{maxEjectionPercent: 101}}\n"), "spec.outlierDetection.maxEjectionPercent: 101 is out of range: expected a percentage from 0 to 100"),
+        (format!("{svc_a}  outlierDetection: {{maxEjectionPercent: 12.5}}\n"), "spec.outlierDetection.maxEjectionPercent: 12.5 must be a whole number of percent"),
+        (format!("{svc_a}  outlierDetection: {{consecutive5xx: 0}}\n"), "spec.outlierDetection: every detector is off"),
+        (format!("{svc_a}  outlierDetection: {{failurePercentage: {{threshold: 120}}}}\n"), "spec.outlierDetection.failurePercentage.threshold: 120 is out of range"),
+        (format!("{svc_a}  outlierDetection: {{successRate: {{stdevFactor: 0}}}}\n"), "spec.outlierDetection.successRate.stdevFactor: 0 must be more than 0"),
+        // healthCheck
+        (format!("{svc_a}  healthCheck: {{interval: 5s}}\n"), "spec.healthCheck: set exactly one of http, tcp and grpc (found 0)"),
+        (format!("{svc_a}  healthCheck: {{tcp: {{}}, grpc: {{}}}}\n"), "spec.healthCheck: set exactly one of http, tcp and grpc (found 2)"),
+        (format!("{svc_a}  healthCheck: {{interval: 1s, timeout: 1s, tcp: {{}}}}\n"), "spec.healthCheck.timeout: timeout 1s must be shorter than interval 1s"),
+        (format!("{svc_a}  healthCheck: {{interval: 500ms, tcp: {{}}}}\n"), "spec.healthCheck.timeout: timeout 1s must be shorter than interval 500ms"),
+        (format!("{svc_a}  healthCheck: {{timeout: 0s, tcp: {{}}}}\n"), "spec.healthCheck.timeout: must be more than 0s"),
+        (format!("{svc_a}  healthCheck: {{unhealthyThreshold: 0, tcp: {{}}}}\n"), "spec.healthCheck.unhealthyThreshold: must be at least 1"),
+        (format!("{svc_a}  healthCheck: {{http: {{path: healthz}}}}\n"), "spec.healthCheck.http.path: path \"healthz\" must start with '/'"),
+        (format!("{svc_a}  healthCheck: {{http: {{path: /h, expectedStatuses: [200, 600]}}}}\n"), "spec.healthCheck.http.expectedStatuses[1]: 600 is out of range: expected 100 to 599"),
+        // rateLimit
+        (format!("{svc_a}  rateLimit: {{requests: 0}}\n"), "spec.rateLimit.requests: must be at least 1"),
+        (format!("{svc_a}  rateLimit: {{requests: 10, burst: 5}}\n"), "spec.rateLimit.burst: burst 5 is less than requests 10"),
+        (format!("{svc_a}  rateLimit: {{requests: 10, interval: 10ms}}\n"), "spec.rateLimit.interval: 10ms is shorter than the smallest interval, 50ms"),
+        // fault
+        (format!("{svc_a}  fault: {{headers: [{{name: x-test, value: \"1\"}}]}}\n"), "spec.fault: set delay, abort or both"),
+        (format!("{svc_a}  fault: {{abort: {{httpStatus: 503, grpcStatus: 14}}}}\n"), "spec.fault.abort: set exactly one of httpStatus and grpcStatus"),
+        (format!("{svc_a}  fault: {{abort: {{percent: 10}}}}\n"), "spec.fault.abort: set exactly one of httpStatus and grpcStatus"),
+        (format!("{svc_a}  fault: {{abort: {{httpStatus: 100}}}}\n"), "spec.fault.abort.httpStatus: 100 is out of range: expected 200 to 599"),
+        (format!("{svc_a}  fault: {{abort: {{grpcStatus: 17}}}}\n"), "spec.fault.abort.grpcStatus: 17 is out of range: expected 1 to 16"),
+        (format!("{svc_a}  fault: {{abort: {{grpcStatus: 0}}}}\n"), "spec.fault.abort.grpcStatus: 0 is out of range: expected 1 to 16"),
+        (format!("{svc_a}  fault: {{delay: {{fixedDelay: 0s}}}}\n"), "spec.fault.delay.fixedDelay: must be more than 0s"),
+        (format!("{svc_a}  fault: {{delay: {{fixedDelay: 1s, percent: -5}}}}\n"), "spec.fault.delay.percent: -5 is out of range: expected a percentage from 0 to 100"),
+        (format!("{svc_a}  fault: {{abort: {{httpStatus: 503, percent: 100.5}}}}\n"), "spec.fault.abort.percent: 100.5 is out of range"),
+        (format!("{svc_a}  fault: {{delay: {{fixedDelay: 1s}}, headers: [{{name: \"x y\", value: \"1\"}}]}}\n"), "spec.fault.headers[0].name: header name \"x y\""),
+        // locality
+        (format!("{svc_a}  locality: {{failover: [{{from: eu, to: eu}}]}}\n"), "spec.locality.failover[0].to: fails over from region \"eu\" to itself"),
+        // load errors: negative durations and integers name the field too
+        (format!("{svc_a}  timeouts: {{request: -1s}}\n"), "spec.timeouts.request: invalid duration \"-1s\": durations cannot be negative"),
+        (format!("{svc_a}  outlierDetection: {{baseEjectionTime: -30s}}\n"), "spec.outlierDetection.baseEjectionTime: invalid duration \"-30s\""),
+        (format!("{svc_a}  retries: {{attempts: -1}}\n"), "spec.retries.attempts: -1 is negative: expected a whole number from 0 to 4294967295"),
+        (format!("{svc_a}  rateLimit: {{requests: 5, burst: -1}}\n"), "spec.rateLimit.burst: -1 is negative: expected a whole number from 0 to 4294967295"),
+    ];
+    let mut failed = Vec::new();
+    for (spec, want) in &cases {
+        let yaml = resilience_base() + &tp("p", spec);
+        let got = match api::load_str("test.yaml", &yaml) {
+            Err(e) => e.to_string(),
+            Ok(r) => api::validate(r)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default(),
+        };
+        if !got.contains(&format!("TrafficPolicy default/p: {want}")) {
+            failed.push(format!("spec:\n{spec}want: {want}\ngot:  {got}\n"));
+        }
+    }
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+}
+
+#[test]
+fn one_traffic_policy_per_exact_target() {
+    let on = |name: &str, target: &str| tp(name, &format!("  targetRef: {target}\n"));
+    let port = "{kind: Service, name: a, sectionName: http}";
+    let route = "{group: gateway.networking.k8s.io, kind: HTTPRoute, name: r}";
+    let rule = "{group: gateway.networking.k8s.io, kind: HTTPRoute, name: r, sectionName: main}";
+    // One per level is fine.
+    mesh(
+        &[
+            resilience_base(),
+            on("s", "{kind: Service, name: a}"),
+            on("p", port),
+            on("rt", route),
+            on("ru", rule),
+        ]
+        .concat(),
+    );
+    for (target, want) in [
+        (port, "spec.targetRef.sectionName: Service default/a port http already has TrafficPolicy default/p1 (test.yaml:"),
+        (route, "spec.targetRef.name: HTTPRoute default/r already has TrafficPolicy default/p1 (test.yaml:"),
+        (rule, "spec.targetRef.sectionName: HTTPRoute default/r rule main already has TrafficPolicy default/p1 (test.yaml:"),
+    ] {
+        let e = errors(&[resilience_base(), on("p1", target), on("p2", target)].concat()).to_string();
+        assert!(e.contains(&format!("TrafficPolicy default/p2: {want}")), "{e}");
+        assert!(e.contains("merge them"), "{e}");
+    }
+}
+
+/// A mesh where each level sets some sections: the Service, its port
+/// `http`, HTTPRoute `r` and its rule `main` (which also has Gateway
+/// `timeouts`).
+fn layered_policies() -> Mesh {
+    let base = [
+        svc("a", "{name: http, port: 80}, {name: admin, port: 81}"),
+        http_svc("b"),
+        http_route(
+            "r",
+            "a",
+            "  - name: main\n    matches: [{path: {type: PathPrefix, value: /main}}]\n    backendRefs: [{name: b, port: 80}]\n    timeouts: {request: 9s}\n  - backendRefs: [{name: a, port: 80}]\n",
+        ),
+    ]
+    .concat();
+    mesh(
+        &[
+            base,
+            tp("svc", "  targetRef: {kind: Service, name: a}\n  timeouts: {request: 30s, perTry: 5s}\n  retries: {attempts: 1}\n  fault: {delay: {fixedDelay: 1s}}\n  rateLimit: {requests: 100}\n  outlierDetection: {consecutive5xx: 7}\n"),
+            tp("port", "  targetRef: {kind: Service, name: a, sectionName: http}\n  retries: {attempts: 2}\n  connectionPool: {maxRequests: 10}\n"),
+            tp("route", "  targetRef: {group: gateway.networking.k8s.io, kind: HTTPRoute, name: r}\n  retries: {attempts: 3}\n  rateLimit: {requests: 7}\n"),
+            tp("rule", "  targetRef: {group: gateway.networking.k8s.io, kind: HTTPRoute, name: r, sectionName: main}\n  retries: {attempts: 4}\n  timeouts: {perTry: 2s, streamIdle: 1m}\n"),
+        ]
+        .concat(),
+    )
+}
+
+#[test]
+fn effective_policy_is_merged_section_by_section() {
+    use api::{PolicyTarget, Supplier};
+    let m = layered_policies();
+    let by = |s: &Supplier| match s {
+        Supplier::Policy { policy, .. } => policy.1.clone(),
+        Supplier::RouteRule { rule, .. } => format!("rule {rule}"),
+    };
+    // Port http: retries and pool from the port, the rest from the Service.
+    let p = m.port_policy("default", "a", "http");
+    assert_eq!(p.retries.as_ref().unwrap().value.attempts, 2);
+    assert_eq!(by(&p.retries.as_ref().unwrap().by), "port");
+    assert_eq!(by(&p.connection_pool.as_ref().unwrap().by), "port");
+    assert_eq!(by(&p.timeouts.as_ref().unwrap().by), "svc");
+    assert_eq!(by(&p.rate_limit.as_ref().unwrap().by), "svc");
+    assert_eq!(
+        p.outlier_detection.as_ref().unwrap().by,
+        Supplier::Policy {
+            policy: ("default".into(), "svc".into()),
+            target: PolicyTarget::Service {
+                service: ("default".into(), "a".into()),
+                port: None
+            }
+        }
+    );
+    // Port admin: the Service's only.
+    let p = m.port_policy("default", "a", "admin");
+    assert_eq!(p.retries.as_ref().unwrap().value.attempts, 1);
+    assert!(p.connection_pool.is_none());
+    // Callers of port http do not enforce the Service's rate limit.
+    assert!(m.caller_policy("default", "a", "http").rate_limit.is_none());
+
+    let r = m.http_routes().next().unwrap();
+    let key = ("default".to_string(), "a".to_string());
+    // Rule main: retries from the rule's policy; Gateway timeouts.request over
+    // the rule policy's timeouts (perTry and streamIdle stay).
+    let e = m.route_policy(&r.value, 0, &key, "http");
+    assert_eq!(e.retries.as_ref().unwrap().value.attempts, 4);
+    let t = e.timeouts.as_ref().unwrap();
+    assert_eq!(by(&t.by), "rule 0");
+    assert_eq!(t.value.request.unwrap().to_string(), "9s");
+    assert_eq!(t.value.per_try.unwrap().to_string(), "2s");
+    assert_eq!(t.value.stream_idle.unwrap().to_string(), "1m");
+    assert_eq!(e.rate_limit.as_ref().unwrap().value.requests, 7);
+    assert_eq!(by(&e.fault.as_ref().unwrap().by), "svc");
+    // The unnamed rule: the route's policy, then the port's, then the Service's.
+    let e = m.route_policy(&r.value, 1, &key, "http");
+    assert_eq!(e.retries.as_ref().unwrap().value.attempts, 3);
+    assert_eq!(by(&e.timeouts.as_ref().unwrap().by), "svc");
+    assert_eq!(by(&e.rate_limit.as_ref().unwrap().by), "route");
+
+    // The same merge over plain policies (what `meshwork describe` uses).
+    let all: Vec<_> = m.traffic_policies().map(|p| p.value.clone()).collect();
+    assert_eq!(
+        api::service_port_policy(&all, "default", "a", "http"),
+        m.port_policy("default", "a", "http")
+    );
+}
+
+fn decode_any<T: Message + Default>(a: &envoy_types::pb::google::protobuf::Any, url: &str) -> T {
+    assert_eq!(a.type_url, format!("type.googleapis.com/{url}"));
+    T::decode(a.value.as_slice()).unwrap()
+}
+
+fn pb_secs(d: &Option<envoy_types::pb::google::protobuf::Duration>) -> f64 {
+    let d = d.as_ref().expect("duration set");
+    d.seconds as f64 + f64::from(d.nanos) / 1e9
+}
+
+#[test]
+fn timeouts_and_retries_translate_to_the_route() {
+    let x = api::translate(&layered_policies(), &ctx());
+    let v = vhost(&x, "a.default:80");
+    // Rule main: Gateway request timeout 9s, perTry 2s from the rule's
+    // policy, 4 attempts, streamIdle 1m.
+    let a = action(find_route(v, "default/r/0"));
+    assert_eq!(pb_secs(&a.timeout), 9.0);
+    assert_eq!(pb_secs(&a.idle_timeout), 60.0);
+    let rp = a.retry_policy.as_ref().unwrap();
+    assert_eq!(rp.num_retries.as_ref().unwrap().value, 4);
+    assert_eq!(pb_secs(&rp.per_try_timeout), 2.0);
+    // Default conditions (Istio's) with 503.
+    assert_eq!(
+        rp.retry_on,
+        "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
+    );
+    assert_eq!(rp.retriable_status_codes, [503]);
+    assert_eq!(rp.retry_host_predicate.len(), 1);
+    assert_eq!(
+        rp.retry_host_predicate[0].name,
+        "envoy.retry_host_predicates.previous_hosts"
+    );
+    assert_eq!(rp.host_selection_retry_max_attempts, 3);
+    assert!(rp.retry_back_off.is_none());
+    // The unnamed rule: the route's policy (3 attempts), the Service's timeouts.
+    let a = action(find_route(v, "default/r/1"));
+    assert_eq!(pb_secs(&a.timeout), 30.0);
+    let rp = a.retry_policy.as_ref().unwrap();
+    assert_eq!(rp.num_retries.as_ref().unwrap().value, 3);
+    assert_eq!(pb_secs(&rp.per_try_timeout), 5.0);
+    // Port admin has no route: its default route takes the Service's policy.
+    let a = action(&vhost(&x, "a.default:81").routes[0]);
+    assert_eq!(rp_attempts(a), 1);
+    assert_eq!(pb_secs(&a.timeout), 30.0);
+
+    // Explicit conditions, gRPC statuses, status codes and back-off.
+    let x = xds(&[
+        http_svc("a"),
+        tp("p", "  targetRef: {kind: Service, name: a}\n  retries:\n    attempts: 2\n    on: [5xx, reset]\n    grpcStatuses: [deadline-exceeded]\n    statusCodes: [429, 503]\n    backoff: {baseInterval: 100ms}\n"),
+    ]
+    .concat());
+    let a = action(&vhost(&x, "a.default:80").routes[0]);
+    let rp = a.retry_policy.as_ref().unwrap();
+    assert_eq!(
+        rp.retry_on,
+        "5xx,reset,deadline-exceeded,retriable-status-codes"
+    );
+    assert_eq!(rp.retriable_status_codes, [429, 503]);
+    let b = rp.retry_back_off.as_ref().unwrap();
+    assert_eq!(pb_secs(&b.base_interval), 0.1);
+    assert_eq!(pb_secs(&b.max_interval), 1.0);
+    assert!(a.idle_timeout.is_none());
+    assert_eq!(pb_secs(&a.timeout), 0.0);
+}
+
+fn rp_attempts(a: &RouteAction) -> u32 {
+    a.retry_policy
+        .as_ref()
+        .and_then(|r| r.num_retries.as_ref())
+        .map(|n| n.value)
+        .unwrap_or(0)
+}
+
+#[test]
+fn backend_request_is_the_per_try_timeout() {
+    let x = xds(&[
+        http_svc("a"),
+        http_route(
+            "r",
+            "a",
+            "  - timeouts: {request: 10s, backendRequest: 3s}\n  - matches: [{path: {type: Exact, value: /x}}]\n    timeouts: {backendRequest: 2s}\n",
+        ),
+    ]
+    .concat());
+    let v = vhost(&x, "a.default:80");
+    let a = action(find_route(v, "default/r/0"));
+    assert_eq!(pb_secs(&a.timeout), 10.0);
+    let rp = a.retry_policy.as_ref().unwrap();
+    // A per-try timeout alone is a retry policy of no retries.
+    assert_eq!(rp.num_retries.as_ref().unwrap().value, 0);
+    assert_eq!(rp.retry_on, "");
+    assert_eq!(pb_secs(&rp.per_try_timeout), 3.0);
+    // backendRequest alone: no request timeout.
+    let a = action(find_route(v, "default/r/1"));
+    assert_eq!(pb_secs(&a.timeout), 0.0);
+    assert_eq!(
+        pb_secs(&a.retry_policy.as_ref().unwrap().per_try_timeout),
+        2.0
+    );
+}
+
+#[test]
+fn circuit_breakers_outlier_detection_and_health_checks_on_the_cluster() {
+    use envoy_types::pb::envoy::config::core::v3::{health_check::HealthChecker, RoutingPriority};
+    let x = xds(&[
+        svc("a", "{name: http, port: 80}, {name: grpc, port: 90, appProtocol: grpc}, {name: db, port: 5432, appProtocol: tcp}"),
+        tp("p", "  targetRef: {kind: Service, name: a}\n  connectionPool: {maxConnections: 10, maxPendingRequests: 0, maxRequests: 20}\n  retries: {attempts: 2, budget: {percent: 25, minConcurrency: 1}}\n  outlierDetection:\n    consecutiveGatewayErrors: 3\n    interval: 5s\n    baseEjectionTime: 10s\n    maxEjectionPercent: 50\n    failurePercentage: {threshold: 90, minimumHosts: 2, requestVolume: 10}\n  healthCheck: {interval: 2s, timeout: 500ms, unhealthyThreshold: 3, http: {path: /healthz, expectedStatuses: [200, 201, 204]}}\n"),
+        tp("g", "  targetRef: {kind: Service, name: a, sectionName: grpc}\n  outlierDetection: {consecutive5xx: 0, successRate: {stdevFactor: 1.5}}\n  healthCheck: {grpc: {service: health}}\n"),
+        tp("d", "  targetRef: {kind: Service, name: a, sectionName: db}\n  healthCheck: {tcp: {}}\n"),
+        http_svc("plain"),
+    ]
+    .concat());
+    let c = x.cluster("outbound|80||a.default").unwrap();
+    let t = &c.circuit_breakers.as_ref().unwrap().thresholds[0];
+    assert_eq!(t.priority, RoutingPriority::Default as i32);
+    assert_eq!(t.max_connections.as_ref().unwrap().value, 10);
+    assert_eq!(t.max_pending_requests.as_ref().unwrap().value, 0);
+    assert_eq!(t.max_requests.as_ref().unwrap().value, 20);
+    assert!(t.max_retries.is_none());
+    let b = t.retry_budget.as_ref().unwrap();
+    assert_eq!(b.budget_percent.as_ref().unwrap().value, 25.0);
+    assert_eq!(b.min_retry_concurrency.as_ref().unwrap().value, 1);
+    let o = c.outlier_detection.as_ref().unwrap();
+    assert_eq!(o.consecutive_5xx.as_ref().unwrap().value, 5);
+    assert_eq!(o.enforcing_consecutive_5xx.as_ref().unwrap().value, 100);
+    assert_eq!(o.consecutive_gateway_failure.as_ref().unwrap().value, 3);
+    assert_eq!(
+        o.enforcing_consecutive_gateway_failure
+            .as_ref()
+            .unwrap()
+            .value,
+        100
+    );
+    assert_eq!(o.enforcing_success_rate.as_ref().unwrap().value, 0);
+    assert_eq!(o.enforcing_failure_percentage.as_ref().unwrap().value, 100);
+    assert_eq!(o.failure_percentage_threshold.as_ref().unwrap().value, 90);
+    assert_eq!(
+        o.failure_percentage_minimum_hosts.as_ref().unwrap().value,
+        2
+    );
+    assert_eq!(
+        o.failure_percentage_request_volume.as_ref().unwrap().value,
+        10
+    );
+    assert_eq!(pb_secs(&o.interval), 5.0);
+    assert_eq!(pb_secs(&o.base_ejection_time), 10.0);
+    assert_eq!(pb_secs(&o.max_ejection_time), 300.0);
+    assert_eq!(o.max_ejection_percent.as_ref().unwrap().value, 50);
+    let h = &c.health_checks[0];
+    assert_eq!(pb_secs(&h.interval), 2.0);
+    assert_eq!(pb_secs(&h.no_traffic_interval), 2.0);
+    assert_eq!(pb_secs(&h.timeout), 0.5);
+    assert_eq!(h.unhealthy_threshold.as_ref().unwrap().value, 3);
+    assert_eq!(h.healthy_threshold.as_ref().unwrap().value, 1);
+    let Some(HealthChecker::HttpHealthCheck(hh)) = &h.health_checker else {
+        panic!("{h:?}")
+    };
+    assert_eq!(hh.path, "/healthz");
+    assert_eq!(hh.host, "a");
+    let ranges: Vec<(i64, i64)> = hh
+        .expected_statuses
+        .iter()
+        .map(|r| (r.start, r.end))
+        .collect();
+    assert_eq!(ranges, [(200, 202), (204, 205)]);
+    assert_eq!(
+        c.common_lb_config
+            .as_ref()
+            .unwrap()
+            .healthy_panic_threshold
+            .as_ref()
+            .unwrap()
+            .value,
+        0.0
+    );
+
+    // The grpc port: its own policy for outlier detection and health checks,
+    // the Service's circuit breakers.
+    let c = x.cluster("outbound|90||a.default").unwrap();
+    assert!(c.circuit_breakers.is_some());
+    let o = c.outlier_detection.as_ref().unwrap();
+    assert!(o.consecutive_5xx.is_none());
+    assert_eq!(o.enforcing_consecutive_5xx.as_ref().unwrap().value, 0);
+    assert_eq!(
+        o.enforcing_consecutive_gateway_failure
+            .as_ref()
+            .unwrap()
+            .value,
+        0
+    );
+    assert_eq!(o.enforcing_success_rate.as_ref().unwrap().value, 100);
+    assert_eq!(o.success_rate_stdev_factor.as_ref().unwrap().value, 1500);
+    let Some(HealthChecker::GrpcHealthCheck(g)) = &c.health_checks[0].health_checker else {
+        panic!()
+    };
+    assert_eq!(g.service_name, "health");
+    let Some(HealthChecker::TcpHealthCheck(_)) =
+        &x.cluster("outbound|5432||a.default").unwrap().health_checks[0].health_checker
+    else {
+        panic!()
+    };
+
+    // No policy: nothing set.
+    let c = x.cluster("outbound|80||plain.default").unwrap();
+    assert!(c.circuit_breakers.is_none() && c.outlier_detection.is_none());
+    assert!(c.health_checks.is_empty() && c.common_lb_config.is_none());
+}
+
+#[test]
+fn faults_go_on_the_routes_of_their_destination() {
+    use envoy_types::pb::envoy::extensions::filters::common::fault::v3::fault_delay::FaultDelaySecifier;
+    use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{
+        fault_abort::ErrorType, HttpFault,
+    };
+    let x = xds(&[
+        resilience_base(),
+        tp("a", "  targetRef: {kind: Service, name: a, sectionName: admin}\n  fault:\n    delay: {fixedDelay: 2s, percent: 12.5}\n    headers: [{name: X-Chaos, value: \"on\"}]\n"),
+        tp("r", "  targetRef: {group: gateway.networking.k8s.io, kind: HTTPRoute, name: r, sectionName: main}\n  fault: {abort: {grpcStatus: 14}}\n"),
+    ]
+    .concat());
+    let fault = |r: &Route| -> Option<HttpFault> {
+        r.typed_per_filter_config
+            .get("envoy.filters.http.fault")
+            .map(|a| decode_any(a, "envoy.extensions.filters.http.fault.v3.HTTPFault"))
+    };
+    let f = fault(&vhost(&x, "a.default:81").routes[0]).unwrap();
+    let d = f.delay.unwrap();
+    assert_eq!(
+        d.fault_delay_secifier,
+        Some(FaultDelaySecifier::FixedDelay(
+            envoy_types::pb::google::protobuf::Duration {
+                seconds: 2,
+                nanos: 0
+            }
+        ))
+    );
+    assert_eq!(d.percentage.as_ref().unwrap().numerator, 125_000);
+    assert_eq!(d.percentage.as_ref().unwrap().denominator, 2); // MILLION
+    assert!(f.abort.is_none());
+    assert_eq!(f.headers[0].name, "x-chaos");
+    let v = vhost(&x, "a.default:80");
+    let f = fault(find_route(v, "default/r/0")).unwrap();
+    let a = f.abort.unwrap();
+    assert_eq!(a.error_type, Some(ErrorType::GrpcStatus(14)));
+    assert_eq!(a.percentage.unwrap().numerator, 1_000_000);
+    assert!(fault(find_route(v, "default/r/1")).is_none());
+    assert!(fault(&vhost(&x, "b.default:80").routes[0]).is_none());
+    // The outbound HCM has the fault filter (empty) before the router.
+    let names: Vec<String> = hcm(x.listener("outbound_http").unwrap())
+        .http_filters
+        .iter()
+        .map(|f| f.name.clone())
+        .collect();
+    assert_eq!(
+        names,
+        ["envoy.filters.http.fault", "envoy.filters.http.router"]
+    );
+    // Without faults or rate limits: the router alone, as before.
+    let names: Vec<String> = hcm(xds(&resilience_base()).listener("outbound_http").unwrap())
+        .http_filters
+        .iter()
+        .map(|f| f.name.clone())
+        .collect();
+    assert_eq!(names, ["envoy.filters.http.router"]);
+}
+
+/// The decoded config of `name` among `filters`.
+fn http_filter_config<T: Message + Default>(
+    filters: &[envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpFilter],
+    name: &str,
+    url: &str,
+) -> T {
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_filter;
+    let f = filters
+        .iter()
+        .find(|f| f.name == name)
+        .unwrap_or_else(|| panic!("no {name}"));
+    let Some(http_filter::ConfigType::TypedConfig(a)) = &f.config_type else {
+        panic!()
+    };
+    decode_any(a, url)
+}
+
+const LRL: &str = "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit";
+
+#[test]
+fn service_rate_limits_are_enforced_on_the_inbound_side() {
+    use envoy_types::pb::envoy::config::route::v3::rate_limit::action::ActionSpecifier;
+    use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
+    let base = [
+        svc("a", "{name: http, port: 80}, {name: admin, port: 81}"),
+        format!("---\n{HEAD}\nkind: Workload\nmetadata: {{name: a-0}}\nspec:\n  service: a\n  address: 127.0.0.1\n  ports: {{http: 8080, admin: 8081}}\n"),
+    ]
+    .concat();
+    let inbound = |text: &str| {
+        let mut c = ctx();
+        c.workload = Some(("default".into(), "a-0".into()));
+        api::translate(&mesh(text), &c)
+    };
+    // On the Service: one bucket for the instance, in the HCM's filter.
+    let x = inbound(&(base.clone() + &tp("p", "  targetRef: {kind: Service, name: a}\n  rateLimit: {requests: 10, interval: 2s, burst: 20, perSource: true}\n")));
+    let h = hcm(x.listener("inbound").unwrap());
+    let names: Vec<&str> = h.http_filters.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "envoy.filters.http.local_ratelimit",
+            "envoy.filters.http.router"
+        ]
+    );
+    let l: LocalRateLimit =
+        http_filter_config(&h.http_filters, "envoy.filters.http.local_ratelimit", LRL);
+    assert_eq!(l.stat_prefix, "inbound_rate_limit");
+    let b = l.token_bucket.as_ref().unwrap();
+    assert_eq!(
+        (b.max_tokens, b.tokens_per_fill.as_ref().unwrap().value),
+        (20, 10)
+    );
+    assert_eq!(pb_secs(&b.fill_interval), 2.0);
+    assert_eq!(
+        l.filter_enabled
+            .as_ref()
+            .unwrap()
+            .default_value
+            .as_ref()
+            .unwrap()
+            .numerator,
+        100
+    );
+    assert_eq!(
+        l.filter_enforced
+            .as_ref()
+            .unwrap()
+            .default_value
+            .as_ref()
+            .unwrap()
+            .numerator,
+        100
+    );
+    assert_eq!(l.enable_x_ratelimit_headers, 1); // DRAFT_VERSION_03
+    assert!(l.enable_retry_after_header);
+    let hdr = l.response_headers_to_add[0].header.as_ref().unwrap();
+    assert_eq!(
+        (hdr.key.as_str(), hdr.value.as_str()),
+        ("x-meshwork-error", "rate_limited")
+    );
+    // perSource: a wildcard remote_address descriptor fed by the routes.
+    assert_eq!(l.descriptors.len(), 1);
+    assert_eq!(l.descriptors[0].entries[0].key, "remote_address");
+    assert_eq!(l.descriptors[0].entries[0].value, "");
+    assert_eq!(l.descriptors[0].token_bucket, l.token_bucket);
+    assert!(
+        !l.always_consume_default_token_bucket
+            .as_ref()
+            .unwrap()
+            .value
+    );
+    assert!(l.max_dynamic_descriptors.is_some());
+    assert!(matches!(
+        l.rate_limits[0].actions[0].action_specifier,
+        Some(ActionSpecifier::RemoteAddress(_))
+    ));
+    let rc = x.route_config("inbound").unwrap();
+    for v in &rc.virtual_hosts {
+        assert!(v.routes[0].typed_per_filter_config.is_empty());
+        assert!(action(&v.routes[0]).rate_limits.is_empty());
+    }
+    // Callers do not enforce it.
+    assert!(hcm(x.listener("outbound_http").unwrap()).http_filters.len() == 1);
+
+    // On one port: that port's route has its own bucket; the filter none.
+    let x = inbound(&(base.clone() + &tp("p", "  targetRef: {kind: Service, name: a, sectionName: admin}\n  rateLimit: {requests: 5}\n")));
+    let h = hcm(x.listener("inbound").unwrap());
+    let l: LocalRateLimit =
+        http_filter_config(&h.http_filters, "envoy.filters.http.local_ratelimit", LRL);
+    assert!(l.token_bucket.is_none() && l.filter_enforced.is_none());
+    let rc = x.route_config("inbound").unwrap();
+    assert!(rc.virtual_hosts[0].routes[0]
+        .typed_per_filter_config
+        .is_empty());
+    let r = &rc.virtual_hosts[1].routes[0];
+    let l: LocalRateLimit = decode_any(
+        &r.typed_per_filter_config["envoy.filters.http.local_ratelimit"],
+        LRL,
+    );
+    assert_eq!(l.stat_prefix, "inbound_rate_limit_8081");
+    let b = l.token_bucket.unwrap();
+    assert_eq!((b.max_tokens, b.tokens_per_fill.unwrap().value), (5, 5));
+    assert_eq!(pb_secs(&b.fill_interval), 1.0);
+    assert!(l.descriptors.is_empty() && l.rate_limits.is_empty());
+
+    // No rate limit: no filter.
+    let x = inbound(&base);
+    assert_eq!(hcm(x.listener("inbound").unwrap()).http_filters.len(), 1);
+}
+
+#[test]
+fn route_rate_limits_are_enforced_by_callers() {
+    use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
+    let x = xds(&[
+        resilience_base(),
+        tp("p", "  targetRef: {group: gateway.networking.k8s.io, kind: HTTPRoute, name: r}\n  rateLimit: {requests: 3, interval: 100ms}\n  fault: {abort: {httpStatus: 503, percent: 50}}\n"),
+    ]
+    .concat());
+    let h = hcm(x.listener("outbound_http").unwrap());
+    let names: Vec<&str> = h.http_filters.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "envoy.filters.http.local_ratelimit",
+            "envoy.filters.http.fault",
+            "envoy.filters.http.router"
+        ]
+    );
+    let l: LocalRateLimit =
+        http_filter_config(&h.http_filters, "envoy.filters.http.local_ratelimit", LRL);
+    assert_eq!(l.stat_prefix, "outbound_rate_limit");
+    assert!(l.token_bucket.is_none());
+    let v = vhost(&x, "a.default:80");
+    for name in ["default/r/0", "default/r/1"] {
+        let r = find_route(v, name);
+        let l: LocalRateLimit = decode_any(
+            &r.typed_per_filter_config["envoy.filters.http.local_ratelimit"],
+            LRL,
+        );
+        assert_eq!(l.stat_prefix, name);
+        let b = l.token_bucket.unwrap();
+        assert_eq!((b.max_tokens, b.tokens_per_fill.unwrap().value), (3, 3));
+        assert_eq!(pb_secs(&b.fill_interval), 0.1);
+        assert!(r
+            .typed_per_filter_config
+            .contains_key("envoy.filters.http.fault"));
+    }
+    assert!(vhost(&x, "b.default:80").routes[0]
+        .typed_per_filter_config
+        .is_empty());
+}
+
+/// Every resilience mechanism at once: Service `a` (http, grpc, tcp ports)
+/// with policies on the Service and on ports, HTTPRoute `r` with policies
+/// on the route and on a rule, and a Gateway `timeouts` rule.
+fn resilience_envoy_mesh(per_port_limit: bool) -> String {
+    [
+        svc("a", "{name: http, port: 80}, {name: grpc, port: 90, appProtocol: grpc}, {name: db, port: 5432, appProtocol: tcp}"),
+        format!("---\n{HEAD}\nkind: Workload\nmetadata: {{name: a-0}}\nspec:\n  service: a\n  address: 127.0.0.1\n  ports: {{http: 8080, grpc: 9090, db: 5433}}\n  locality: {{region: eu, zone: eu-1}}\n"),
+        format!("---\n{HEAD}\nkind: Workload\nmetadata: {{name: a-1}}\nspec:\n  service: a\n  address: 127.0.0.2\n  locality: {{region: us, zone: us-1}}\n"),
+        format!("---\n{HEAD}\nkind: Workload\nmetadata: {{name: a-2}}\nspec:\n  service: a\n  address: 127.0.0.3\n  locality: {{region: ap, zone: ap-1}}\n"),
+        http_svc("b"),
+        workload("b-0", "b", 8081, ""),
+        http_route(
+            "r",
+            "a",
+            "  - name: main\n    matches: [{path: {type: PathPrefix, value: /main}}]\n    backendRefs: [{name: b, port: 80}]\n    timeouts: {request: 9s, backendRequest: 3s}\n  - backendRefs: [{name: a, port: 80}]\n",
+        ),
+        tp("svc", "  targetRef: {kind: Service, name: a}\n  connectionPool: {maxConnections: 100, maxPendingRequests: 10, maxRequests: 200, connectTimeout: 2s, idleTimeout: 30s}\n  timeouts: {request: 30s, perTry: 5s, streamIdle: 1m}\n  retries:\n    attempts: 3\n    on: [5xx, gateway-error, reset, connect-failure, refused-stream]\n    statusCodes: [409]\n    grpcStatuses: [cancelled, deadline-exceeded, internal, resource-exhausted, unavailable]\n    backoff: {baseInterval: 50ms, maxInterval: 1s}\n    budget: {percent: 20.5, minConcurrency: 2}\n  outlierDetection:\n    consecutive5xx: 4\n    consecutiveGatewayErrors: 2\n    interval: 5s\n    baseEjectionTime: 15s\n    maxEjectionTime: 2m\n    maxEjectionPercent: 50\n    successRate: {minimumHosts: 3, requestVolume: 20, stdevFactor: 1.9}\n    failurePercentage: {threshold: 80, minimumHosts: 3, requestVolume: 20}\n  healthCheck: {interval: 3s, timeout: 1s, healthyThreshold: 2, unhealthyThreshold: 2, http: {path: /healthz, host: a.example, expectedStatuses: [200, 204]}}\n  rateLimit: {requests: 50, interval: 1s, burst: 100, perSource: true}\n  fault:\n    delay: {fixedDelay: 10ms, percent: 0.1}\n    abort: {httpStatus: 503, percent: 0.1}\n    headers: [{name: x-chaos, value: \"on\"}]\n  locality: {enabled: true, failover: [{from: eu, to: us}]}\n"),
+        tp("grpc", &format!("  targetRef: {{kind: Service, name: a, sectionName: grpc}}\n  healthCheck: {{grpc: {{service: a.Health}}}}\n  fault: {{abort: {{grpcStatus: 14, percent: 1}}}}\n{}",
+            if per_port_limit { "  rateLimit: {requests: 5, interval: 500ms}\n" } else { "" }
+        )),
+        tp("db", "  targetRef: {kind: Service, name: a, sectionName: db}\n  healthCheck: {tcp: {}}\n  outlierDetection: {consecutive5xx: 0, failurePercentage: {threshold: 50}}\n"),
+        tp("route", "  targetRef: {group: gateway.networking.k8s.io, kind: HTTPRoute, name: r}\n  retries: {attempts: 1, on: [connect-failure]}\n  rateLimit: {requests: 7, interval: 100ms}\n"),
+        tp("rule", "  targetRef: {group: gateway.networking.k8s.io, kind: HTTPRoute, name: r, sectionName: main}\n  fault: {delay: {fixedDelay: 1s}}\n  timeouts: {streamIdle: 0s}\n"),
+    ]
+    .concat()
+}
+
+#[test]
+fn envoy_accepts_a_bootstrap_with_every_resilience_mechanism() {
+    let envoy = envoy_binary();
+    for per_port_limit in [false, true] {
+        let m = mesh(&resilience_envoy_mesh(per_port_limit));
+        let mut c = ctx();
+        c.workload = Some(("default".into(), "a-0".into()));
+        let x = api::translate(&m, &c);
+        // The mechanisms are all there.
+        let cl = x.cluster("outbound|80||a.default").unwrap();
+        assert!(cl.circuit_breakers.is_some() && cl.outlier_detection.is_some());
+        assert!(!cl.health_checks.is_empty());
+        let names: Vec<String> = hcm(x.listener("outbound_http").unwrap())
+            .http_filters
+            .iter()
+            .map(|f| f.name.clone())
+            .collect();
+        assert_eq!(names.len(), 3, "{names:?}");
+        let prios: Vec<u32> = x
+            .load_assignment("outbound|80||a.default")
+            .unwrap()
+            .endpoints
+            .iter()
+            .map(|e| e.priority)
+            .collect();
+        // ap, eu, us: us is eu's failover target.
+        assert_eq!(prios, [2, 0, 1]);
+        let path = write_bootstrap(&x, 0, &format!("resilience-{per_port_limit}"));
+        let out = Command::new(&envoy)
+            .args(["--mode", "validate", "--disable-hot-restart", "-c"])
+            .arg(&path)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run Envoy {envoy:?}: {e}; run ./scripts/test.sh"));
+        let log = String::from_utf8_lossy(&out.stderr).to_string()
+            + &String::from_utf8_lossy(&out.stdout);
+        std::fs::remove_file(&path).ok();
+        assert!(out.status.success(), "envoy rejected the bootstrap:\n{log}");
+        assert!(
+            !log.to_lowercase().contains("deprecated") && !log.contains("[warning]"),
+            "deprecated fields used or warnings:\n{log}"
+        );
+    }
+}
+
+#[test]
+fn locality_gives_per_proxy_priorities() {
+    let w = |name: &str, service: &str, ip: &str, loc: &str| {
+        format!("---\n{HEAD}\nkind: Workload\nmetadata: {{name: {name}}}\nspec:\n  service: {service}\n  address: {ip}\n{loc}")
+    };
+    let at = |region: &str, zone: &str| format!("  locality: {{region: {region}, zone: {zone}}}\n");
+    let text = |policy: &str| {
+        [
+            http_svc("a"),
+            http_svc("client"),
+            w("a-eu1", "a", "10.0.0.1", &at("eu", "eu-1")),
+            w("a-eu2", "a", "10.0.0.2", &at("eu", "eu-2")),
+            w("a-us1", "a", "10.0.0.3", &at("us", "us-1")),
+            w("a-ap1", "a", "10.0.0.4", &at("ap", "ap-1")),
+            w("a-none", "a", "10.0.0.5", ""),
+            w("c-eu1", "client", "10.0.1.1", &at("eu", "eu-1")),
+            w("c-eu9", "client", "10.0.1.2", &at("eu", "eu-9")),
+            w("c-ap1", "client", "10.0.1.3", &at("ap", "ap-1")),
+            w("c-none", "client", "10.0.1.4", ""),
+            tp(
+                "p",
+                &format!("  targetRef: {{kind: Service, name: a}}\n{policy}"),
+            ),
+        ]
+        .concat()
+    };
+    // (region, zone) -> priority, for a proxy fronting `workload`.
+    let prios = |m: &Mesh, workload: &str| -> Vec<(String, u32)> {
+        let mut c = ctx();
+        c.workload = Some(("default".into(), workload.into()));
+        api::translate(m, &c)
+            .load_assignment(CLUSTER_A)
+            .unwrap()
+            .endpoints
+            .iter()
+            .map(|e| {
+                let l = e.locality.as_ref().unwrap();
+                (format!("{}/{}", l.region, l.zone), e.priority)
+            })
+            .collect()
+    };
+    let p = |v: &[(&str, u32)]| -> Vec<(String, u32)> {
+        v.iter().map(|(k, p)| (k.to_string(), *p)).collect()
+    };
+    let m = mesh(&text(
+        "  locality: {failover: [{from: eu, to: ap}, {from: ap, to: us}]}\n",
+    ));
+    // Own zone, own region, failover target, the rest.
+    assert_eq!(
+        prios(&m, "c-eu1"),
+        p(&[
+            ("/", 3),
+            ("ap/ap-1", 2),
+            ("eu/eu-1", 0),
+            ("eu/eu-2", 1),
+            ("us/us-1", 3)
+        ])
+    );
+    // No endpoint in its zone: the levels close up.
+    assert_eq!(
+        prios(&m, "c-eu9"),
+        p(&[
+            ("/", 2),
+            ("ap/ap-1", 1),
+            ("eu/eu-1", 0),
+            ("eu/eu-2", 0),
+            ("us/us-1", 2)
+        ])
+    );
+    assert_eq!(
+        prios(&m, "c-ap1"),
+        p(&[
+            ("/", 2),
+            ("ap/ap-1", 0),
+            ("eu/eu-1", 2),
+            ("eu/eu-2", 2),
+            ("us/us-1", 1)
+        ])
+    );
+    // A proxy without a locality, or no proxy workload: all priority 0.
+    for who in ["c-none", "nobody"] {
+        assert!(prios(&m, who).iter().all(|(_, p)| *p == 0), "{who}");
+    }
+    // What the control plane serves per locality: the same.
+    let eu1 = api::resources::Locality {
+        region: "eu".into(),
+        zone: "eu-1".into(),
+    };
+    let la = api::locality_load_assignments(&m, &eu1);
+    assert_eq!(la.len(), 1);
+    let mut c = ctx();
+    c.workload = Some(("default".into(), "c-eu1".into()));
+    assert_eq!(
+        Some(&la[0]),
+        api::translate(&m, &c).load_assignment(CLUSTER_A)
+    );
+    assert_eq!(api::proxy_locality(&m, &c), Some(eu1.clone()));
+
+    // Locality off (or no section): priority 0 everywhere, nothing per locality.
+    for policy in [
+        "  locality: {enabled: false}\n",
+        "  retries: {attempts: 1}\n",
+    ] {
+        let m = mesh(&text(policy));
+        assert!(prios(&m, "c-eu1").iter().all(|(_, p)| *p == 0), "{policy}");
+        assert!(api::locality_load_assignments(&m, &eu1).is_empty());
+    }
+}

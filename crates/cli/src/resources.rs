@@ -479,11 +479,18 @@ fn cells(item: &Value, kind: Option<api::Kind>) -> Vec<String> {
             refs(spec.get("parentRefs"), false).join(","),
             route_backends(item).join(","),
         ],
-        Some(TrafficPolicy) => vec![format!(
-            "{}/{}",
-            s(&spec, &["targetRef", "kind"]),
-            s(&spec, &["targetRef", "name"])
-        )],
+        Some(TrafficPolicy) => {
+            let mut t = format!(
+                "{}/{}",
+                s(&spec, &["targetRef", "kind"]),
+                s(&spec, &["targetRef", "name"])
+            );
+            let section = s(&spec, &["targetRef", "sectionName"]);
+            if !section.is_empty() {
+                let _ = write!(t, "#{section}");
+            }
+            vec![t]
+        }
         Some(Mesh) => {
             let or = |v: &str, d: &str| {
                 if v.is_empty() {
@@ -725,23 +732,51 @@ fn describe_service(
     }
 
     let _ = writeln!(out, "Policy:");
-    let policy = items.iter().find(|v| {
-        is(v, "TrafficPolicy")
-            && in_ns(v) == ns
-            && v.pointer("/spec/targetRef")
-                .is_some_and(|t| points_at(t, ns, ns, name))
-    });
-    match policy {
-        Some(p) => {
-            let _ = writeln!(out, "  {}", label(p));
-            if let Some(spec) = p.get("spec").and_then(Value::as_object) {
-                for (k, v) in spec.iter().filter(|(k, _)| k.as_str() != "targetRef") {
-                    let _ = writeln!(out, "    {k}: {v}");
+    let policies: Vec<api::resources::TrafficPolicy> = items
+        .iter()
+        .filter(|v| is(v, "TrafficPolicy"))
+        .filter_map(traffic_policy)
+        .collect();
+    // Policies on the Service or its ports, then on the HTTPRoutes attached
+    // to it (which apply to those routes' requests only).
+    let mut any = false;
+    for p in &policies {
+        let t = &p.spec.target_ref;
+        if p.metadata.namespace != ns {
+            continue;
+        }
+        let on = match (t.kind.as_str(), &t.section_name) {
+            ("Service", None) if t.name == name => "the service".to_string(),
+            ("Service", Some(port)) if t.name == name => format!("port {port}"),
+            ("HTTPRoute", section) if attached_route(&routes, ns, &t.name, ns, name) => {
+                match section {
+                    Some(rule) => format!("HTTPRoute {ns}/{} rule {rule}", t.name),
+                    None => format!("HTTPRoute {ns}/{}", t.name),
                 }
             }
+            _ => continue,
+        };
+        any = true;
+        let _ = writeln!(out, "  TrafficPolicy {ns}/{} (on {on})", p.metadata.name);
+    }
+    if !any {
+        let _ = writeln!(out, "  (none: mesh defaults)");
+    }
+    let _ = writeln!(
+        out,
+        "Effective policy by port (most specific policy per section):"
+    );
+    for p in &ports {
+        let port_name = s(p, &["name"]);
+        let eff = api::service_port_policy(&policies, ns, name, port_name);
+        let _ = writeln!(out, "  {port_name} ({}):", num(p, "port"));
+        let sections = eff.sections();
+        if sections.is_empty() {
+            let _ = writeln!(out, "    (mesh defaults)");
         }
-        None => {
-            let _ = writeln!(out, "  (none: mesh defaults)");
+        for (section, value, by) in sections {
+            let _ = writeln!(out, "    {section:<17} {value}");
+            let _ = writeln!(out, "    {:<17} from {by}", "");
         }
     }
 
@@ -851,6 +886,34 @@ fn describe_service(
     Some(out)
 }
 
+/// A TrafficPolicy as the control plane lists it (`None` when its spec does
+/// not read as one, e.g. from a newer control plane).
+fn traffic_policy(v: &Value) -> Option<api::resources::TrafficPolicy> {
+    let spec = serde_json::from_value(v.get("spec")?.clone()).ok()?;
+    Some(api::resources::TrafficPolicy {
+        api_version: s(v, &["apiVersion"]).to_string(),
+        kind: "TrafficPolicy".to_string(),
+        metadata: api::resources::Metadata::new(
+            s(v, &["metadata", "namespace"]),
+            s(v, &["metadata", "name"]),
+        ),
+        spec,
+    })
+}
+
+/// Whether HTTPRoute `rns/route` is among `routes` and attaches to Service
+/// `ns/name`.
+fn attached_route(routes: &[&Value], rns: &str, route: &str, ns: &str, name: &str) -> bool {
+    routes.iter().any(|r| {
+        s(r, &["kind"]) == "HTTPRoute"
+            && s(r, &["metadata", "namespace"]) == rns
+            && s(r, &["metadata", "name"]) == route
+            && r.pointer("/spec/parentRefs")
+                .and_then(Value::as_array)
+                .is_some_and(|ps| ps.iter().any(|p| points_at(p, rns, ns, name)))
+    })
+}
+
 /// Whether a proxy's config (as `GET /api/v1/proxies/{id}` shows it) names
 /// any of `names` among its resources.
 fn holds_any(detail: &Value, names: &[String]) -> bool {
@@ -882,7 +945,16 @@ mod tests {
             json!({"kind": "Workload", "metadata": {"name": "reviews-0", "namespace": "default", "resourceVersion": "3"},
                    "spec": {"service": "reviews", "address": "10.0.0.7", "locality": {"zone": "z1"}}}),
             json!({"kind": "TrafficPolicy", "metadata": {"name": "p", "namespace": "default", "resourceVersion": "6"},
-                   "spec": {"targetRef": {"kind": "Service", "name": "reviews"}, "loadBalancer": {"algorithm": "roundRobin"}}}),
+                   "spec": {"targetRef": {"kind": "Service", "name": "reviews"}, "loadBalancer": {"algorithm": "roundRobin"},
+                            "retries": {"attempts": 2}, "rateLimit": {"requests": 100}}}),
+            json!({"kind": "TrafficPolicy", "metadata": {"name": "grpc-only", "namespace": "default", "resourceVersion": "10"},
+                   "spec": {"targetRef": {"kind": "Service", "name": "reviews", "sectionName": "grpc"},
+                            "retries": {"attempts": 4, "grpcStatuses": ["unavailable"]}}}),
+            json!({"kind": "TrafficPolicy", "metadata": {"name": "split-limits", "namespace": "default", "resourceVersion": "11"},
+                   "spec": {"targetRef": {"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": "split"},
+                            "fault": {"abort": {"httpStatus": 503, "percent": 1}}}}),
+            json!({"kind": "TrafficPolicy", "metadata": {"name": "elsewhere", "namespace": "default", "resourceVersion": "12"},
+                   "spec": {"targetRef": {"kind": "Service", "name": "ratings"}, "retries": {"attempts": 9}}}),
             json!({"kind": "AuthorizationPolicy", "metadata": {"name": "readers", "namespace": "default", "resourceVersion": "7"},
                    "spec": {"targetRef": {"kind": "Service", "name": "reviews"}, "action": "ALLOW", "rules": [{"to": [{"methods": ["GET"]}]}]}}),
             json!({"kind": "AuthorizationPolicy", "metadata": {"name": "ns-wide", "namespace": "default", "resourceVersion": "8"},
@@ -931,6 +1003,16 @@ mod tests {
             assert!(text.contains(want), "missing {want:?} in:\n{text}");
         }
         assert!(!text.contains("default/other"), "{text}");
+        // Policies and the effective sections per port, with their source.
+        for want in [
+            "Policy:\n  TrafficPolicy default/p (on the service)\n  TrafficPolicy default/grpc-only (on port grpc)\n  TrafficPolicy default/split-limits (on HTTPRoute default/split)\n",
+            "  http (80):\n    loadBalancer      {\"algorithm\":\"roundRobin\"}\n                      from TrafficPolicy default/p (on Service default/reviews)\n    retries           {\"attempts\":2}\n",
+            "  grpc (9090):\n    loadBalancer      {\"algorithm\":\"roundRobin\"}\n                      from TrafficPolicy default/p (on Service default/reviews)\n    retries           {\"attempts\":4,\"grpcStatuses\":[\"unavailable\"]}\n                      from TrafficPolicy default/grpc-only (on Service default/reviews port grpc)\n",
+            "    rateLimit         {\"requests\":100}\n",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
+        assert!(!text.contains("elsewhere"), "{text}");
         assert!(describe_service(&items(), &[], &[], "default", "nope").is_none());
     }
 }

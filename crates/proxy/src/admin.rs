@@ -14,6 +14,7 @@
 //!   | GET | `/metrics` | Prometheus text 0.0.4 |
 //!   | GET | `/config_dump` | the config in use, JSON |
 //!   | GET | `/listeners` | JSON object: listener name -> bound address |
+//!   | GET | `/clusters` | JSON object: cluster name -> balancer state: policy, panic threshold, priority levels (endpoints, healthy, load percent, panic) and endpoints (priority, weight, in flight, latency estimate, health flags, outlier ejections) and `circuit_breakers` (requests, pending requests, connections, retries in flight, each with its limit) |
 //!   | GET | `/certs` | the workload certificate (SPIFFE id, serial, fingerprint, validity, renewals) and trust bundle, JSON |
 //!   | GET | `/logging` | the log filter in effect |
 //!   | POST | `/logging?level=L` or `?filter=DIRECTIVES` | changes it; 400 with the reason if invalid |
@@ -57,6 +58,10 @@ pub trait AdminSource: Send + Sync + 'static {
     fn config_dump(&self) -> serde_json::Value;
     /// Listener names and the addresses they are bound to.
     fn listeners(&self) -> Vec<(String, SocketAddr)>;
+    /// Each cluster's endpoints with their load and health, for `/clusters`.
+    fn clusters(&self) -> serde_json::Value {
+        serde_json::json!({})
+    }
     /// The workload certificate and trust bundle, for `/certs`; `None`
     /// when the proxy runs without an identity.
     fn certs(&self) -> Option<serde_json::Value> {
@@ -75,7 +80,7 @@ struct Admin {
 
 /// Path, allowed methods (GET implies HEAD), description: the index and the
 /// 404/405 answers come from this one table.
-const ENDPOINTS: [(&str, &[Method], &str); 9] = [
+const ENDPOINTS: [(&str, &[Method], &str); 10] = [
     ("/", &[Method::GET], "this list"),
     (
         "/ready",
@@ -93,6 +98,11 @@ const ENDPOINTS: [(&str, &[Method], &str); 9] = [
         "/listeners",
         &[Method::GET],
         "listener name -> bound address, as JSON",
+    ),
+    (
+        "/clusters",
+        &[Method::GET],
+        "each cluster's endpoints (priority, load, health, outlier ejections) and circuit breakers, as JSON",
     ),
     (
         "/certs",
@@ -226,6 +236,7 @@ fn handle<B>(admin: &Admin, req: &Request<B>) -> Response<Full<Bytes>> {
             ),
         },
         (&Method::GET, "/config_dump") => json(&admin.source.config_dump()),
+        (&Method::GET, "/clusters") => json(&admin.source.clusters()),
         (&Method::GET, "/listeners") => {
             let listeners: serde_json::Map<String, serde_json::Value> = admin
                 .source

@@ -117,6 +117,8 @@ impl Proxy {
             .map_err(|e| Error::Invalid(format!("access log: {e}")))?;
         let shared = Shared::new(metrics.clone(), access_log);
         let (trigger, watch) = drain::channel();
+        // Health checkers stop with the proxy; they do not hold up the drain.
+        shared.stop_health_tasks_on(trigger.watch());
         let inner = Arc::new(Inner {
             opts: opts.clone(),
             shared: shared.clone(),
@@ -457,6 +459,12 @@ impl AdminSource for Inner {
 
     fn listeners(&self) -> Vec<(String, SocketAddr)> {
         lock(&self.bound).clone()
+    }
+
+    fn clusters(&self) -> serde_json::Value {
+        let rt = self.shared.runtime();
+        serde_json::to_value(rt.clusters_status())
+            .unwrap_or_else(|e| serde_json::json!({ "error": format!("clusters failed: {e}") }))
     }
 
     fn certs(&self) -> Option<serde_json::Value> {

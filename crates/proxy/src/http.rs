@@ -7,6 +7,22 @@
 //! endpoint, rewrite, apply header filters, mirror, send through the pool, and
 //! stream the response back while counting it. Responses the proxy makes
 //! itself carry `x-meshwork-error: <reason>` and a body that says why.
+//!
+//! Forwarding, in Envoy's terms: attempts run until one is not retried
+//! (`Attempts::run`). Each takes a `requests` slot of the cluster's circuit
+//! breaker (`breaker`; held until its response ends), leases a connection
+//! within the breaker's `connections`/`pending_requests` limits, is bounded by the
+//! per-try timeout and the route timeout (one deadline over all attempts,
+//! backoffs included), reports its outcome to its endpoint (outlier
+//! detection), and is classified against the route's `retry_policy`
+//! (`retry`). A retry needs attempts left, a replayable body and a
+//! `retries` slot (budget or `max_retries`); otherwise the last upstream
+//! response is forwarded (or the local reply for a connect failure, reset
+//! or per-try timeout). The stream idle timeout (route `idle_timeout`, else
+//! the connection manager's `stream_idle_timeout`, else 5 minutes) resets
+//! streams on which no bytes moved in either direction: before the response
+//! headers with 504 (408 while the request is still arriving), after them
+//! by resetting the stream.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -29,8 +45,13 @@ use tracing::Instrument;
 use crate::accesslog::{AccessLogEntry, Protocol, ResponseFlag};
 use crate::balance::{request_hash, Pick};
 use crate::body::{self, Body, BoxError};
-use crate::config::model::{Forward, HttpConnectionManager, Route, RouteAction, VirtualHost};
+use crate::breaker::{self, Breaker, Overflow};
+use crate::config::model::{
+    Forward, HttpConnectionManager, RetryPolicy, Route, RouteAction, VirtualHost,
+};
 use crate::filters;
+use crate::metrics::Event;
+use crate::retry::{self, Activity, RequestBody, TryOutcome};
 use crate::router;
 use crate::runtime::{ClusterState, Runtime};
 use crate::shared::{Direction, Shared};
@@ -44,8 +65,13 @@ const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+/// On local replies to a circuit breaker overflow, as Envoy.
+const X_ENVOY_OVERLOADED: HeaderName = HeaderName::from_static("x-envoy-overloaded");
 /// Envoy's default route timeout, used when a route sets none.
 const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Envoy's default `stream_idle_timeout`, used when neither the route nor
+/// the connection manager sets one.
+const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Mirrors of requests with bodies larger than this are skipped.
 const MAX_MIRROR_BODY: usize = 1 << 20;
 /// How long a mirrored request may take before it is abandoned.
@@ -114,42 +140,38 @@ async fn route_and_forward(
             return denied;
         }
     }
-    let Some(table) = rt.route_table(&conn.hcm) else {
-        return local_reply(
-            obs,
-            StatusCode::NOT_FOUND,
-            ResponseFlag::NoRoute,
-            format!(
-                "route configuration {:?} is not loaded",
-                conn.hcm.route_config_name
-            ),
-        );
-    };
     let authority = obs.authority.clone();
-    let Some(vh) = router::select_vhost(table, &authority) else {
-        return local_reply(
-            obs,
-            StatusCode::NOT_FOUND,
-            ResponseFlag::NoRoute,
-            format!("no service matches host {authority:?}; the host must be <service>, <service>.<namespace>, optionally with :port"),
-        );
-    };
     let (parts, body) = req.into_parts();
-    let Some(route) = router::select_route(vh, &parts) else {
-        return local_reply(
-            obs,
-            StatusCode::NOT_FOUND,
-            ResponseFlag::NoRoute,
-            format!(
-                "no route of {} matches {} {}",
-                vh.name,
-                parts.method,
-                parts.uri.path()
-            ),
-        );
+    // A miss is answered after the rate limit and fault filters: they run
+    // before the router in Envoy, so requests no route matches meet the
+    // connection manager's limit and fault too.
+    let selected = select(conn, rt, &authority, &parts);
+    let route = selected.as_ref().ok().map(|(_, r)| *r);
+    if let Some(route) = route {
+        obs.route = Some(route.name.clone());
+    }
+    // Then Envoy's order: local_ratelimit, fault, router.
+    let mut rate_headers = None;
+    if let Some(limit) = crate::ratelimit::effective(&conn.hcm, route) {
+        let site = selected.as_ref().ok().copied();
+        match check_rate_limit(conn, rt, limit, site, &parts, obs) {
+            Ok(headers) => rate_headers = headers,
+            Err(refused) => return *refused,
+        }
+    }
+    if let Some(fault) = crate::fault::effective(&conn.hcm, route) {
+        if let Some(aborted) = inject_fault(conn, rt, fault, route, &parts.headers, obs).await {
+            return with_rate_headers(aborted, rate_headers);
+        }
+    }
+    let (vh, route) = match selected {
+        Ok(found) => found,
+        Err(message) => {
+            let resp = local_reply(obs, StatusCode::NOT_FOUND, ResponseFlag::NoRoute, message);
+            return with_rate_headers(resp, rate_headers);
+        }
     };
-    obs.route = Some(route.name.clone());
-    match &route.action {
+    let resp = match &route.action {
         RouteAction::Redirect(r) => {
             let scheme = parts.uri.scheme_str().unwrap_or("http");
             let location =
@@ -180,7 +202,255 @@ async fn route_and_forward(
             )
             .await
         }
+    };
+    with_rate_headers(resp, rate_headers)
+}
+
+/// The virtual host and route of a request, or why there is none (the
+/// body of a 404).
+fn select<'a>(
+    conn: &'a ConnCtx,
+    rt: &'a Runtime,
+    authority: &str,
+    parts: &http::request::Parts,
+) -> Result<(&'a VirtualHost, &'a Route), String> {
+    let Some(table) = rt.route_table(&conn.hcm) else {
+        return Err(format!(
+            "route configuration {:?} is not loaded",
+            conn.hcm.route_config_name
+        ));
+    };
+    let Some(vh) = router::select_vhost(table, authority) else {
+        return Err(format!("no service matches host {authority:?}; the host must be <service>, <service>.<namespace>, optionally with :port"));
+    };
+    let Some(route) = router::select_route(vh, parts) else {
+        return Err(format!(
+            "no route of {} matches {} {}",
+            vh.name,
+            parts.method,
+            parts.uri.path()
+        ));
+    };
+    Ok((vh, route))
+}
+
+/// The `destination_service` of rate limit and fault counters: the local
+/// service inbound; outbound the service of the route's (first) cluster,
+/// else the route's name, else the connection manager's.
+fn policy_destination(conn: &ConnCtx, rt: &Runtime, route: Option<&Route>) -> String {
+    if conn.direction == Direction::Inbound {
+        return conn.shared.local_service().to_string();
     }
+    let Some(route) = route else {
+        return conn.hcm.stat_prefix.clone();
+    };
+    let service = match &route.action {
+        RouteAction::Forward(fwd) => fwd
+            .clusters
+            .first()
+            .and_then(|wc| rt.cluster(&wc.name))
+            .and_then(|c| c.config.service.clone()),
+        _ => None,
+    };
+    service.unwrap_or_else(|| route.name.clone())
+}
+
+/// The local rate limit filter: takes a token. `Ok`: allowed, with the
+/// `x-ratelimit-*` headers for the response when configured; `Err`: the
+/// refusal (429 by default, or a trailers-only UNAVAILABLE for gRPC as
+/// Envoy maps 429), counted in `meshwork_rate_limited_total{scope}`.
+fn check_rate_limit(
+    conn: &ConnCtx,
+    rt: &Runtime,
+    applicable: crate::ratelimit::Applicable<'_>,
+    selected: Option<(&VirtualHost, &Route)>,
+    parts: &http::request::Parts,
+    obs: &mut Observation,
+) -> Result<Option<crate::ratelimit::Headers>, Box<Response<Body>>> {
+    let limit = applicable.limit;
+    let source = if limit.per_source {
+        conn.peer_identity
+            .as_deref()
+            .map_or_else(|| conn.peer.ip().to_string(), str::to_owned)
+    } else {
+        String::new()
+    };
+    let decision = conn.shared.rate_limits.check(
+        applicable,
+        crate::ratelimit::Site {
+            hcm: &conn.hcm,
+            route: selected,
+            source: &source,
+        },
+    );
+    let headers = limit.rate_limit_headers.then(|| decision.headers());
+    if decision.allowed {
+        return Ok(headers);
+    }
+    let route = selected.map(|(_, r)| r);
+    let scope = applicable.scope();
+    let destination = policy_destination(conn, rt, route);
+    let event = crate::metrics::Event::RateLimited;
+    conn.shared
+        .metrics
+        .event(event, &destination, scope.as_str())
+        .inc();
+    let message = crate::ratelimit::refusal_message(
+        applicable,
+        &destination,
+        route.map_or("", |r| r.name.as_str()),
+        &source,
+        &decision,
+    );
+    obs.destination_service = Some(destination);
+    let flag = ResponseFlag::RateLimited;
+    let status = StatusCode::from_u16(limit.status).unwrap_or(StatusCode::TOO_MANY_REQUESTS);
+    let mut resp = if is_grpc(&parts.headers) {
+        grpc_local_reply(obs, flag, grpc_status_of_http(status.as_u16()), &message)
+    } else {
+        local_reply(obs, status, flag, message)
+    };
+    let h = resp.headers_mut();
+    // Envoy adds retry-after to 429s only.
+    if limit.retry_after && status == StatusCode::TOO_MANY_REQUESTS {
+        h.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(decision.retry_after_seconds()),
+        );
+    }
+    for (name, value) in &limit.response_headers {
+        // The translator adds `x-meshwork-error` for Envoy's sake; the
+        // local reply carries it already.
+        if !h.get_all(name).iter().any(|v| v == value) {
+            h.append(name.clone(), value.clone());
+        }
+    }
+    Err(Box::new(with_rate_headers(resp, headers)))
+}
+
+/// The fault filter: delays and/or aborts the request when its fault
+/// selects it. `Some`: the abort's response (the configured HTTP status,
+/// or a trailers-only gRPC response for gRPC requests and gRPC aborts).
+/// Counted in `meshwork_faults_injected_total{kind}`.
+async fn inject_fault(
+    conn: &ConnCtx,
+    rt: &Runtime,
+    fault: &crate::config::model::Fault,
+    route: Option<&Route>,
+    headers: &HeaderMap,
+    obs: &mut Observation,
+) -> Option<Response<Body>> {
+    use crate::config::model::AbortStatus;
+    if !crate::fault::selects(fault, headers) {
+        return None;
+    }
+    let count = |kind: &'static str| {
+        let destination = policy_destination(conn, rt, route);
+        conn.shared
+            .metrics
+            .event(crate::metrics::Event::FaultInjected, &destination, kind)
+            .inc();
+        destination
+    };
+    if let Some(delay) = crate::fault::delay(fault, crate::fault::draw()) {
+        count("delay");
+        // Log only: Envoy's DI, next to whatever else happens.
+        obs.delay_injected = true;
+        tracing::debug!(?delay, "fault injection: delaying the request");
+        tokio::time::sleep(delay).await;
+    }
+    let status = crate::fault::abort(fault, crate::fault::draw())?;
+    let destination = count("abort");
+    let share = crate::fault::percent(fault.abort.as_ref().map_or(0, |a| a.per_million));
+    let flag = ResponseFlag::FaultInjected;
+    let resp = match status {
+        AbortStatus::Http(code) => {
+            let message = format!("fault injected: HTTP {code} for {share} of requests, as spec.fault.abort of the TrafficPolicy for {destination} asks");
+            obs.destination_service = Some(destination);
+            if is_grpc(headers) {
+                grpc_local_reply(obs, flag, grpc_status_of_http(code), &message)
+            } else {
+                let status = StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                local_reply(obs, status, flag, message)
+            }
+        }
+        AbortStatus::Grpc(code) => {
+            let message = format!("fault injected: gRPC status {code} for {share} of requests, as spec.fault.abort of the TrafficPolicy for {destination} asks");
+            obs.destination_service = Some(destination);
+            grpc_local_reply(obs, flag, code, &message)
+        }
+    };
+    Some(resp)
+}
+
+/// Adds the rate limit filter's `x-ratelimit-*` headers (appended, as
+/// Envoy's filter does, to whatever response the request got).
+fn with_rate_headers(
+    mut resp: Response<Body>,
+    headers: Option<crate::ratelimit::Headers>,
+) -> Response<Body> {
+    for (name, value) in headers.into_iter().flatten() {
+        resp.headers_mut().append(name, value);
+    }
+    resp
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// The gRPC status Envoy gives a local reply with HTTP `status` for a gRPC
+/// request (`Grpc::Utility::httpToGrpcStatus`).
+fn grpc_status_of_http(status: u16) -> u32 {
+    match status {
+        400 => 13,             // INTERNAL
+        401 => 16,             // UNAUTHENTICATED
+        403 => 7,              // PERMISSION_DENIED
+        404 => 12,             // UNIMPLEMENTED
+        429 | 502..=504 => 14, // UNAVAILABLE
+        _ => 2,                // UNKNOWN
+    }
+}
+
+/// A trailers-only gRPC response the proxy makes itself: HTTP 200 with
+/// `grpc-status` and a percent-encoded `grpc-message`.
+fn grpc_local_reply(
+    obs: &mut Observation,
+    flag: ResponseFlag,
+    grpc_status: u32,
+    message: &str,
+) -> Response<Body> {
+    tracing::debug!(reason = flag.reason(), %message, grpc_status, "local gRPC reply");
+    obs.local(flag, message);
+    obs.grpc_status = Some(grpc_status.to_string());
+    let mut resp = Response::new(body::empty());
+    let h = resp.headers_mut();
+    h.insert(ERROR_HEADER, HeaderValue::from_static(flag.reason()));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.insert(GRPC_STATUS, HeaderValue::from(grpc_status));
+    if let Ok(v) = HeaderValue::try_from(grpc_message(message)) {
+        h.insert(GRPC_MESSAGE, v);
+    }
+    resp
+}
+
+/// `grpc-message` encoding: printable ASCII except `%` as is, the rest
+/// percent-encoded (gRPC over HTTP/2 spec).
+fn grpc_message(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for b in message.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 async fn forward(
@@ -216,7 +486,7 @@ async fn forward(
             obs,
             StatusCode::SERVICE_UNAVAILABLE,
             ResponseFlag::NoHealthyUpstream,
-            format!("cluster {} has no endpoints", wc.name),
+            format!("cluster {} has no healthy endpoint (none known, or all failing health checks or ejected)", wc.name),
         );
     };
     obs.upstream = Some(pick.address());
@@ -265,14 +535,7 @@ async fn forward(
         .entry(X_FORWARDED_PROTO)
         .or_insert(HeaderValue::from_static("http"));
 
-    let target = target_of(cluster, &pick);
-    if obs.detailed {
-        obs.upstream_principal = target
-            .tls
-            .as_ref()
-            .and_then(|t| t.expected_ids.first().cloned());
-    }
-    if let Err(e) = set_target_uri(&mut parts, uri, &authority, target.http2) {
+    if let Err(e) = set_target_uri(&mut parts, uri, &authority, cluster.config.http2) {
         return local_reply(
             obs,
             StatusCode::BAD_REQUEST,
@@ -299,19 +562,11 @@ async fn forward(
     if !mirrors.is_empty() && !mirrorable {
         tracing::debug!(route = %route.name, "request body too large or streaming: not mirrored");
     }
-    let body = if (mirrors.is_empty() || !mirrorable) && obs.detailed {
-        // Count what the client actually sent (chunked bodies have no length).
-        let counter = obs.received.clone();
-        body.map_frame(move |f| {
-            if let Some(d) = f.data_ref() {
-                counter.fetch_add(d.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            }
-            f
-        })
-        .map_err(BoxError::from)
-        .boxed()
-    } else if mirrors.is_empty() || !mirrorable {
-        body.map_err(BoxError::from).boxed()
+    // Upgrades are never retried (the connection becomes a tunnel).
+    let policy = fwd.retry.as_deref().filter(|_| !upgrade);
+    let activity = Activity::new(obs.received.clone());
+    let body = if mirrors.is_empty() || !mirrorable {
+        RequestBody::new(body, &activity, policy.is_some())
     } else {
         match buffer_body(body).await {
             Ok(bytes) => {
@@ -320,7 +575,7 @@ async fn forward(
                 for m in mirrors {
                     spawn_mirror(&conn.shared.pools, rt, &m.cluster, &parts, bytes.clone());
                 }
-                body::full(bytes)
+                RequestBody::full(bytes, &activity)
             }
             Err(e) => {
                 return local_reply(
@@ -338,35 +593,44 @@ async fn forward(
         Some(d) if d.is_zero() => None,
         Some(d) => Some(d),
     };
-    let upstream_req = Request::from_parts(parts, body);
-    let sent = with_timeout(timeout, send(conn, &target, upstream_req, upgrade)).await;
-    let (mut resp, returner) = match sent {
-        Err(_) => {
-            pick.failed();
-            return local_reply(
-                obs,
-                StatusCode::GATEWAY_TIMEOUT,
-                ResponseFlag::UpstreamTimeout,
-                format!(
-                    "upstream {} did not answer within {:?}",
-                    target.addr,
-                    timeout.unwrap_or_default()
-                ),
-            );
-        }
-        Ok(Err(err)) => {
-            pick.failed();
-            // Envoy answers 503 for connect failures and resets alike.
-            return local_reply(
-                obs,
-                StatusCode::SERVICE_UNAVAILABLE,
-                err.flag(),
-                err.to_string(),
-            );
-        }
-        Ok(Ok(ok)) => ok,
+    let idle = stream_idle_timeout(fwd, &conn.hcm);
+    let dest = cluster
+        .config
+        .service
+        .clone()
+        .unwrap_or_else(|| cluster.config.name.clone());
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let mut attempts = Attempts {
+        conn,
+        cluster,
+        parts: Some(parts),
+        body,
+        policy,
+        hash: hash.hash,
+        deadline,
+        timeout,
+        upgrade,
+        dest: &dest,
     };
-    pick.complete(obs.start.map(|s| s.elapsed()).unwrap_or_default());
+    // Before the response headers the stream idle timeout can only fire
+    // first when it is shorter than the route timeout.
+    let finished = match idle.filter(|i| timeout.is_none_or(|t| *i < t)) {
+        Some(i) => tokio::select! {
+            f = attempts.run(pick, obs) => f,
+            () = retry::idle_expired(&activity, i) => Finished::Idle(i),
+        },
+        None => attempts.run(pick, obs).await,
+    };
+    let (mut resp, returner, pick, request_slot) = match finished {
+        Finished::Response {
+            resp,
+            returner,
+            pick,
+            request_slot,
+        } => (resp, returner, pick, request_slot),
+        Finished::Reply(reply) => return reply,
+        Finished::Idle(i) => return stream_idle_reply(obs, &activity, i),
+    };
 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(down) = on_upgrade {
@@ -382,20 +646,388 @@ async fn forward(
     }
     obs.upstream_response(resp.headers());
     let (rparts, rbody) = resp.into_parts();
-    // Envoy's route timeout covers the whole response, body included.
-    let deadline = timeout
-        .zip(obs.start)
-        .map(|(t, start)| Box::pin(tokio::time::sleep_until(start + t)));
+    // Envoy's route timeout covers the whole response, body included; the
+    // stream idle timeout watches it too.
+    let timer =
+        next_timer(deadline, idle, &activity).map(|at| Box::pin(tokio::time::sleep_until(at)));
     let body = Observed {
         inner: rbody,
         returner,
         pick: Some(pick),
         bytes: 0,
         obs: Some(std::mem::take(obs).armed(rparts.status)),
+        timer,
         deadline,
         timeout: timeout.unwrap_or_default(),
+        idle,
+        activity,
+        _request_slot: request_slot,
     };
     Response::from_parts(rparts, body.boxed())
+}
+
+/// The stream idle timeout of a route: its own `idle_timeout`, else the
+/// connection manager's `stream_idle_timeout`, else Envoy's default; zero
+/// disables it.
+fn stream_idle_timeout(fwd: &Forward, hcm: &HttpConnectionManager) -> Option<Duration> {
+    let t = fwd
+        .idle_timeout
+        .or(hcm.stream_idle_timeout)
+        .unwrap_or(DEFAULT_STREAM_IDLE_TIMEOUT);
+    (!t.is_zero()).then_some(t)
+}
+
+/// When the response body's timer must next look: the route deadline or
+/// the idle due time, whichever is first.
+fn next_timer(
+    deadline: Option<Instant>,
+    idle: Option<Duration>,
+    activity: &Activity,
+) -> Option<Instant> {
+    let idle_due = idle.map(|i| activity.last() + i);
+    match (deadline, idle_due) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Envoy's answer when a stream idles out before the response started:
+/// 504 once the whole request was received, else 408.
+fn stream_idle_reply(obs: &mut Observation, activity: &Activity, idle: Duration) -> Response<Body> {
+    let status = if activity.request_done() {
+        StatusCode::GATEWAY_TIMEOUT
+    } else {
+        StatusCode::REQUEST_TIMEOUT
+    };
+    local_reply(
+        obs,
+        status,
+        ResponseFlag::StreamIdleTimeout,
+        format!("stream idle timeout: no bytes moved in either direction for {idle:?}"),
+    )
+}
+
+/// 503 for a circuit breaker overflow, with Envoy's `x-envoy-overloaded`.
+fn overflow_reply(
+    conn: &ConnCtx,
+    obs: &mut Observation,
+    dest: &str,
+    overflow: &Overflow,
+) -> Response<Body> {
+    conn.shared
+        .metrics
+        .event(Event::Overflow, dest, overflow.limit.label())
+        .inc();
+    let mut resp = local_reply(
+        obs,
+        StatusCode::SERVICE_UNAVAILABLE,
+        ResponseFlag::UpstreamOverflow,
+        overflow.message(),
+    );
+    resp.headers_mut()
+        .insert(X_ENVOY_OVERLOADED, HeaderValue::from_static("true"));
+    resp
+}
+
+/// The attempts of one forwarded request: send, classify, maybe retry.
+struct Attempts<'a> {
+    conn: &'a Arc<ConnCtx>,
+    cluster: &'a Arc<ClusterState>,
+    /// The request as every attempt sends it (headers rewritten); the last
+    /// possible attempt takes it.
+    parts: Option<http::request::Parts>,
+    body: RequestBody,
+    policy: Option<&'a RetryPolicy>,
+    hash: Option<u64>,
+    /// The route timeout's deadline, over all attempts.
+    deadline: Option<Instant>,
+    timeout: Option<Duration>,
+    upgrade: bool,
+    /// `destination_service` of the resilience metrics.
+    dest: &'a str,
+}
+
+/// How the attempts ended.
+enum Finished {
+    /// Response headers to forward (the last attempt's).
+    Response {
+        resp: Response<Incoming>,
+        returner: Option<(Returner, upstream::Http1Sender)>,
+        pick: Pick,
+        /// The attempt's `requests` slot, held until the response ends.
+        request_slot: breaker::Guard,
+    },
+    /// A local reply (connect failure, reset, timeout, overflow...).
+    Reply(Response<Body>),
+    /// The stream idle timeout fired before the response headers.
+    Idle(Duration),
+}
+
+/// What one attempt got.
+enum Attempt {
+    Response(
+        Response<Incoming>,
+        Option<(Returner, upstream::Http1Sender)>,
+    ),
+    Failed(UpstreamError),
+    TimedOut,
+}
+
+impl Attempts<'_> {
+    /// Sends attempts until one is not retried. Every attempt's outcome is
+    /// reported to its endpoint (outlier detection) once.
+    async fn run(&mut self, first: Pick, obs: &mut Observation) -> Finished {
+        let mut pick = first;
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut retries = 0u32;
+        // Held from the decision to retry until the retried attempt's outcome.
+        let mut retry_slot: Option<breaker::Guard> = None;
+        let per_try = self
+            .policy
+            .and_then(|p| p.per_try_timeout)
+            .filter(|t| !t.is_zero());
+        loop {
+            let target = target_of(self.cluster, &pick);
+            obs.upstream = Some(target.addr);
+            if obs.detailed {
+                obs.upstream_principal = target
+                    .tls
+                    .as_ref()
+                    .and_then(|t| t.expected_ids.first().cloned());
+            }
+            tried.push(target.addr);
+            // Each attempt is one upstream request of the cluster (as
+            // Envoy counts them): a slot until its response ends.
+            let request_slot = match self.cluster.breaker.try_request() {
+                Ok(slot) => slot,
+                Err(o) => return Finished::Reply(overflow_reply(self.conn, obs, self.dest, &o)),
+            };
+            let Some(body) = self.body.next_attempt() else {
+                // `may_retry` checked that the body can be replayed.
+                return Finished::Reply(local_reply(
+                    obs,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ResponseFlag::UpstreamReset,
+                    "the request body cannot be sent again",
+                ));
+            };
+            let last = self.policy.is_none_or(|p| retries >= p.num_retries);
+            let parts = if last {
+                self.parts.take()
+            } else {
+                self.parts.clone()
+            };
+            let Some(parts) = parts else {
+                // Only the last possible attempt takes the parts.
+                return Finished::Reply(local_reply(
+                    obs,
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    ResponseFlag::UpstreamReset,
+                    "internal error: the request was already sent",
+                ));
+            };
+            let req = Request::from_parts(parts, body);
+            let began = Instant::now();
+            let try_deadline = match (per_try.map(|t| began + t), self.deadline) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let sent = with_deadline(
+                try_deadline,
+                send(self.conn, &target, &self.cluster.breaker, req, self.upgrade),
+            )
+            .await;
+            drop(retry_slot.take());
+            let (outcome, attempt) = match sent {
+                Ok(Ok((resp, returner))) => (
+                    TryOutcome::Response {
+                        status: resp.status().as_u16(),
+                        grpc: header_str(resp.headers(), &GRPC_STATUS)
+                            .and_then(|s| s.trim().parse().ok()),
+                    },
+                    Attempt::Response(resp, returner),
+                ),
+                // Nothing was sent: not an outcome of the endpoint, and never
+                // retried (as Envoy's overflow resets).
+                Ok(Err(UpstreamError::Overflow(o))) => {
+                    return Finished::Reply(overflow_reply(self.conn, obs, self.dest, &o))
+                }
+                Ok(Err(e)) => {
+                    let outcome = if e.is_connect() {
+                        TryOutcome::ConnectFailure
+                    } else if e.is_refused_stream() {
+                        TryOutcome::RefusedStream
+                    } else {
+                        TryOutcome::Reset
+                    };
+                    (outcome, Attempt::Failed(e))
+                }
+                Err(_) => (TryOutcome::Timeout, Attempt::TimedOut),
+            };
+            pick.report(outcome.outlier());
+            match &attempt {
+                Attempt::Response(..) => pick.complete(began.elapsed()),
+                _ => pick.failed(),
+            }
+            if matches!(attempt, Attempt::TimedOut) && self.route_expired() {
+                return Finished::Reply(self.route_timeout(obs, target.addr));
+            }
+
+            let retry = self
+                .policy
+                .and_then(|p| Some((p, retry::retry_condition(p, outcome)?)));
+            if let Some((policy, reason)) = retry {
+                if let Some(slot) = self.may_retry(policy, reason, retries, obs) {
+                    retry_slot = Some(slot);
+                    retries += 1;
+                    self.conn
+                        .shared
+                        .metrics
+                        .event(Event::Retry, self.dest, reason)
+                        .inc();
+                    tracing::debug!(upstream = %target.addr, reason, retry = retries, "retrying");
+                    drop((attempt, request_slot));
+                    let wait = retry::backoff(
+                        policy.backoff_base,
+                        policy.backoff_max,
+                        retries,
+                        fastrand::u64(..),
+                    );
+                    let resume = Instant::now() + wait;
+                    if let Some(d) = self.deadline.filter(|d| resume >= *d) {
+                        tokio::time::sleep_until(d).await;
+                        return Finished::Reply(self.route_timeout(obs, target.addr));
+                    }
+                    tokio::time::sleep_until(resume).await;
+                    match self.repick(&tried, policy.avoid_previous_hosts) {
+                        Some(p) => pick = p,
+                        None => {
+                            return Finished::Reply(local_reply(
+                                obs,
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                ResponseFlag::NoHealthyUpstream,
+                                format!("cluster {} has no healthy endpoint (none known, or all failing health checks or ejected)", self.cluster.config.name),
+                            ))
+                        }
+                    }
+                    continue;
+                }
+            }
+            return match attempt {
+                Attempt::Response(resp, returner) => Finished::Response {
+                    resp,
+                    returner,
+                    pick,
+                    request_slot,
+                },
+                // Envoy answers 503 for connect failures and resets alike.
+                Attempt::Failed(e) => Finished::Reply(local_reply(
+                    obs,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    e.flag(),
+                    e.to_string(),
+                )),
+                Attempt::TimedOut => Finished::Reply(local_reply(
+                    obs,
+                    StatusCode::GATEWAY_TIMEOUT,
+                    ResponseFlag::UpstreamTimeout,
+                    format!(
+                        "upstream {} did not answer within the per-try timeout ({:?})",
+                        target.addr,
+                        per_try.unwrap_or_default()
+                    ),
+                )),
+            };
+        }
+    }
+
+    fn route_expired(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
+    fn route_timeout(&self, obs: &mut Observation, addr: SocketAddr) -> Response<Body> {
+        local_reply(
+            obs,
+            StatusCode::GATEWAY_TIMEOUT,
+            ResponseFlag::UpstreamTimeout,
+            format!(
+                "upstream {addr} did not answer within {:?}",
+                self.timeout.unwrap_or_default()
+            ),
+        )
+    }
+
+    /// A retry slot when a retry may be sent; otherwise counts why not
+    /// (`meshwork_retries_skipped_total`) and flags the access log entry.
+    fn may_retry(
+        &self,
+        policy: &RetryPolicy,
+        condition: &str,
+        retries: u32,
+        obs: &mut Observation,
+    ) -> Option<breaker::Guard> {
+        let metrics = &self.conn.shared.metrics;
+        if retries >= policy.num_retries {
+            obs.retry_flag = Some(ResponseFlag::UpstreamRetryLimitExceeded);
+            obs.reason = Some(format!(
+                "retries exhausted: {retries} of {} sent, the last attempt failed with {condition}",
+                policy.num_retries
+            ));
+            metrics
+                .event(Event::RetrySkipped, self.dest, "retry_limit_exceeded")
+                .inc();
+            return None;
+        }
+        if !self.body.replayable() {
+            obs.reason = Some(format!(
+                "not retried ({condition}): the request body is larger than {} bytes",
+                retry::REPLAY_LIMIT
+            ));
+            metrics
+                .event(Event::RetrySkipped, self.dest, "body_not_replayable")
+                .inc();
+            return None;
+        }
+        match self.cluster.breaker.try_retry() {
+            Ok(slot) => Some(slot),
+            Err(o) => {
+                tracing::debug!(reason = %o, "retry skipped");
+                let reason = if o.budget {
+                    "budget_exhausted"
+                } else {
+                    "max_retries"
+                };
+                metrics.event(Event::RetrySkipped, self.dest, reason).inc();
+                metrics
+                    .event(Event::Overflow, self.dest, o.limit.label())
+                    .inc();
+                obs.retry_flag = Some(ResponseFlag::UpstreamOverflow);
+                obs.reason = Some(format!("not retried ({condition}): {o}"));
+                None
+            }
+        }
+    }
+
+    /// The endpoint of the next attempt: with `avoid`, up to three more
+    /// picks to find one not tried yet (Envoy's `previous_hosts` with
+    /// `host_selection_retry_max_attempts: 3`), else the last pick. Repicks
+    /// ignore the request hash (it would choose the same endpoint).
+    fn repick(&self, tried: &[SocketAddr], avoid: bool) -> Option<Pick> {
+        let balancer = &self.cluster.balancer;
+        let mut pick = balancer.pick(self.hash)?;
+        if avoid {
+            for _ in 0..3 {
+                if !tried.contains(&pick.address()) {
+                    break;
+                }
+                match balancer.pick(None) {
+                    Some(p) => pick = p,
+                    None => break,
+                }
+            }
+        }
+        Some(pick)
+    }
 }
 
 type Sent = (
@@ -406,14 +1038,15 @@ type Sent = (
 async fn send(
     conn: &Arc<ConnCtx>,
     target: &Target,
+    breaker: &Arc<Breaker>,
     req: Request<Body>,
     upgrade: bool,
 ) -> Result<Sent, UpstreamError> {
     let pools = &conn.shared.pools;
     let lease = if upgrade {
-        pools.lease_fresh(target).await?
+        pools.lease_fresh_for(target, Some(breaker)).await?
     } else {
-        pools.lease(target).await?
+        pools.lease_for(target, Some(breaker)).await?
     };
     let addr = target.addr;
     match lease {
@@ -433,7 +1066,7 @@ async fn send(
                         mut sender,
                         returner,
                         ..
-                    } = pools.lease_fresh(target).await?
+                    } = pools.lease_fresh_for(target, Some(breaker)).await?
                     else {
                         return Err(UpstreamError::Protocol { addr });
                     };
@@ -457,12 +1090,13 @@ async fn send(
     }
 }
 
-async fn with_timeout<F: std::future::Future>(
-    timeout: Option<Duration>,
+/// `fut`, unless `deadline` passes first.
+async fn with_deadline<F: std::future::Future>(
+    deadline: Option<Instant>,
     fut: F,
 ) -> Result<F::Output, tokio::time::error::Elapsed> {
-    match timeout {
-        Some(t) => tokio::time::timeout(t, fut).await,
+    match deadline {
+        Some(d) => tokio::time::timeout_at(d, fut).await,
         None => Ok(fut.await),
     }
 }
@@ -848,6 +1482,11 @@ struct Observation {
     /// The SPIFFE id the upstream proved over mTLS (access log only).
     upstream_principal: Option<String>,
     flag: Option<ResponseFlag>,
+    /// URX (retries exhausted) or UO (a retry refused by the circuit
+    /// breaker): logged next to `flag`.
+    retry_flag: Option<ResponseFlag>,
+    /// The fault filter delayed the request (DI, logged with any other flag).
+    delay_injected: bool,
     reason: Option<String>,
     /// Set when the proxy answered itself.
     local_flag: Option<ResponseFlag>,
@@ -942,6 +1581,12 @@ impl Observation {
             e.status = Some(status);
             e.grpc_status = self.grpc_status.and_then(|s| s.parse().ok());
             e.response_flags = self.flag.into_iter().collect();
+            if let Some(flag) = self.retry_flag.filter(|f| Some(*f) != self.flag) {
+                e.response_flags.push(flag);
+            }
+            if self.delay_injected {
+                e.response_flags.insert(0, ResponseFlag::DelayInjected);
+            }
             e.reason = self.reason;
             e.route = self.route;
             e.upstream_cluster = self.cluster;
@@ -963,7 +1608,9 @@ impl Observation {
 pin_project_lite::pin_project! {
     /// The upstream response body on its way downstream: counts bytes, reads
     /// `grpc-status` from trailers, returns the HTTP/1.1 connection to its
-    /// pool at the end, and records the request once, at end or drop.
+    /// pool at the end, enforces the route and stream idle timeouts, holds
+    /// the request's circuit breaker slot, and records the request once, at
+    /// end or drop.
     struct Observed {
         #[pin]
         inner: Incoming,
@@ -971,8 +1618,13 @@ pin_project_lite::pin_project! {
         pick: Option<Pick>,
         bytes: u64,
         obs: Option<Observation>,
-        deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+        // Wakes at the route deadline or when the stream may have idled out.
+        timer: Option<Pin<Box<tokio::time::Sleep>>>,
+        deadline: Option<Instant>,
         timeout: Duration,
+        idle: Option<Duration>,
+        activity: Arc<Activity>,
+        _request_slot: breaker::Guard,
     }
 
     impl PinnedDrop for Observed {
@@ -993,34 +1645,65 @@ pin_project_lite::pin_project! {
     }
 }
 
+impl Observed {
+    /// Ends the response with an error (the downstream stream is reset):
+    /// the connection is not reused, the request is recorded with `flag`.
+    fn abort(
+        self: Pin<&mut Self>,
+        flag: ResponseFlag,
+        reason: String,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        *this.timer = None;
+        this.returner.take();
+        if let Some(mut obs) = this.obs.take() {
+            obs.flag = Some(flag);
+            obs.reason = Some(reason.clone());
+            obs.record(*this.bytes);
+        }
+        Poll::Ready(Some(Err(reason.into())))
+    }
+}
+
 impl http_body::Body for Observed {
     type Data = Bytes;
     type Error = BoxError;
 
     fn poll_frame(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let mut this = self.project();
-        if let Some(deadline) = this.deadline.as_mut() {
-            if deadline.as_mut().poll(cx).is_ready() {
-                *this.deadline = None;
-                this.returner.take();
-                let reason = format!(
-                    "the response was not complete within the route timeout ({:?})",
-                    this.timeout
-                );
-                if let Some(mut obs) = this.obs.take() {
-                    obs.flag = Some(ResponseFlag::UpstreamTimeout);
-                    obs.reason = Some(reason.clone());
-                    obs.record(*this.bytes);
+        let this = self.as_mut().project();
+        if let Some(timer) = this.timer.as_mut() {
+            while timer.as_mut().poll(cx).is_ready() {
+                let now = Instant::now();
+                if this.deadline.is_some_and(|d| now >= d) {
+                    let reason = format!(
+                        "the response was not complete within the route timeout ({:?})",
+                        this.timeout
+                    );
+                    return self.abort(ResponseFlag::UpstreamTimeout, reason);
                 }
-                return Poll::Ready(Some(Err(reason.into())));
+                let idle_due = this.idle.map(|i| this.activity.last() + i);
+                if let Some(idle) = this.idle.filter(|_| idle_due.is_some_and(|d| now >= d)) {
+                    let reason = format!(
+                        "stream idle timeout: no bytes moved in either direction for {idle:?}"
+                    );
+                    return self.abort(ResponseFlag::StreamIdleTimeout, reason);
+                }
+                match next_timer(*this.deadline, *this.idle, this.activity) {
+                    Some(at) => timer.as_mut().reset(at),
+                    None => break,
+                }
             }
         }
+        let mut this = self.project();
         let polled = this.inner.as_mut().poll_frame(cx).map_err(BoxError::from);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
+                if this.idle.is_some() {
+                    this.activity.touch();
+                }
                 if let Some(data) = frame.data_ref() {
                     *this.bytes += data.len() as u64;
                 } else if let Some(trailers) = frame.trailers_ref() {
@@ -1042,6 +1725,7 @@ impl http_body::Body for Observed {
             Poll::Pending => return Poll::Pending,
         }
         if this.inner.is_end_stream() || matches!(polled, Poll::Ready(None)) {
+            *this.timer = None;
             if let Some((returner, sender)) = this.returner.take() {
                 returner.give_back(sender);
             }

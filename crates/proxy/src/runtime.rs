@@ -3,22 +3,40 @@
 //!
 //! A new `Runtime` is built for every accepted config and swapped in
 //! atomically; requests in flight keep the one they started with. Balancers of
-//! clusters that survive an update keep their load statistics.
+//! clusters that survive an update keep their load statistics; circuit
+//! breakers keep their counts (only their limits change). Endpoint health
+//! ([`ClusterHealth`]: active checks, outlier ejections, their tasks) is
+//! carried over by cluster name too.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::balance::Balancer;
+use crate::balance::{Balancer, BalancerStatus};
+use crate::breaker::{Breaker, BreakerStatus};
 use crate::config::model::{
     Cluster, HttpConnectionManager, LoadAssignment, RouteTable, Snapshot, UpstreamTls,
 };
+use crate::health::{self, ClusterHealth};
 
 /// Everything a request needs, immutable once built.
 #[derive(Debug, Default)]
 pub struct Runtime {
     pub snapshot: Arc<Snapshot>,
     clusters: HashMap<String, Arc<ClusterState>>,
+    /// What health tasks count into and stop on; passed on to every next
+    /// runtime.
+    health_env: Arc<health::Env>,
+}
+
+/// One cluster on the admin `/clusters` page.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClusterStatus {
+    #[serde(flatten)]
+    pub balancer: BalancerStatus,
+    /// Requests, pending requests, connections and retries in flight, each
+    /// with its limit.
+    pub circuit_breakers: BreakerStatus,
 }
 
 /// A cluster and its live balancer.
@@ -27,6 +45,8 @@ pub struct ClusterState {
     pub config: Arc<Cluster>,
     pub endpoints: Arc<LoadAssignment>,
     pub balancer: Balancer,
+    /// Circuit breaker counts and limits; kept across updates by cluster name.
+    pub breaker: Arc<Breaker>,
     /// Endpoints reached over mTLS (`tlsMode: meshwork`, and the cluster
     /// has `transport_socket_matches`).
     mtls_endpoints: HashSet<SocketAddr>,
@@ -41,8 +61,17 @@ impl ClusterState {
 }
 
 impl Runtime {
+    /// A runtime without config whose successors run health tasks with `env`.
+    pub fn empty(health_env: Arc<health::Env>) -> Self {
+        Self {
+            health_env,
+            ..Self::default()
+        }
+    }
+
     /// Derives the runtime for `snapshot`, reusing balancer state from `previous`.
     pub fn build(snapshot: Arc<Snapshot>, previous: Option<&Runtime>) -> Self {
+        let health_env = previous.map(|p| p.health_env.clone()).unwrap_or_default();
         let mut clusters = HashMap::with_capacity(snapshot.clusters.len());
         for (name, config) in &snapshot.clusters {
             let endpoints = config
@@ -55,9 +84,12 @@ impl Runtime {
                         localities: Vec::new(),
                     })
                 });
-            let balancer = match previous.and_then(|p| p.clusters.get(name)) {
-                Some(old) => old.balancer.update(&config.lb, &endpoints),
-                None => Balancer::new(&config.lb, &endpoints),
+            let breaker = match previous.and_then(|p| p.clusters.get(name)) {
+                Some(old) => {
+                    old.breaker.set_limits(&config.circuit_breakers);
+                    old.breaker.clone()
+                }
+                None => Breaker::new(name, &config.circuit_breakers),
             };
             let mtls_endpoints = if config.tls.is_some() {
                 endpoints
@@ -68,17 +100,53 @@ impl Runtime {
             } else {
                 HashSet::new()
             };
+            // Health (and endpoint load) lives as long as the cluster name.
+            let health = match previous.and_then(|p| p.clusters.get(name)) {
+                Some(old) => old.balancer.health().clone(),
+                None => ClusterHealth::new(name),
+            };
+            let tls_of = |addr: SocketAddr| {
+                config
+                    .tls
+                    .clone()
+                    .filter(|_| mtls_endpoints.contains(&addr))
+            };
+            health.configure(config, &endpoints, &tls_of, &health_env);
+            let balancer = Balancer::for_cluster(config, &endpoints, &health);
             clusters.insert(
                 name.clone(),
                 Arc::new(ClusterState {
                     config: config.clone(),
                     endpoints,
                     balancer,
+                    breaker,
                     mtls_endpoints,
                 }),
             );
         }
-        Self { snapshot, clusters }
+        Self {
+            snapshot,
+            clusters,
+            health_env,
+        }
+    }
+
+    /// Every cluster's balancer state (priorities, endpoint load and
+    /// health) and circuit breaker counts, by cluster name, for the admin
+    /// `/clusters` page.
+    pub fn clusters_status(&self) -> std::collections::BTreeMap<&str, ClusterStatus> {
+        self.clusters
+            .iter()
+            .map(|(name, c)| {
+                (
+                    name.as_str(),
+                    ClusterStatus {
+                        balancer: c.balancer.status(),
+                        circuit_breakers: c.breaker.status(),
+                    },
+                )
+            })
+            .collect()
     }
 
     pub fn cluster(&self, name: &str) -> Option<&Arc<ClusterState>> {

@@ -24,19 +24,31 @@ pub struct Shared {
     /// fronts, `unknown` without one; follows config reloads.
     local_service: ArcSwap<String>,
     unknown: Arc<String>,
+    /// Local rate limit buckets, kept across config updates.
+    pub rate_limits: crate::ratelimit::Registry,
+    /// What health checkers and outlier timers count into and stop on.
+    health: Arc<crate::health::Env>,
 }
 
 impl Shared {
     pub fn new(metrics: Arc<Metrics>, access_log: AccessLog) -> Arc<Self> {
         let unknown = Arc::new("unknown".to_owned());
+        let health = crate::health::Env::new(metrics.clone());
         Arc::new(Self {
-            runtime: ArcSwap::from_pointee(Runtime::default()),
+            runtime: ArcSwap::from_pointee(Runtime::empty(health.clone())),
             pools: Pools::with_metrics(metrics.clone()),
             metrics,
             access_log,
             local_service: ArcSwap::new(unknown.clone()),
             unknown,
+            rate_limits: crate::ratelimit::Registry::default(),
+            health,
         })
+    }
+
+    /// Health checkers and outlier timers stop when `watch` signals.
+    pub fn stop_health_tasks_on(&self, watch: crate::drain::Watch) {
+        self.health.watch_drain(watch);
     }
 
     /// Sets the service of the fronted workload (`name.namespace`).

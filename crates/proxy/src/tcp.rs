@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::accesslog::{AccessLogEntry, Protocol, ResponseFlag};
+use crate::balance::Outcome;
 use crate::config::model::TcpProxy;
 use crate::metrics::TcpSeries;
 use crate::router;
@@ -95,7 +96,10 @@ pub async fn proxy<D: IntoHalves>(
         let pick = cluster.balancer.pick(None).ok_or_else(|| {
             (
                 ResponseFlag::NoHealthyUpstream,
-                format!("cluster {} has no endpoints", wc.name),
+                format!(
+                    "cluster {} has no healthy endpoint (none known, or all failing health checks or ejected)",
+                    wc.name
+                ),
             )
         })?;
         let addr = pick.address();
@@ -106,6 +110,7 @@ pub async fn proxy<D: IntoHalves>(
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 pick.failed();
+                pick.report(Outcome::ConnectFailure);
                 return Err((
                     ResponseFlag::UpstreamConnectFailure,
                     format!("connecting to {addr} failed: {e}"),
@@ -113,6 +118,7 @@ pub async fn proxy<D: IntoHalves>(
             }
             Err(_) => {
                 pick.failed();
+                pick.report(Outcome::ConnectFailure);
                 return Err((
                     ResponseFlag::UpstreamConnectFailure,
                     format!("connecting to {addr} timed out"),
@@ -137,6 +143,7 @@ pub async fn proxy<D: IntoHalves>(
                 }
                 Err(e) => {
                     pick.failed();
+                    pick.report(Outcome::ConnectFailure);
                     shared
                         .metrics
                         .tls_handshake_failed(Direction::Outbound, e.reason);
@@ -148,6 +155,9 @@ pub async fn proxy<D: IntoHalves>(
             },
         };
         pick.complete(start.elapsed());
+        // A connection that opens is a success for outlier detection, as
+        // Envoy's TCP proxy reports it.
+        pick.report(Outcome::Status(200));
         let series = shared.tcp_series(
             direction,
             entry.destination_service.as_deref().unwrap_or("unknown"),

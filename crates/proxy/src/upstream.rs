@@ -9,8 +9,15 @@
 //! do a TLS 1.3 handshake with the cluster's cached client config (ALPN h2
 //! or http/1.1 by the cluster's protocol); pools are keyed by address,
 //! protocol and TLS settings, so plaintext and mTLS never share a
-//! connection. Non-goals: per-endpoint connection limits (circuit breaking
-//! comes with TrafficPolicy).
+//! connection.
+//!
+//! Circuit breaking: [`Pools::lease_for`] takes the cluster's
+//! [`Breaker`] and applies its `connections` and
+//! `pending_requests` limits (the exact counting rules are in the
+//! `breaker` module doc). Every connection's task holds a
+//! [`ConnToken`] for as long as the connection is
+//! open, so the counts follow real sockets. Non-goals: per-endpoint
+//! connection limits.
 
 use std::collections::HashMap;
 use std::io;
@@ -25,6 +32,7 @@ use tokio::time::Instant;
 
 use crate::accesslog::ResponseFlag;
 use crate::body::Body;
+use crate::breaker::{Breaker, ConnToken, Guard, Overflow, PoolCounters};
 use crate::config::model::UpstreamTls;
 
 /// Why an upstream request failed before a response arrived.
@@ -53,6 +61,9 @@ pub enum UpstreamError {
         addr: SocketAddr,
         source: crate::tls::HandshakeError,
     },
+    /// A circuit breaker limit of the cluster (nothing was sent).
+    #[error(transparent)]
+    Overflow(Overflow),
 }
 
 impl UpstreamError {
@@ -66,7 +77,24 @@ impl UpstreamError {
             Self::Handshake { .. } | Self::Reset { .. } | Self::Protocol { .. } => {
                 ResponseFlag::UpstreamReset
             }
+            Self::Overflow(_) => ResponseFlag::UpstreamOverflow,
         }
+    }
+
+    /// The HTTP/2 stream was refused (`REFUSED_STREAM`): the upstream did
+    /// not process the request.
+    pub fn is_refused_stream(&self) -> bool {
+        let Self::Reset { source, .. } = self else {
+            return false;
+        };
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source);
+        while let Some(e) = cause {
+            if let Some(h2) = e.downcast_ref::<h2::Error>() {
+                return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+            }
+            cause = e.source();
+        }
+        false
     }
 
     /// Nothing reached the upstream application, so a retry is safe.
@@ -107,6 +135,8 @@ pub struct Pools {
 #[derive(Debug, Default)]
 struct H1Pool {
     idle: Mutex<Vec<IdleConn>>,
+    /// Open connections of the endpoint; woken when one comes free.
+    counters: Arc<PoolCounters>,
 }
 
 #[derive(Debug)]
@@ -117,7 +147,20 @@ struct IdleConn {
 
 #[derive(Debug, Default)]
 struct H2Slot {
-    conn: tokio::sync::Mutex<Option<http2::SendRequest<Body>>>,
+    /// The endpoint's connection, while it is open.
+    ready: Mutex<Option<http2::SendRequest<Body>>>,
+    /// Held by the one request that establishes the connection.
+    connecting: tokio::sync::Mutex<()>,
+    counters: Arc<PoolCounters>,
+}
+
+impl H2Slot {
+    fn ready(&self) -> Option<http2::SendRequest<Body>> {
+        lock(&self.ready)
+            .as_ref()
+            .filter(|s| !s.is_closed())
+            .cloned()
+    }
 }
 
 /// A connection lent for one request.
@@ -138,7 +181,7 @@ pub type Http1Sender = http1::SendRequest<Body>;
 /// Puts an HTTP/1.1 connection back into its pool once its response is done.
 /// Holding the pool keeps the sweeper from forgetting it while connections
 /// of it are lent out.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Returner {
     pool: Arc<H1Pool>,
 }
@@ -156,6 +199,9 @@ impl Returner {
                 since: Instant::now(),
             });
         }
+        drop(idle);
+        // Requests waiting for a connection of this endpoint may take it.
+        self.pool.counters.changed.notify_waiters();
     }
 }
 
@@ -173,58 +219,134 @@ impl Pools {
     }
 
     /// A connection ready to take one request: an idle pooled one if any
-    /// is still usable, else a new one.
+    /// is still usable, else a new one. No circuit breaking.
     pub async fn lease(&self, target: &Target) -> Result<Lease, UpstreamError> {
-        if target.http2 {
-            return self.lease_h2(target).await.map(Lease::Http2);
-        }
-        let pool = self.h1_pool(target);
-        loop {
-            let candidate = lock(&pool.idle).pop();
-            let Some(mut conn) = candidate else { break };
-            if conn.sender.is_closed() || expired(conn.since, target.idle_timeout) {
-                continue;
-            }
-            if usable(&mut conn.sender).await {
-                return Ok(Lease::Http1 {
-                    sender: conn.sender,
-                    returner: Returner { pool },
-                    reused: true,
-                });
-            }
-        }
-        self.lease_fresh(target).await
+        self.lease_for(target, None).await
     }
 
     /// A new connection for one request (upgrades, and the retry after a
     /// stale pooled connection); HTTP/1.1 ones join the pool afterwards.
     pub async fn lease_fresh(&self, target: &Target) -> Result<Lease, UpstreamError> {
+        self.lease_fresh_for(target, None).await
+    }
+
+    /// Like [`Pools::lease`], within the `connections` and
+    /// `pending_requests` limits of `breaker` (the cluster's): at the
+    /// connection limit an HTTP/1.1 request waits for a connection of its
+    /// endpoint to come free or for a slot; a full pending queue fails with
+    /// [`UpstreamError::Overflow`]. Callers bound the wait with their
+    /// timeouts.
+    pub async fn lease_for(
+        &self,
+        target: &Target,
+        breaker: Option<&Arc<Breaker>>,
+    ) -> Result<Lease, UpstreamError> {
         if target.http2 {
-            return self.lease_h2(target).await.map(Lease::Http2);
+            return self.lease_h2(target, breaker).await.map(Lease::Http2);
         }
+        self.lease_h1(target, breaker, true).await
+    }
+
+    /// Like [`Pools::lease_fresh`], within the limits of `breaker`.
+    pub async fn lease_fresh_for(
+        &self,
+        target: &Target,
+        breaker: Option<&Arc<Breaker>>,
+    ) -> Result<Lease, UpstreamError> {
+        if target.http2 {
+            return self.lease_h2(target, breaker).await.map(Lease::Http2);
+        }
+        self.lease_h1(target, breaker, false).await
+    }
+
+    async fn lease_h1(
+        &self,
+        target: &Target,
+        breaker: Option<&Arc<Breaker>>,
+        reuse: bool,
+    ) -> Result<Lease, UpstreamError> {
         let pool = self.h1_pool(target);
-        let sender = self.connect_h1(target).await?;
-        Ok(Lease::Http1 {
-            sender,
-            returner: Returner { pool },
-            reused: false,
-        })
+        // Held while this request waits for a connection (connecting
+        // included, as Envoy counts it).
+        let mut pending: Option<Guard> = None;
+        loop {
+            // Registered before looking, so a connection freed in between
+            // still wakes this request.
+            let changed = pool.counters.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let mut freed = std::pin::pin!(breaker.map(|b| b.freed()));
+            if let Some(f) = freed.as_mut().as_pin_mut() {
+                f.enable();
+            }
+
+            if reuse {
+                if let Some(lease) = take_idle(&pool, target).await {
+                    return Ok(lease);
+                }
+            }
+            let slot = match breaker {
+                None => Some(None),
+                // An endpoint without any connection may always open one.
+                Some(b) => b.try_connection(pool.counters.open() == 0).map(Some),
+            };
+            if pending.is_none() {
+                if let Some(b) = breaker {
+                    pending = Some(b.try_pending().map_err(UpstreamError::Overflow)?);
+                }
+            }
+            if let Some(slot) = slot {
+                let token = pool.counters.token(slot);
+                let sender = self.connect_h1(target, token).await?;
+                return Ok(Lease::Http1 {
+                    sender,
+                    returner: Returner { pool: pool.clone() },
+                    reused: false,
+                });
+            }
+            tracing::debug!(addr = %target.addr, "at the cluster's connection limit: waiting for a connection");
+            match freed.as_mut().as_pin_mut() {
+                Some(f) => {
+                    tokio::select! {
+                        () = &mut changed => {}
+                        () = f => {}
+                    }
+                }
+                None => changed.await,
+            }
+        }
     }
 
     fn h1_pool(&self, target: &Target) -> Arc<H1Pool> {
         lock(&self.h1).entry(key(target)).or_default().clone()
     }
 
-    async fn lease_h2(&self, target: &Target) -> Result<http2::SendRequest<Body>, UpstreamError> {
+    async fn lease_h2(
+        &self,
+        target: &Target,
+        breaker: Option<&Arc<Breaker>>,
+    ) -> Result<http2::SendRequest<Body>, UpstreamError> {
         let slot = lock(&self.h2).entry(key(target)).or_default().clone();
-        let mut conn = slot.conn.lock().await;
-        if let Some(sender) = conn.as_ref() {
-            if !sender.is_closed() {
-                return Ok(sender.clone());
-            }
+        if let Some(sender) = slot.ready() {
+            return Ok(sender);
         }
-        let sender = self.connect_h2(target).await?;
-        *conn = Some(sender.clone());
+        // No open connection: this request waits while one is established
+        // (by it, or by another request that got there first).
+        let _pending = breaker
+            .map(|b| b.try_pending())
+            .transpose()
+            .map_err(UpstreamError::Overflow)?;
+        let _connecting = slot.connecting.lock().await;
+        if let Some(sender) = slot.ready() {
+            return Ok(sender);
+        }
+        // One connection per endpoint: the endpoint has none, so it may
+        // always open one (it still counts).
+        let token = slot
+            .counters
+            .token(breaker.and_then(|b| b.try_connection(true)));
+        let sender = self.connect_h2(target, token).await?;
+        *lock(&slot.ready) = Some(sender.clone());
         Ok(sender)
     }
 
@@ -238,10 +360,8 @@ impl Pools {
             !idle.is_empty() || Arc::strong_count(pool) > 1
         });
         drop(h1);
-        lock(&self.h2).retain(|_, slot| match slot.conn.try_lock() {
-            Ok(conn) => conn.as_ref().is_some_and(|s| !s.is_closed()),
-            Err(_) => true,
-        });
+        lock(&self.h2)
+            .retain(|_, slot| slot.ready().is_some() || slot.connecting.try_lock().is_err());
     }
 }
 
@@ -296,17 +416,25 @@ impl Pools {
         }
     }
 
-    async fn connect_h1(&self, target: &Target) -> Result<http1::SendRequest<Body>, UpstreamError> {
+    async fn connect_h1(
+        &self,
+        target: &Target,
+        token: ConnToken,
+    ) -> Result<http1::SendRequest<Body>, UpstreamError> {
         match self.transport(target).await? {
-            Transport::Plain(s) => handshake_h1(target.addr, s).await,
-            Transport::Tls(s) => handshake_h1(target.addr, *s).await,
+            Transport::Plain(s) => handshake_h1(target.addr, s, token).await,
+            Transport::Tls(s) => handshake_h1(target.addr, *s, token).await,
         }
     }
 
-    async fn connect_h2(&self, target: &Target) -> Result<http2::SendRequest<Body>, UpstreamError> {
+    async fn connect_h2(
+        &self,
+        target: &Target,
+        token: ConnToken,
+    ) -> Result<http2::SendRequest<Body>, UpstreamError> {
         match self.transport(target).await? {
-            Transport::Plain(s) => handshake_h2(target.addr, s).await,
-            Transport::Tls(s) => handshake_h2(target.addr, *s).await,
+            Transport::Plain(s) => handshake_h2(target.addr, s, token).await,
+            Transport::Tls(s) => handshake_h2(target.addr, *s, token).await,
         }
     }
 }
@@ -321,9 +449,11 @@ fn key(target: &Target) -> PoolKey {
     (target.addr, target.tls.as_ref().map(|t| t.pool_key.clone()))
 }
 
+/// The connection's task holds `token` until the connection closes.
 async fn handshake_h1<IO>(
     addr: SocketAddr,
     io: IO,
+    token: ConnToken,
 ) -> Result<http1::SendRequest<Body>, UpstreamError>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
@@ -338,6 +468,7 @@ where
         if let Err(e) = conn.with_upgrades().await {
             tracing::debug!(%addr, error = %e, "upstream HTTP/1.1 connection ended");
         }
+        drop(token);
     });
     Ok(sender)
 }
@@ -345,6 +476,7 @@ where
 async fn handshake_h2<IO>(
     addr: SocketAddr,
     io: IO,
+    token: ConnToken,
 ) -> Result<http2::SendRequest<Body>, UpstreamError>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
@@ -362,8 +494,27 @@ where
         if let Err(e) = conn.await {
             tracing::debug!(%addr, error = %e, "upstream HTTP/2 connection ended");
         }
+        drop(token);
     });
     Ok(sender)
+}
+
+/// The most recently pooled connection of `pool` that is still usable.
+async fn take_idle(pool: &Arc<H1Pool>, target: &Target) -> Option<Lease> {
+    loop {
+        let candidate = lock(&pool.idle).pop();
+        let mut conn = candidate?;
+        if conn.sender.is_closed() || expired(conn.since, target.idle_timeout) {
+            continue;
+        }
+        if usable(&mut conn.sender).await {
+            return Some(Lease::Http1 {
+                sender: conn.sender,
+                returner: Returner { pool: pool.clone() },
+                reused: true,
+            });
+        }
+    }
 }
 
 /// Whether a pooled connection can take a request now. One yield lets its

@@ -27,6 +27,11 @@ impl GwDuration {
                  (e.g. \"10s\", \"1m30s\", \"500ms\")"
             )
         };
+        if s.starts_with('-') {
+            return Err(format!(
+                "invalid duration {s:?}: durations cannot be negative (e.g. \"10s\", \"500ms\")"
+            ));
+        }
         let b = s.as_bytes();
         let mut i = 0;
         let mut groups = 0;

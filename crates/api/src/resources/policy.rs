@@ -27,7 +27,7 @@ pub struct TrafficPolicy {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TrafficPolicySpec {
-    /// The Service (same namespace) this policy applies to.
+    /// The Service or HTTPRoute (same namespace) this policy applies to.
     pub target_ref: TargetRef,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_balancer: Option<LoadBalancer>,
@@ -53,7 +53,8 @@ pub struct TrafficPolicySpec {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TargetRef {
-    /// `""`, `core` or `meshwork.dev` (optional).
+    /// `""`, `core` or `meshwork.dev` for a Service,
+    /// `gateway.networking.k8s.io` for an HTTPRoute (optional).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
     /// `Service` or `HTTPRoute`.
@@ -218,8 +219,9 @@ pub struct Retries {
     /// Retries after the first attempt (1..=10).
     pub attempts: u32,
     /// Conditions (Envoy's `retry_on` names): `5xx`, `gateway-error`,
-    /// `reset`, `connect-failure`, `refused-stream` (default:
-    /// `connect-failure`, `refused-stream`, `gateway-error`... see docs).
+    /// `reset`, `connect-failure`, `refused-stream` (default, Istio's:
+    /// `connect-failure`, `refused-stream`, gRPC `unavailable` and
+    /// `cancelled`, and HTTP 503; see [`DEFAULT_RETRY_ON`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub on: Vec<String>,
     /// Also retry these HTTP statuses.
@@ -283,7 +285,8 @@ pub struct OutlierDetection {
     /// Longest ejection (default 300s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_ejection_time: Option<GwDuration>,
-    /// At most this share of the endpoints is ejected at once (default 10).
+    /// At most this share of the endpoints is ejected at once (default 50;
+    /// with 2 endpoints, 50 lets one be ejected).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_ejection_percent: Option<Percent>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -505,3 +508,45 @@ impl<'de> Deserialize<'de> for Percent {
 pub const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Default `idleTimeout` of pooled HTTP connections.
 pub const DEFAULT_HTTP_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Default `retries.backoff.baseInterval` (Envoy's); `maxInterval` defaults
+/// to 10 times the base.
+pub const DEFAULT_BACKOFF_BASE: std::time::Duration = std::time::Duration::from_millis(25);
+/// Default `retries.budget.percent`.
+pub const DEFAULT_BUDGET_PERCENT: u32 = 20;
+/// Default `retries.budget.minConcurrency`.
+pub const DEFAULT_BUDGET_MIN_CONCURRENCY: u32 = 3;
+/// Default `outlierDetection.consecutive5xx`.
+pub const DEFAULT_CONSECUTIVE_5XX: u32 = 5;
+/// Default `outlierDetection.interval`.
+pub const DEFAULT_OUTLIER_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+/// Default `outlierDetection.baseEjectionTime`.
+pub const DEFAULT_BASE_EJECTION_TIME: std::time::Duration = std::time::Duration::from_secs(30);
+/// Default `outlierDetection.maxEjectionTime`.
+pub const DEFAULT_MAX_EJECTION_TIME: std::time::Duration = std::time::Duration::from_secs(300);
+/// Default `outlierDetection.maxEjectionPercent`: never a majority. Envoy's
+/// own default (10) ejects nothing in a service with fewer than ten
+/// endpoints, because an ejection must keep the ejected share within it.
+pub const DEFAULT_MAX_EJECTION_PERCENT: u32 = 50;
+/// Default `healthCheck.interval`.
+pub const DEFAULT_HC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+/// Default `healthCheck.timeout`.
+pub const DEFAULT_HC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+/// Default `healthCheck.healthyThreshold`.
+pub const DEFAULT_HEALTHY_THRESHOLD: u32 = 1;
+/// Default `healthCheck.unhealthyThreshold`.
+pub const DEFAULT_UNHEALTHY_THRESHOLD: u32 = 2;
+/// Default `rateLimit.interval`.
+pub const DEFAULT_RATE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// Smallest `rateLimit.interval` (Envoy's token bucket refuses less).
+pub const MIN_RATE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
+/// The `retry_on` conditions of `retries` when `on` is empty (Istio's
+/// default), with `retriable_status_codes: [503]` unless `statusCodes` lists
+/// others.
+pub const DEFAULT_RETRY_ON: &[&str] = &[
+    "connect-failure",
+    "refused-stream",
+    "unavailable",
+    "cancelled",
+    "retriable-status-codes",
+];

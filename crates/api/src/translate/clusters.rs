@@ -21,15 +21,18 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     },
     HttpProtocolOptions,
 };
+use envoy_types::pb::envoy::r#type::v3::Percent;
 use envoy_types::pb::google::protobuf::{value, Struct, Value};
 
 use super::names;
+use super::resilience;
 use super::util::{ads_source, any, pb_duration, u32v, u64v};
+use crate::effective::EffectivePolicy;
 use crate::mesh::Mesh;
 use crate::resources::{
-    AppProtocol, LbAlgorithm, Service, ServicePort, TrafficPolicy, Workload, DEFAULT_CHOICE_COUNT,
-    DEFAULT_CONNECT_TIMEOUT, DEFAULT_HTTP_IDLE_TIMEOUT, DEFAULT_MAGLEV_TABLE, DEFAULT_MAX_RING,
-    DEFAULT_MIN_RING,
+    AppProtocol, LbAlgorithm, Locality as WorkloadLocality, LocalityFailover, Service, ServicePort,
+    Workload, DEFAULT_CHOICE_COUNT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HTTP_IDLE_TIMEOUT,
+    DEFAULT_MAGLEV_TABLE, DEFAULT_MAX_RING, DEFAULT_MIN_RING,
 };
 use crate::source::Sourced;
 
@@ -37,21 +40,24 @@ use crate::source::Sourced;
 pub(crate) const HTTP_PROTOCOL_OPTIONS: &str =
     "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 
-/// The EDS cluster of service port `sp` of `svc`.
+/// The EDS cluster of service port `sp` of `svc`, with `policy` the
+/// port's effective TrafficPolicy.
 pub(crate) fn service_cluster(
     svc: &Service,
     sp: &ServicePort,
-    policy: Option<&TrafficPolicy>,
+    policy: &EffectivePolicy,
 ) -> Cluster {
     let name = names::cluster(sp.port, &svc.metadata.name, &svc.metadata.namespace);
-    let pool = policy.and_then(|p| p.spec.connection_pool.as_ref());
+    let pool = policy.connection_pool.as_ref().map(|s| &s.value);
     let connect = pool
         .and_then(|p| p.connect_timeout)
         .map(|d| d.get())
         .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
     let idle = pool.and_then(|p| p.idle_timeout).map(|d| d.get());
     let lb = policy
-        .and_then(|p| p.spec.load_balancer.clone())
+        .load_balancer
+        .as_ref()
+        .map(|s| s.value.clone())
         .unwrap_or_default();
 
     let mut meta_fields = HashMap::new();
@@ -113,6 +119,26 @@ pub(crate) fn service_cluster(
         }
     }
     c.metadata = Some(meshwork_metadata(meta_fields));
+    let budget = policy
+        .retries
+        .as_ref()
+        .and_then(|r| r.value.budget.as_ref());
+    c.circuit_breakers = resilience::circuit_breakers(pool, budget);
+    c.outlier_detection = policy
+        .outlier_detection
+        .as_ref()
+        .map(|o| resilience::outlier_detection(&o.value));
+    if let Some(h) = &policy.health_check {
+        c.health_checks = vec![resilience::health_check(&h.value, svc, sp)];
+    }
+    if c.outlier_detection.is_some() || !c.health_checks.is_empty() {
+        // Panic mode off (as Istio): unhealthy and ejected endpoints stay
+        // out even when most are, rather than all taking traffic again.
+        c.common_lb_config = Some(cluster::CommonLbConfig {
+            healthy_panic_threshold: Some(Percent { value: 0.0 }),
+            ..Default::default()
+        });
+    }
     if sp.app_protocol.is_http() {
         set_http_options(
             &mut c,
@@ -186,12 +212,16 @@ fn set_http_options(c: &mut Cluster, proto: AppProtocol, idle: Option<std::time:
 }
 
 /// The endpoints of service port `sp`: one group per locality (sorted), each
-/// weighted by the sum of its endpoints' weights.
+/// weighted by the sum of its endpoints' weights. When the port's
+/// TrafficPolicy enables `locality` and the proxy's own locality `at` is
+/// known, each group gets a priority (see [`locality_priorities`]);
+/// otherwise all are priority 0.
 pub(crate) fn load_assignment(
     mesh: &Mesh,
     svc: &Service,
     sp: &ServicePort,
     mtls: bool,
+    at: Option<&WorkloadLocality>,
 ) -> ClusterLoadAssignment {
     let ns = &svc.metadata.namespace;
     let mut groups: BTreeMap<(String, String), Vec<&Sourced<Workload>>> = BTreeMap::new();
@@ -199,9 +229,18 @@ pub(crate) fn load_assignment(
         let l = w.value.spec.locality.clone().unwrap_or_default();
         groups.entry((l.region, l.zone)).or_default().push(w);
     }
+    let priorities = at
+        .and_then(|me| {
+            let policy = mesh.port_policy(ns, &svc.metadata.name, &sp.name);
+            let lb = policy
+                .locality
+                .filter(|l| l.value.enabled.unwrap_or(true))?;
+            Some(locality_priorities(groups.keys(), me, &lb.value.failover))
+        })
+        .unwrap_or_default();
     let endpoints = groups
-        .into_values()
-        .map(|ws| {
+        .into_iter()
+        .map(|(key, ws)| {
             let total = ws
                 .iter()
                 .fold(0u32, |acc, w| acc.saturating_add(w.value.spec.weight));
@@ -219,7 +258,7 @@ pub(crate) fn load_assignment(
                     })
                     .collect(),
                 load_balancing_weight: Some(u32v(total.max(1))),
-                priority: 0,
+                priority: priorities.get(&key).copied().unwrap_or(0),
                 ..Default::default()
             }
         })
@@ -229,6 +268,46 @@ pub(crate) fn load_assignment(
         endpoints,
         ..Default::default()
     }
+}
+
+/// Priorities of endpoint localities `(region, zone)` for a proxy in `me`
+/// (Istio's scheme): 0 for its own zone, 1 for the rest of its region, then
+/// the `failover` targets of its region in order, then everything else.
+/// Levels nobody is in are left out, so the priorities that exist are
+/// 0, 1, 2... without gaps (Envoy fails over level by level).
+pub(crate) fn locality_priorities<'a>(
+    localities: impl Iterator<Item = &'a (String, String)>,
+    me: &WorkloadLocality,
+    failover: &[LocalityFailover],
+) -> BTreeMap<(String, String), u32> {
+    let targets: Vec<&str> = failover
+        .iter()
+        .filter(|f| f.from == me.region)
+        .map(|f| f.to.as_str())
+        .collect();
+    let raw: Vec<((String, String), usize)> = localities
+        .map(|(region, zone)| {
+            let level = if *region == me.region && *zone == me.zone {
+                0
+            } else if *region == me.region {
+                1
+            } else if let Some(i) = targets.iter().position(|t| t == region) {
+                2 + i
+            } else {
+                2 + targets.len()
+            };
+            ((region.clone(), zone.clone()), level)
+        })
+        .collect();
+    let mut levels: Vec<usize> = raw.iter().map(|(_, l)| *l).collect();
+    levels.sort_unstable();
+    levels.dedup();
+    raw.into_iter()
+        .map(|(k, l)| {
+            let p = levels.iter().position(|x| *x == l).unwrap_or(0);
+            (k, u32::try_from(p).unwrap_or(u32::MAX))
+        })
+        .collect()
 }
 
 fn locality(w: &Workload) -> Locality {

@@ -17,6 +17,14 @@
 //! AuthorizationPolicies of its service and the Mesh default action
 //! (`authz`, contract in `docs/authorization.md`).
 //!
+//! Resilience: each service port's clusters and routes take the effective
+//! TrafficPolicy ([`crate::EffectivePolicy`]): circuit breakers, outlier
+//! detection and health checks on the cluster; timeouts and retries on the
+//! routes; faults and HTTPRoute rate limits as per-route configs of the
+//! outbound HCM's fault and local rate limit filters; a Service's rate
+//! limit on the inbound HCM; with `locality`, per-proxy endpoint priorities
+//! ([`locality_load_assignments`]). See `resilience`.
+//!
 //! mTLS: when the mesh enables it, clusters to sidecars originate mTLS and
 //! the inbound listener terminates it (`mtls`, contract in `docs/mtls.md`).
 //!
@@ -33,13 +41,14 @@ use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::{route_action, RouteConfiguration};
 
 use crate::mesh::{Key, Mesh};
-use crate::resources::{AppProtocol, ServicePort};
+use crate::resources::{AppProtocol, Locality, ServicePort};
 
 mod authz;
 mod clusters;
 mod grpc;
 mod listeners;
 pub mod mtls;
+mod resilience;
 mod routes;
 mod util;
 
@@ -161,46 +170,52 @@ pub fn translate(mesh: &Mesh, ctx: &ProxyContext) -> Xds {
     };
 
     let mtls = mtls::Mtls::of(mesh, ctx.certs_dir.as_deref());
+    let here = proxy_locality(mesh, ctx);
     for s in mesh.services() {
         let svc = &s.value;
-        let policy = mesh
-            .traffic_policy_for(&svc.metadata.namespace, &svc.metadata.name)
-            .map(|p| &p.value);
         for sp in &svc.spec.ports {
-            let mut cluster = clusters::service_cluster(svc, sp, policy);
+            let policy = mesh.port_policy(&svc.metadata.namespace, &svc.metadata.name, &sp.name);
+            let mut cluster = clusters::service_cluster(svc, sp, &policy);
             if let Some(m) = &mtls {
                 cluster.transport_socket_matches = m.cluster_matches(mesh, svc, sp.app_protocol);
             }
             xds.clusters.push(cluster);
-            xds.endpoints
-                .push(clusters::load_assignment(mesh, svc, sp, mtls.is_some()));
+            xds.endpoints.push(clusters::load_assignment(
+                mesh,
+                svc,
+                sp,
+                mtls.is_some(),
+                here.as_ref(),
+            ));
         }
     }
 
-    xds.routes.push(routes::outbound(mesh, &att, ctx));
+    let outbound = routes::outbound(mesh, &att, ctx);
+    let filters = resilience::outbound_filters(&outbound);
+    xds.routes.push(outbound);
     xds.listeners.push(listeners::detecting(
         names::OUTBOUND_HTTP,
         ctx.outbound_addr,
         ctx.detect_timeout,
         names::OUTBOUND_HTTP,
-        Vec::new(),
+        filters,
         Vec::new(),
     ));
 
     for s in mesh.services() {
         let svc = &s.value;
         let (ns, name) = (&svc.metadata.namespace, &svc.metadata.name);
-        let idle = mesh
-            .traffic_policy_for(ns, name)
-            .and_then(|p| p.value.spec.connection_pool.as_ref())
-            .and_then(|c| c.idle_timeout)
-            .map(|d| d.get());
         for sp in svc
             .spec
             .ports
             .iter()
             .filter(|p| p.app_protocol == AppProtocol::Tcp)
         {
+            let idle = mesh
+                .port_policy(ns, name, &sp.name)
+                .connection_pool
+                .and_then(|c| c.value.idle_timeout)
+                .map(|d| d.get());
             let lname = names::tcp_listener(sp.port, name, ns);
             let mut targets: Vec<(String, u32)> = Vec::new();
             let mut tcp_routes: Vec<_> = att
@@ -260,6 +275,41 @@ pub fn translate(mesh: &Mesh, ctx: &ProxyContext) -> Xds {
     xds
 }
 
+/// Where the proxy runs: the locality of the Workload it fronts (in the
+/// control plane, a registered workload's locality comes from its node's
+/// metadata or `node.locality`). `None` when it fronts none or that has no
+/// locality.
+pub fn proxy_locality(mesh: &Mesh, ctx: &ProxyContext) -> Option<Locality> {
+    let (ns, name) = ctx.workload.as_ref()?;
+    mesh.workload(ns, name)?
+        .value
+        .spec
+        .locality
+        .clone()
+        .filter(|l| !(l.region.is_empty() && l.zone.is_empty()))
+}
+
+/// The ClusterLoadAssignments that depend on where the proxy runs: those of
+/// the service ports whose effective TrafficPolicy enables `locality`, with
+/// the priorities of a proxy in `at`. The control plane serves these in
+/// place of the shared ones (which are all priority 0).
+pub fn locality_load_assignments(mesh: &Mesh, at: &Locality) -> Vec<ClusterLoadAssignment> {
+    let mtls = mtls::Mtls::of(mesh, None).is_some();
+    let mut out = Vec::new();
+    for s in mesh.services() {
+        let svc = &s.value;
+        for sp in &svc.spec.ports {
+            if mesh
+                .port_policy(&svc.metadata.namespace, &svc.metadata.name, &sp.name)
+                .locality_enabled()
+            {
+                out.push(clusters::load_assignment(mesh, svc, sp, mtls, Some(at)));
+            }
+        }
+    }
+    out
+}
+
 /// The inbound listener, route configuration and clusters of the fronted
 /// workload (nothing if it or its service is unknown).
 fn inbound(
@@ -308,12 +358,15 @@ fn inbound(
         .map(|(port, _, domains)| (port, domains))
         .collect();
     let service_ports: Vec<&ServicePort> = ports.iter().map(|(sp, _)| *sp).collect();
-    let rbac = authz::inbound(mesh, svc, &hosts, &service_ports);
+    let mut rbac = authz::inbound(mesh, svc, &hosts, &service_ports);
     let mut tcp_chain = rbac.tcp;
     tcp_chain.push(tcp);
     let has_http = ports.iter().any(|(sp, _)| sp.app_protocol.is_http());
     if has_http {
-        xds.routes.push(routes::inbound(svc, &ports));
+        let (rc, rate_limit) = routes::inbound(mesh, svc, &ports);
+        // After authorization: a denied request spends no token.
+        rbac.http.extend(rate_limit);
+        xds.routes.push(rc);
     }
     if let Some(m) = mtls {
         xds.listeners.push(listeners::inbound_mtls(
@@ -341,16 +394,14 @@ fn inbound(
     }
 }
 
-/// Hash policies for routes to Service `svc` when its TrafficPolicy uses a
-/// consistent-hash balancer.
-pub(crate) fn hash_policies(mesh: &Mesh, svc: &Key) -> Vec<route_action::HashPolicy> {
+/// Hash policies for routes to port `port` (by name) of Service `svc` when
+/// its TrafficPolicy uses a consistent-hash balancer.
+pub(crate) fn hash_policies(mesh: &Mesh, svc: &Key, port: &str) -> Vec<route_action::HashPolicy> {
     use route_action::hash_policy::{self, PolicySpecifier};
-    let Some(p) = mesh.traffic_policy_for(&svc.0, &svc.1) else {
+    let Some(lb) = mesh.port_policy(&svc.0, &svc.1, port).load_balancer else {
         return Vec::new();
     };
-    let Some(lb) = &p.value.spec.load_balancer else {
-        return Vec::new();
-    };
+    let lb = lb.value;
     if !lb.algorithm.is_hash() {
         return Vec::new();
     }

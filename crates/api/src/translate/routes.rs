@@ -8,22 +8,25 @@ use envoy_types::pb::envoy::config::core::v3::{data_source, DataSource, RuntimeF
 use envoy_types::pb::envoy::config::route::v3::{
     header_matcher, query_parameter_matcher, redirect_action, route, route_action, route_match,
     weighted_cluster::ClusterWeight, DirectResponseAction, HeaderMatcher, QueryParameterMatcher,
-    RedirectAction, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
+    RedirectAction, RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
     WeightedCluster,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::RegexMatchAndSubstitute;
 use envoy_types::pb::envoy::r#type::v3::{fractional_percent::DenominatorType, FractionalPercent};
 
 use super::names;
-use super::util::{exact, pb_duration, regex_matcher, regex_string, u32v, HeaderOps};
+use super::resilience;
+use super::util::{any, exact, pb_duration, regex_matcher, regex_string, u32v, HeaderOps};
 use super::ProxyContext;
-use crate::mesh::{backend_port, parent_ports, route_age_key, Key, Mesh, PortClass};
+use crate::effective::{EffectivePolicy, Supplied, Supplier};
+use crate::mesh::{backend_port, parent_ports, route_age_key, Key, Mesh, PolicyTarget, PortClass};
 use crate::resources::{
     BackendView, GrpcFilterType, GrpcRoute, HeaderMatch, HeaderModifier, HttpFilterType, HttpRoute,
     HttpRouteFilter, HttpRouteMatch, MatchType, ParentRef, PathMatchType, PathModifier,
-    PathModifierType, RequestMirror, RequestRedirect, Service, ServicePort, TcpRoute,
+    PathModifierType, RateLimit, RequestMirror, RequestRedirect, Service, ServicePort, TcpRoute,
 };
 use crate::source::Sourced;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpFilter;
 
 /// A route attached to a service port.
 #[derive(Clone, Copy)]
@@ -200,32 +203,96 @@ pub(crate) fn inbound_hosts(
     out
 }
 
-pub(crate) fn inbound(svc: &Service, ports: &[(&ServicePort, u32)]) -> RouteConfiguration {
+/// Stat prefix of the inbound rate limit filter (and of its bucket when the
+/// Service's policy gives all its HTTP ports one bucket).
+pub(crate) const INBOUND_RATE_LIMIT: &str = "inbound_rate_limit";
+
+/// The inbound RouteConfiguration of a workload of `svc` and, when a port
+/// has a rate limit, the local rate limit filter for the inbound HCM.
+///
+/// Rate limits: when every HTTP port takes its `rateLimit` from the policy
+/// on the Service as a whole, the filter holds the one bucket of this
+/// instance (Envoy: listener-wide); otherwise each port with a rate limit
+/// has its own bucket in its route's per-filter config and the filter holds
+/// none.
+pub(crate) fn inbound(
+    mesh: &Mesh,
+    svc: &Service,
+    ports: &[(&ServicePort, u32)],
+) -> (RouteConfiguration, Option<HttpFilter>) {
+    let hosts = inbound_hosts(svc, ports);
+    let (ns, name) = (&svc.metadata.namespace, &svc.metadata.name);
+    let limits: Vec<Option<Supplied<RateLimit>>> = hosts
+        .iter()
+        .map(|(port, _, _)| {
+            svc.port(*port)
+                .and_then(|sp| mesh.port_policy(ns, name, &sp.name).rate_limit)
+        })
+        .collect();
+    let shared = match limits.first() {
+        Some(Some(first)) => {
+            matches!(
+                &first.by,
+                Supplier::Policy {
+                    target: PolicyTarget::Service { port: None, .. },
+                    ..
+                }
+            ) && limits.iter().all(|l| l.as_ref() == Some(first))
+        }
+        _ => false,
+    };
     let mut vhosts = Vec::new();
-    for (_, wport, domains) in inbound_hosts(svc, ports) {
+    for ((_, wport, domains), limit) in hosts.into_iter().zip(&limits) {
         let domains = domains.unwrap_or_else(|| vec!["*".to_string()]);
         let cluster = names::inbound_cluster(wport);
-        vhosts.push(VirtualHost {
-            name: cluster.clone(),
-            domains,
-            routes: vec![Route {
-                name: format!("{cluster}/default"),
-                r#match: Some(prefix_match("/")),
-                action: Some(route::Action::Route(RouteAction {
-                    cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster)),
-                    timeout: Some(pb_duration(std::time::Duration::ZERO)),
-                    ..Default::default()
-                })),
+        let mut route = Route {
+            name: format!("{cluster}/default"),
+            r#match: Some(prefix_match("/")),
+            action: Some(route::Action::Route(RouteAction {
+                cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster.clone())),
+                timeout: Some(pb_duration(std::time::Duration::ZERO)),
                 ..Default::default()
-            }],
+            })),
+            ..Default::default()
+        };
+        if let (Some(l), false) = (limit, shared) {
+            route.typed_per_filter_config.insert(
+                resilience::LOCAL_RATE_LIMIT.to_string(),
+                any(&resilience::local_rate_limit(
+                    &format!("{INBOUND_RATE_LIMIT}_{wport}"),
+                    Some(&l.value),
+                )),
+            );
+        }
+        vhosts.push(VirtualHost {
+            name: cluster,
+            domains,
+            routes: vec![route],
             ..Default::default()
         });
     }
-    RouteConfiguration {
-        name: names::INBOUND.to_string(),
-        virtual_hosts: vhosts,
-        ..Default::default()
-    }
+    let filter = limits.iter().any(Option::is_some).then(|| {
+        let own = if shared {
+            limits.first().cloned().flatten().map(|l| l.value)
+        } else {
+            None
+        };
+        resilience::http_filter(
+            resilience::LOCAL_RATE_LIMIT,
+            any(&resilience::local_rate_limit(
+                INBOUND_RATE_LIMIT,
+                own.as_ref(),
+            )),
+        )
+    });
+    (
+        RouteConfiguration {
+            name: names::INBOUND.to_string(),
+            virtual_hosts: vhosts,
+            ..Default::default()
+        },
+        filter,
+    )
 }
 
 /// Host names of a service port: `svc`, `svc.ns`, `svc.ns.svc`,
@@ -259,16 +326,46 @@ fn default_route(mesh: &Mesh, svc: &Service, sp: &ServicePort) -> Route {
         request: HeaderOps::default(),
         response: HeaderOps::default(),
         service: (svc.metadata.namespace.clone(), svc.metadata.name.clone()),
+        port: sp.name.clone(),
     };
-    Route {
-        name: format!(
-            "{}/default",
-            names::vhost(&svc.metadata.name, &svc.metadata.namespace, sp.port)
-        ),
-        r#match: Some(prefix_match("/")),
-        action: Some(forward(mesh, vec![target], false, ForwardOpts::default())),
-        ..Default::default()
+    let eff = mesh.caller_policy(&svc.metadata.namespace, &svc.metadata.name, &sp.name);
+    let name = format!(
+        "{}/default",
+        names::vhost(&svc.metadata.name, &svc.metadata.namespace, sp.port)
+    );
+    with_per_filter(
+        Route {
+            name,
+            r#match: Some(prefix_match("/")),
+            action: Some(forward(
+                mesh,
+                vec![target],
+                false,
+                ForwardOpts::default().with_policy(&eff),
+            )),
+            ..Default::default()
+        },
+        &eff,
+    )
+}
+
+/// `route` with the fault and rate limit of `eff` as per-filter configs
+/// (the bucket's stat prefix is the route's name).
+fn with_per_filter(mut route: Route, eff: &EffectivePolicy) -> Route {
+    let stat_prefix = route.name.clone();
+    if let Some(f) = &eff.fault {
+        route.typed_per_filter_config.insert(
+            resilience::FAULT.to_string(),
+            any(&resilience::http_fault(&f.value)),
+        );
     }
+    if let Some(r) = &eff.rate_limit {
+        route.typed_per_filter_config.insert(
+            resilience::LOCAL_RATE_LIMIT.to_string(),
+            any(&resilience::local_rate_limit(&stat_prefix, Some(&r.value))),
+        );
+    }
+    route
 }
 
 fn prefix_match(p: &str) -> RouteMatch {
@@ -285,6 +382,8 @@ struct Backend {
     request: HeaderOps,
     response: HeaderOps,
     service: Key,
+    /// The service port's name.
+    port: String,
 }
 
 #[derive(Default)]
@@ -294,6 +393,19 @@ struct ForwardOpts {
     regex_rewrite: Option<(String, String)>,
     host_rewrite: Option<String>,
     mirrors: Vec<route_action::RequestMirrorPolicy>,
+    retry: Option<RetryPolicy>,
+    idle_timeout: Option<std::time::Duration>,
+}
+
+impl ForwardOpts {
+    /// The timeouts and retries of an effective policy.
+    fn with_policy(mut self, eff: &EffectivePolicy) -> Self {
+        let t = eff.timeouts.as_ref().map(|t| &t.value);
+        self.timeout = t.and_then(|t| t.request).map(|d| d.get());
+        self.idle_timeout = t.and_then(|t| t.stream_idle).map(|d| d.get());
+        self.retry = resilience::retry_policy(eff.retries.as_ref().map(|r| &r.value), t);
+        self
+    }
 }
 
 /// The action forwarding to `backends` (500 when every weight is 0).
@@ -318,7 +430,7 @@ fn forward(mesh: &Mesh, backends: Vec<Backend>, had_refs: bool, o: ForwardOpts) 
     }
     let mut hash_policy = Vec::new();
     for b in &live {
-        for hp in super::hash_policies(mesh, &b.service) {
+        for hp in super::hash_policies(mesh, &b.service, &b.port) {
             if !hash_policy.contains(&hp) {
                 hash_policy.push(hp);
             }
@@ -363,6 +475,8 @@ fn forward(mesh: &Mesh, backends: Vec<Backend>, had_refs: bool, o: ForwardOpts) 
             .map(route_action::HostRewriteSpecifier::HostRewriteLiteral),
         request_mirror_policies: o.mirrors,
         hash_policy,
+        retry_policy: o.retry,
+        idle_timeout: o.idle_timeout.map(pb_duration),
         ..Default::default()
     })
 }
@@ -426,6 +540,7 @@ fn backend(
             svc.value.metadata.namespace.clone(),
             svc.value.metadata.name.clone(),
         ),
+        port: sp.name.clone(),
     })
 }
 
@@ -557,11 +672,11 @@ fn http_entries(
                 })
                 .collect()
         };
-        let timeout = rule
-            .timeouts
-            .as_ref()
-            .and_then(|t| t.request.or(t.backend_request))
-            .map(|d| d.get());
+        let parent_key: Key = (
+            parent.metadata.namespace.clone(),
+            parent.metadata.name.clone(),
+        );
+        let eff = mesh.route_policy(route, i, &parent_key, &psp.name);
         for (j, m) in rule.matches.iter().enumerate() {
             let (path, rank, plen) = http_path(m);
             let mut headers = Vec::new();
@@ -584,10 +699,10 @@ fn http_entries(
                 Some(rd) => route::Action::Redirect(redirect_action(rd, prefix, psp.port)),
                 None => {
                     let mut o = ForwardOpts {
-                        timeout,
                         mirrors: mirrors.clone(),
                         ..Default::default()
-                    };
+                    }
+                    .with_policy(&eff);
                     if let Some(rw) = rewrite {
                         o.host_rewrite = rw.hostname.clone();
                         if let Some(pm) = &rw.path {
@@ -620,21 +735,24 @@ fn http_entries(
                     rule: i,
                     m: j,
                 },
-                route: Route {
-                    name,
-                    r#match: Some(RouteMatch {
-                        path_specifier: Some(path),
-                        headers,
-                        query_parameters: query,
+                route: with_per_filter(
+                    Route {
+                        name,
+                        r#match: Some(RouteMatch {
+                            path_specifier: Some(path),
+                            headers,
+                            query_parameters: query,
+                            ..Default::default()
+                        }),
+                        action: Some(action),
+                        request_headers_to_add: req.add.clone(),
+                        request_headers_to_remove: req.remove.clone(),
+                        response_headers_to_add: resp.add.clone(),
+                        response_headers_to_remove: resp.remove.clone(),
                         ..Default::default()
-                    }),
-                    action: Some(action),
-                    request_headers_to_add: req.add.clone(),
-                    request_headers_to_remove: req.remove.clone(),
-                    response_headers_to_add: resp.add.clone(),
-                    response_headers_to_remove: resp.remove.clone(),
-                    ..Default::default()
-                },
+                    },
+                    &eff,
+                ),
             });
         }
     }
@@ -681,6 +799,7 @@ fn clone_backends(bs: &[Backend]) -> Vec<Backend> {
                 remove: b.response.remove.clone(),
             },
             service: b.service.clone(),
+            port: b.port.clone(),
         })
         .collect()
 }
@@ -692,6 +811,7 @@ fn parent_backend(svc: &Service, sp: &ServicePort) -> Backend {
         request: HeaderOps::default(),
         response: HeaderOps::default(),
         service: (svc.metadata.namespace.clone(), svc.metadata.name.clone()),
+        port: sp.name.clone(),
     }
 }
 
@@ -794,6 +914,7 @@ fn grpc_entries(
     let route = &r.value;
     let ns = route.metadata.namespace.as_str();
     let age = route_age_key(&route.metadata);
+    let eff = mesh.caller_policy(&parent.metadata.namespace, &parent.metadata.name, &psp.name);
     let mut out = Vec::new();
     for (i, rule) in route.spec.rules.iter().enumerate() {
         let mut req = HeaderOps::default();
@@ -863,7 +984,8 @@ fn grpc_entries(
                 ForwardOpts {
                     mirrors: mirrors.clone(),
                     ..Default::default()
-                },
+                }
+                .with_policy(&eff),
             );
             let name = if matches.len() > 1 {
                 format!("{ns}/{}/{i}/{j}", route.metadata.name)
@@ -877,20 +999,23 @@ fn grpc_entries(
                     rule: i,
                     m: j,
                 },
-                route: Route {
-                    name,
-                    r#match: Some(RouteMatch {
-                        path_specifier: Some(path),
-                        headers,
+                route: with_per_filter(
+                    Route {
+                        name,
+                        r#match: Some(RouteMatch {
+                            path_specifier: Some(path),
+                            headers,
+                            ..Default::default()
+                        }),
+                        action: Some(action),
+                        request_headers_to_add: req.add.clone(),
+                        request_headers_to_remove: req.remove.clone(),
+                        response_headers_to_add: resp.add.clone(),
+                        response_headers_to_remove: resp.remove.clone(),
                         ..Default::default()
-                    }),
-                    action: Some(action),
-                    request_headers_to_add: req.add.clone(),
-                    request_headers_to_remove: req.remove.clone(),
-                    response_headers_to_add: resp.add.clone(),
-                    response_headers_to_remove: resp.remove.clone(),
-                    ..Default::default()
-                },
+                    },
+                    &eff,
+                ),
             });
         }
     }

@@ -18,14 +18,12 @@ use std::collections::{BTreeMap, HashMap};
 
 use crate::error::{Error, Errors, FieldPath};
 use crate::mesh::{is_service_group, list_ports, parse_rfc3339, Key, Mesh};
-use crate::resources::{
-    AppProtocol, HashConfig, Kind, LbAlgorithm, LoadBalancer, Metadata, Resource, Service,
-    TargetRef, TrafficPolicy, Workload, DEFAULT_MAX_RING,
-};
+use crate::resources::{AppProtocol, Kind, Metadata, Resource, Service, TargetRef, Workload};
 use crate::source::Sourced;
 
 mod authz;
 pub(crate) mod checks;
+pub(crate) mod policy;
 mod routes;
 
 /// Checks `resources` and indexes them into a [`Mesh`].
@@ -108,7 +106,7 @@ pub fn validate(resources: Vec<Sourced<Resource>>) -> Result<Mesh, Errors> {
     for w in mesh.workloads() {
         check_workload(&mesh, w, &mut errors);
     }
-    check_policies(&mut mesh, &mut errors);
+    policy::check_policies(&mut mesh, &mut errors);
     authz::check_authz_policies(&mesh, &mut errors);
     routes::check_routes(&mesh, &mut errors);
 
@@ -361,150 +359,6 @@ fn check_workload(mesh: &Mesh, w: &Sourced<Workload>, errors: &mut Errors) {
             );
         }
         ck.range(&pp, (*port).into(), 1, 65535);
-    }
-}
-
-fn check_policies(mesh: &mut Mesh, errors: &mut Errors) {
-    let mut policy_of: BTreeMap<Key, Key> = BTreeMap::new();
-    for (pk, p) in &mesh.traffic_policies {
-        let tp: &TrafficPolicy = &p.value;
-        let mut ck = Ck::new(p, label_of(Kind::TrafficPolicy, &tp.metadata), errors);
-        let base = FieldPath::root().key("spec");
-        let tr = &tp.spec.target_ref;
-        let tpath = base.key("targetRef");
-        if ck.service_ref(&tpath, tr, "a TrafficPolicy") {
-            let ns = &tp.metadata.namespace;
-            let sk: Key = (ns.clone(), tr.name.clone());
-            if mesh.services.contains_key(&sk) {
-                if let Some(other) = policy_of.get(&sk) {
-                    let place = mesh
-                        .traffic_policies
-                        .get(other)
-                        .map(|o| o.place())
-                        .unwrap_or_default();
-                    ck.err(
-                        &tpath.key("name"),
-                        format!(
-                            "Service {ns}/{} already has TrafficPolicy {}/{} ({place}); one TrafficPolicy per Service: merge them",
-                            tr.name, other.0, other.1
-                        ),
-                    );
-                } else {
-                    policy_of.insert(sk, pk.clone());
-                }
-            } else {
-                ck.err(
-                    &tpath.key("name"),
-                    format!("Service {ns}/{} not found (a TrafficPolicy targets a Service of its own namespace)", tr.name),
-                );
-            }
-        }
-        if let Some(lb) = &tp.spec.load_balancer {
-            check_lb(&mut ck, lb, &base.key("loadBalancer"));
-        }
-        if let Some(cp) = &tp.spec.connection_pool {
-            if cp.connect_timeout.is_some_and(|d| d.get().is_zero()) {
-                ck.err(
-                    &base.key("connectionPool").key("connectTimeout"),
-                    "must be more than 0s",
-                );
-            }
-        }
-    }
-    mesh.policy_of = policy_of;
-}
-
-fn check_lb<T>(ck: &mut Ck<'_, T>, lb: &LoadBalancer, p: &FieldPath) {
-    let alg = lb.algorithm;
-    if let Some(c) = lb.choice_count {
-        if alg != LbAlgorithm::LeastRequest {
-            ck.err(
-                &p.key("choiceCount"),
-                format!("only used by algorithm leastRequest, not {}", alg.as_str()),
-            );
-        }
-        ck.range(&p.key("choiceCount"), c.into(), 2, 100);
-    }
-    if let Some(h) = &lb.hash {
-        if !alg.is_hash() {
-            ck.err(
-                &p.key("hash"),
-                format!(
-                    "only used by algorithms ringHash and maglev, not {}",
-                    alg.as_str()
-                ),
-            );
-        }
-        check_hash(ck, h, &p.key("hash"));
-    }
-    if let Some(r) = &lb.ring_hash {
-        let rp = p.key("ringHash");
-        if alg != LbAlgorithm::RingHash {
-            ck.err(
-                &rp,
-                format!("only used by algorithm ringHash, not {}", alg.as_str()),
-            );
-        }
-        let min = r
-            .minimum_ring_size
-            .unwrap_or(crate::resources::DEFAULT_MIN_RING);
-        let max = r.maximum_ring_size.unwrap_or(DEFAULT_MAX_RING);
-        if let Some(v) = r.minimum_ring_size {
-            ck.range(&rp.key("minimumRingSize"), v, 1, DEFAULT_MAX_RING);
-        }
-        if let Some(v) = r.maximum_ring_size {
-            ck.range(&rp.key("maximumRingSize"), v, 1, DEFAULT_MAX_RING);
-        }
-        if min > max {
-            ck.err(
-                &rp,
-                format!("minimumRingSize {min} is larger than maximumRingSize {max}"),
-            );
-        }
-    }
-    if let Some(m) = &lb.maglev {
-        let mp = p.key("maglev");
-        if alg != LbAlgorithm::Maglev {
-            ck.err(
-                &mp,
-                format!("only used by algorithm maglev, not {}", alg.as_str()),
-            );
-        }
-        if let Some(t) = m.table_size {
-            if t > 5_000_011 || !checks::is_prime(t) {
-                ck.err(
-                    &mp.key("tableSize"),
-                    format!("{t} is not a prime number up to 5000011 (e.g. 65537)"),
-                );
-            }
-        }
-    }
-}
-
-fn check_hash<T>(ck: &mut Ck<'_, T>, h: &HashConfig, p: &FieldPath) {
-    let set = usize::from(h.header.is_some())
-        + usize::from(h.cookie.is_some())
-        + usize::from(h.source_ip.is_some());
-    if set != 1 {
-        ck.err(p, "set exactly one of header, cookie and sourceIP");
-    }
-    if let Some(name) = &h.header {
-        ck.check(&p.key("header"), checks::header_name(name));
-    }
-    if let Some(c) = &h.cookie {
-        let cp = p.key("cookie");
-        ck.check(&cp.key("name"), checks::header_name(&c.name).map_err(|_| {
-            format!("cookie name {:?} must be a non-empty token (letters, digits, and !#$%&'*+-.^_`|~)", c.name)
-        }));
-        if let Some(path) = &c.path {
-            ck.check(&cp.key("path"), checks::replacement_path(path, false));
-        }
-    }
-    if h.source_ip == Some(false) {
-        ck.err(
-            &p.key("sourceIP"),
-            "must be true when set (remove it to hash something else)",
-        );
     }
 }
 

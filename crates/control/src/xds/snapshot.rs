@@ -26,13 +26,16 @@
 //! Non-goals: deciding what a stream subscribed to (see `stream`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
+use api::resources::Locality;
 use api::{names, Mesh, ProxyContext, Resource};
 use envoy_types::pb::envoy::config::cluster::v3::{cluster::LbPolicy, Cluster};
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::{filter, Listener};
-use envoy_types::pb::envoy::config::route::v3::{route, route_action, RouteConfiguration};
+use envoy_types::pb::envoy::config::route::v3::{
+    route, route_action, RouteConfiguration, VirtualHost,
+};
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{tcp_proxy, TcpProxy};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use envoy_types::pb::google::protobuf::Any;
@@ -210,6 +213,12 @@ pub(crate) struct Base {
     /// What scoping a proxy to some services keeps, precomputed so that
     /// scoping costs what the scope holds, not what the mesh holds.
     index: ScopeIndex,
+    /// The endpoints of clusters whose TrafficPolicy enables `locality`, as
+    /// a proxy in a given locality sees them (priorities by nearness):
+    /// made on first use, shared by every proxy of that locality.
+    by_locality: Mutex<HashMap<Locality, Arc<View>>>,
+    /// The previous base's, whose versions are kept for equal content.
+    prev_by_locality: HashMap<Locality, Arc<View>>,
 }
 
 /// Base resources by the service (`service.namespace`) they belong to.
@@ -367,14 +376,51 @@ impl Base {
             }
         }
         let index = ScopeIndex::build(&resources);
+        let prev_by_locality = prev
+            .map(|p| lock(&p.by_locality).clone())
+            .unwrap_or_default();
         Base {
             version,
             resources,
             api_names,
             grpc_clusters,
             index,
+            by_locality: Mutex::new(HashMap::new()),
+            prev_by_locality,
         }
     }
+
+    /// The endpoints a proxy in `at` gets instead of the shared ones (see
+    /// `by_locality`); `mesh` is the one this base was built from.
+    fn locality_view(&self, mesh: &Mesh, at: &Locality) -> Arc<View> {
+        let mut cache = lock(&self.by_locality);
+        if let Some(v) = cache.get(at) {
+            return v.clone();
+        }
+        let prev = self.prev_by_locality.get(at);
+        let mut view = View::new();
+        for la in api::locality_load_assignments(mesh, at) {
+            let name = la.cluster_name.clone();
+            let res = Res::Endpoints(Box::new(la));
+            let item = match prev.and_then(|p| p.get(&name)) {
+                Some(old) if old.res() == Some(&res) => old.clone(),
+                _ => Versioned::new(
+                    Arc::from(format!("{}-{}-{}", self.version, at.region, at.zone)),
+                    res,
+                ),
+            };
+            view.insert(name, item);
+        }
+        let view = Arc::new(view);
+        cache.insert(at.clone(), view.clone());
+        view
+    }
+}
+
+/// `m` locked, even if a panic poisoned it (the maps stay consistent: they
+/// are only ever inserted into whole).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Snapshot {
@@ -395,7 +441,11 @@ impl Snapshot {
             // Same Service and Workload as last time: same inbound side,
             // no need to translate it again.
             Some(p) if inputs.is_some() && p.inbound_inputs == inputs => {
-                for kind in TypeKind::ALL {
+                // Not its endpoints: those follow the base (below).
+                for kind in TypeKind::ALL
+                    .into_iter()
+                    .filter(|k| *k != TypeKind::Endpoints)
+                {
                     for (n, v) in &p.own[kind.index()] {
                         if n != names::OUTBOUND_HTTP {
                             own[kind.index()].insert(n.clone(), v.clone());
@@ -445,6 +495,18 @@ impl Snapshot {
             }
             allowed
         });
+        // Where the proxy runs decides the priorities of the endpoints of
+        // clusters with locality-aware balancing.
+        if let Some(at) = api::proxy_locality(mesh, ctx) {
+            for (n, v) in base.locality_view(mesh, &at).iter() {
+                let visible = allowed
+                    .as_ref()
+                    .is_none_or(|a| a[TypeKind::Endpoints.index()].contains(n));
+                if visible {
+                    own[TypeKind::Endpoints.index()].insert(n.clone(), v.clone());
+                }
+            }
+        }
         Snapshot {
             version,
             base,
@@ -581,7 +643,7 @@ impl Snapshot {
                         .virtual_hosts
                         .iter()
                         .filter(|vh| vh.domains.iter().any(|d| d == name))
-                        .cloned()
+                        .map(for_proxyless)
                         .collect(),
                     ..(**rc).clone()
                 };
@@ -794,6 +856,28 @@ fn tcp_targets(l: &Listener, out: &mut HashSet<String>) {
     }
 }
 
+/// A virtual host as proxyless gRPC can take it. gRPC NACKs per-route
+/// configs of HTTP filters it does not implement (the local rate limit) and
+/// retry policies of zero retries (which carry a per-try timeout alone);
+/// its api_listener runs the router only, so neither would apply anyway.
+fn for_proxyless(vh: &VirtualHost) -> VirtualHost {
+    let mut vh = vh.clone();
+    vh.typed_per_filter_config.clear();
+    for r in &mut vh.routes {
+        r.typed_per_filter_config.clear();
+        if let Some(route::Action::Route(a)) = &mut r.action {
+            let no_retries = a
+                .retry_policy
+                .as_ref()
+                .is_some_and(|p| p.num_retries.as_ref().is_some_and(|n| n.value == 0));
+            if no_retries {
+                a.retry_policy = None;
+            }
+        }
+    }
+    vh
+}
+
 /// `c` as proxyless gRPC can use it, when that differs: gRPC balances with
 /// ROUND_ROBIN, RING_HASH (and, depending on the release, LEAST_REQUEST,
 /// which not every grpcio build accepts), so anything but those two becomes
@@ -977,6 +1061,78 @@ spec:
     }
 
     #[test]
+    fn service_rate_limits_reach_the_inbound_side() {
+        let ctx = ProxyContext {
+            workload: Some(("default".into(), "web-0".into())),
+            ..Default::default()
+        };
+        let policy = "---\napiVersion: meshwork.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: limit}\nspec:\n  targetRef: {kind: Service, name: web, sectionName: http}\n  rateLimit: {requests: 5}\n";
+        let inbound_bytes = |yaml: &str, prev: Option<&Snapshot>| {
+            let m = mesh(yaml);
+            let base = Arc::new(Base::build(&m, &base_context(&ctx), None));
+            let s = Snapshot::build(&m, &ctx, None, base, prev);
+            let l = s.get(TypeKind::Listener, "inbound", false).unwrap().any();
+            let r = s.get(TypeKind::Route, "inbound", false).unwrap().any();
+            (s, l.value, r.value)
+        };
+        let has = |b: &[u8], what: &[u8]| b.windows(what.len()).any(|w| w == what);
+        let (s1, l, _) = inbound_bytes(MESH, None);
+        assert!(!has(&l, b"local_ratelimit"));
+        let (_, l, r) = inbound_bytes(&format!("{MESH}{policy}"), Some(&s1));
+        assert!(has(&l, b"envoy.filters.http.local_ratelimit"));
+        assert!(
+            has(&r, b"inbound_rate_limit_80"),
+            "the port's bucket is on its route"
+        );
+    }
+
+    #[test]
+    fn endpoints_get_priorities_for_the_proxy_locality() {
+        let mesh_with = |policy: &str| {
+            mesh(&format!(
+                "{MESH}---\napiVersion: meshwork.dev/v1alpha1\nkind: Workload\nmetadata: {{name: web-1}}\nspec: {{service: web, address: 10.0.0.2, locality: {{region: eu, zone: eu-1}}}}\n---\napiVersion: meshwork.dev/v1alpha1\nkind: Workload\nmetadata: {{name: web-2}}\nspec: {{service: web, address: 10.0.0.3, locality: {{region: us, zone: us-1}}}}\n{policy}"
+            ))
+        };
+        let policy = "---\napiVersion: meshwork.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: near}\nspec:\n  targetRef: {kind: Service, name: web}\n  locality: {}\n";
+        let cluster = "outbound|80||web.default";
+        let prios = |m: &Mesh, workload: &str, prev: Option<&Snapshot>| {
+            let ctx = ProxyContext {
+                workload: Some(("default".into(), workload.into())),
+                ..Default::default()
+            };
+            let base = Arc::new(Base::build(m, &base_context(&ctx), prev.map(|p| &*p.base)));
+            let s = Snapshot::build(m, &ctx, None, base, prev);
+            let v = s.get(TypeKind::Endpoints, cluster, false).unwrap();
+            let Some(Res::Endpoints(la)) = v.res() else {
+                panic!()
+            };
+            let p: Vec<(String, u32)> = la
+                .endpoints
+                .iter()
+                .map(|e| (e.locality.as_ref().unwrap().region.clone(), e.priority))
+                .collect();
+            let via_all = s.all(TypeKind::Endpoints, false)[cluster].version.clone();
+            assert_eq!(via_all, v.version, "get and the wildcard view agree");
+            (s, p, v.version.clone())
+        };
+        let own = |r: &str, p: u32| (r.to_string(), p);
+        let m = mesh_with(policy);
+        let (s1, p, v1) = prios(&m, "web-1", None);
+        assert_eq!(p, [own("", 1), own("eu", 0), own("us", 1)]);
+        let (_, p, _) = prios(&m, "web-2", None);
+        assert_eq!(p, [own("", 1), own("eu", 1), own("us", 0)]);
+        // No locality: the shared endpoints, all priority 0.
+        let (_, p, _) = prios(&m, "web-0", None);
+        assert!(p.iter().all(|(_, p)| *p == 0));
+        // Rebuilt with the same content: same version. Policy gone: back to
+        // the shared endpoints, even though the inbound side is reused.
+        let (s2, _, v2) = prios(&mesh_with(policy), "web-1", Some(&s1));
+        assert_eq!(v1, v2);
+        let (_, p, _) = prios(&mesh_with(""), "web-1", Some(&s2));
+        assert!(p.iter().all(|(_, p)| *p == 0));
+    }
+
+    #[test]
     fn identical_subscriptions_share_one_view() {
         let m = mesh(MESH);
         let ctx = ProxyContext::default();
@@ -1046,5 +1202,44 @@ spec:
         };
         assert_eq!(c(false), LbPolicy::LeastRequest as i32);
         assert_eq!(c(true), LbPolicy::RoundRobin as i32);
+    }
+
+    #[test]
+    fn proxyless_routes_lose_what_grpc_would_refuse() {
+        let m = mesh(&format!(
+            "{MESH}---\napiVersion: meshwork.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: p}}\nspec:\n  targetRef: {{group: gateway.networking.k8s.io, kind: HTTPRoute, name: split}}\n  rateLimit: {{requests: 5}}\n  timeouts: {{perTry: 1s}}\n"
+        ));
+        let ctx = ProxyContext::default();
+        let s = Snapshot::build(&m, &ctx, None, Arc::new(Base::build(&m, &ctx, None)), None);
+        let route = |proxyless| {
+            let name = if proxyless {
+                "web"
+            } else {
+                names::OUTBOUND_HTTP
+            };
+            let v = s.get(TypeKind::Route, name, proxyless).unwrap();
+            let Some(Res::Route(rc)) = v.res() else {
+                panic!()
+            };
+            let vh = rc
+                .virtual_hosts
+                .iter()
+                .find(|v| v.domains.iter().any(|d| d == "web"))
+                .unwrap()
+                .clone();
+            vh.routes[0].clone()
+        };
+        let retry = |r: &envoy_types::pb::envoy::config::route::v3::Route| match &r.action {
+            Some(route::Action::Route(a)) => a.retry_policy.clone(),
+            _ => panic!(),
+        };
+        // Sidecars: the rate limit and the per-try timeout (no retries).
+        let r = route(false);
+        assert!(!r.typed_per_filter_config.is_empty());
+        assert!(retry(&r).is_some());
+        // Proxyless gRPC: neither.
+        let r = route(true);
+        assert!(r.typed_per_filter_config.is_empty());
+        assert!(retry(&r).is_none());
     }
 }

@@ -79,16 +79,27 @@ fn shares(b: &Balancer, picks: usize) -> HashMap<SocketAddr, f64> {
 
 /// Keeps `n` requests in flight on `address`.
 fn hold(b: &Balancer, address: SocketAddr, n: usize) -> Vec<Pick> {
-    let slot = b.endpoints.iter().find(|s| s.address == address).unwrap();
+    let slot = b
+        .core
+        .endpoints
+        .iter()
+        .find(|s| s.host.address == address)
+        .unwrap();
     (0..n)
         .map(|_| {
-            slot.load.acquire();
+            slot.host.load.acquire();
             Pick {
                 address,
-                load: Arc::clone(&slot.load),
+                host: Arc::clone(&slot.host),
             }
         })
         .collect()
+}
+
+/// Runs `f` on the algorithm of the first priority level in use.
+fn with_algorithm<R>(b: &Balancer, f: impl FnOnce(&Algorithm) -> R) -> R {
+    let tables = b.core.tables.load();
+    f(&tables.levels[0].algorithm)
 }
 
 #[test]
@@ -246,10 +257,12 @@ fn round_robin_schedule_spreads_turns() {
         &LbPolicy::RoundRobin,
         &assignment(&[(addr(0), 1), (addr(1), 2), (addr(2), 3)]),
     );
-    let Algorithm::RoundRobin(rr) = &b.algorithm else {
-        panic!("not round robin")
-    };
-    let cycle: Vec<usize> = (0..6).map(|_| rr.next()).collect();
+    let cycle: Vec<usize> = with_algorithm(&b, |a| {
+        let Algorithm::RoundRobin(rr) = a else {
+            panic!("not round robin")
+        };
+        (0..6).map(|_| rr.next()).collect()
+    });
     let mut sorted = cycle.clone();
     sorted.sort();
     assert_eq!(sorted, vec![0, 1, 1, 2, 2, 2]);
@@ -537,10 +550,12 @@ fn ring_and_table_sizes_follow_envoy() {
             },
             &la,
         );
-        let Algorithm::RingHash(ring) = &b.algorithm else {
-            panic!("not a ring")
-        };
-        ring.len()
+        with_algorithm(&b, |a| {
+            let Algorithm::RingHash(ring) = a else {
+                panic!("not a ring")
+            };
+            ring.len()
+        })
     };
     assert_eq!(ring(1024, 1 << 20, &[1, 3]), 1024);
     // The lightest endpoint gets a whole number of entries: ceil(1024/3) * 3.
@@ -555,18 +570,20 @@ fn ring_and_table_sizes_follow_envoy() {
     assert_eq!(table_size_for(10), 11);
     assert_eq!(table_size_for(u64::MAX), 5_000_011);
     let b = Balancer::new(&LbPolicy::Maglev { table_size: 100 }, &equal(3));
-    let Algorithm::Maglev(table) = &b.algorithm else {
-        panic!("not maglev")
-    };
-    assert_eq!(table.len(), 101);
-    // Every slot is owned, so every hash has an endpoint.
-    for hash in 0..101 {
-        assert!(table.get(hash).is_some());
-    }
+    with_algorithm(&b, |a| {
+        let Algorithm::Maglev(table) = a else {
+            panic!("not maglev")
+        };
+        assert_eq!(table.len(), 101);
+        // Every slot is owned, so every hash has an endpoint.
+        for hash in 0..101 {
+            assert!(table.get(hash).is_some());
+        }
+    });
 }
 
 #[test]
-fn only_the_first_non_empty_priority_is_used() {
+fn a_healthy_first_priority_takes_all_traffic() {
     let la = LoadAssignment {
         cluster_name: "c".into(),
         localities: vec![
@@ -576,7 +593,7 @@ fn only_the_first_non_empty_priority_is_used() {
         ],
     };
     let b = Balancer::new(&LbPolicy::Random, &la);
-    assert_eq!(b.len(), 1);
+    assert_eq!(b.len(), 3);
     for _ in 0..50 {
         assert_eq!(b.pick(None).unwrap().address(), addr(0));
     }
@@ -590,7 +607,7 @@ fn only_the_first_non_empty_priority_is_used() {
         ],
     };
     let b = Balancer::new(&LbPolicy::RoundRobin, &la);
-    assert_eq!(b.len(), 2);
+    assert_eq!(b.len(), 3);
     let picked: Vec<SocketAddr> = (0..10).map(|_| b.pick(None).unwrap().address()).collect();
     assert!(picked.iter().all(|a| *a == addr(1) || *a == addr(3)));
 }
@@ -666,9 +683,10 @@ fn picks_on_many_endpoints_leave_nothing_behind() {
             let pick = b.pick(Some(fastrand::u64(..))).unwrap();
             pick.complete(Duration::from_millis(1));
         }
-        for slot in b.endpoints.iter() {
-            assert_eq!(slot.load.in_flight(), 0, "{policy:?}");
-            assert_eq!(Arc::strong_count(&slot.load), 1, "{policy:?}");
+        for slot in b.core.endpoints.iter() {
+            assert_eq!(slot.host.load.in_flight(), 0, "{policy:?}");
+            // The slot and the cluster's health record.
+            assert_eq!(Arc::strong_count(&slot.host), 2, "{policy:?}");
         }
     }
 }
@@ -913,4 +931,281 @@ fn request_hash_feeds_the_ring() {
             );
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// Priorities, health and panic mode.
+
+use super::priority::{plan, LevelHealth};
+
+fn levels(counts: &[(usize, usize)]) -> Vec<LevelHealth> {
+    counts
+        .iter()
+        .map(|&(healthy, total)| LevelHealth { healthy, total })
+        .collect()
+}
+
+/// A balancer with panic threshold `threshold`.
+fn with_threshold(policy: &LbPolicy, threshold: f64, la: &LoadAssignment) -> Balancer {
+    let health = crate::health::ClusterHealth::detached();
+    health.sync_endpoints(la);
+    Balancer::build(policy, threshold, la, &health)
+}
+
+/// `la` with the endpoints at `addresses` marked unhealthy by EDS.
+fn eds_unhealthy(mut la: LoadAssignment, addresses: &[SocketAddr]) -> LoadAssignment {
+    for e in la
+        .localities
+        .iter_mut()
+        .flat_map(|l| l.endpoints.iter_mut())
+    {
+        e.unhealthy = addresses.contains(&e.address);
+    }
+    la
+}
+
+/// Two priorities: P0 with `p0` endpoints of which `p0_healthy` are healthy,
+/// P1 with `p1` endpoints of which `p1_healthy` are healthy. P0 endpoints
+/// are `addr(0..)`, P1 `addr(100..)`.
+fn two_levels(p0: usize, p0_healthy: usize, p1: usize, p1_healthy: usize) -> LoadAssignment {
+    let p0_eps: Vec<_> = (0..p0).map(|i| (addr(i), 1)).collect();
+    let p1_eps: Vec<_> = (0..p1).map(|i| (addr(100 + i), 1)).collect();
+    let la = LoadAssignment {
+        cluster_name: "c".into(),
+        localities: vec![locality(0, &p0_eps), locality(1, &p1_eps)],
+    };
+    let sick: Vec<SocketAddr> = (p0_healthy..p0)
+        .map(addr)
+        .chain((p1_healthy..p1).map(|i| addr(100 + i)))
+        .collect();
+    eds_unhealthy(la, &sick)
+}
+
+/// Share of picks that went to priority 1 (addresses `addr(100..)`).
+fn p1_share(b: &Balancer, picks: usize) -> f64 {
+    let p1: Vec<SocketAddr> = (100..200).map(addr).collect();
+    shares(b, picks)
+        .into_iter()
+        .filter(|(a, _)| p1.contains(a))
+        .map(|(_, s)| s)
+        .sum()
+}
+
+#[test]
+fn priority_load_follows_envoys_overprovisioned_health() {
+    // Envoy's "priority levels" table: P1 fully healthy, P0 healthy share
+    // -> traffic to P0 / P1.
+    for (p0_healthy, p0_load) in [(100, 100), (72, 100), (71, 99), (50, 70), (25, 35), (0, 0)] {
+        let p = plan(&levels(&[(p0_healthy, 100), (100, 100)]), 50.0);
+        assert_eq!(
+            p.loads,
+            vec![p0_load, 100 - p0_load],
+            "P0 {p0_healthy}% healthy"
+        );
+        assert_eq!(p.panic, vec![false, false], "normalized health is 100%");
+    }
+    // Three levels spill in order: 140*1/4 = 35, 140*1/2 = 70 (30 left).
+    let p = plan(&levels(&[(1, 4), (1, 2), (5, 5)]), 50.0);
+    assert_eq!(p.loads, vec![35, 65, 0]);
+}
+
+#[test]
+fn panic_applies_per_level_only_below_full_availability() {
+    // Envoy's panic threshold table (default 50%).
+    // 25% / 25%: health 35 + 35 = 70 < 100, both levels below 50%: total
+    // panic, load by endpoint count.
+    let p = plan(&levels(&[(25, 100), (25, 100)]), 50.0);
+    assert_eq!(p.loads, vec![50, 50]);
+    assert_eq!(p.panic, vec![true, true]);
+    // 5% / 65%: health 7 + 91 = 98; loads 7*100/98 = 7 and 91*100/98 = 92,
+    // the rounding leftover to P0 (Envoy's distributeLoad); P0 panics.
+    let p = plan(&levels(&[(5, 100), (65, 100)]), 50.0);
+    assert_eq!(p.loads, vec![8, 92]);
+    assert_eq!(p.panic, vec![true, false]);
+    // Total panic with unequal levels: by endpoint count.
+    let p = plan(&levels(&[(0, 1), (0, 3)]), 50.0);
+    assert_eq!(p.loads, vec![25, 75]);
+    // Panic disabled: nothing healthy means nothing to route to.
+    let p = plan(&levels(&[(0, 4), (0, 4)]), 0.0);
+    assert_eq!(p.loads, vec![0, 0]);
+    assert_eq!(p.panic, vec![false, false]);
+    // Panic disabled, some health: loads follow health, no level panics.
+    let p = plan(&levels(&[(1, 10), (1, 10)]), 0.0);
+    assert_eq!(p.loads, vec![50, 50]);
+    assert_eq!(p.panic, vec![false, false]);
+    // One level below the threshold with nothing elsewhere.
+    let p = plan(&levels(&[(1, 4)]), 50.0);
+    assert_eq!((p.loads, p.panic), (vec![100], vec![true]));
+    let p = plan(&levels(&[(3, 4)]), 50.0);
+    assert_eq!((p.loads, p.panic), (vec![100], vec![false]));
+}
+
+#[test]
+fn loads_always_sum_to_100_or_0() {
+    fastrand::seed(21);
+    for _ in 0..2000 {
+        let n = fastrand::usize(1..6);
+        let counts: Vec<(usize, usize)> = (0..n)
+            .map(|_| {
+                let total = fastrand::usize(0..20);
+                (fastrand::usize(0..=total), total)
+            })
+            .collect();
+        let threshold = [0.0, 50.0, 100.0, 33.3][fastrand::usize(0..4)];
+        let p = plan(&levels(&counts), threshold);
+        let sum: u32 = p.loads.iter().sum();
+        assert!(sum == 100 || sum == 0, "{counts:?} {threshold} -> {p:?}");
+        let any = counts
+            .iter()
+            .any(|&(h, t)| h > 0 || (t > 0 && threshold > 0.0));
+        assert_eq!(sum == 100, any, "{counts:?} {threshold} -> {p:?}");
+    }
+}
+
+#[test]
+fn eds_unhealthy_endpoints_are_not_picked() {
+    fastrand::seed(22);
+    let la = eds_unhealthy(equal(4), &[addr(1)]);
+    for policy in all_policies() {
+        let b = Balancer::new(&policy, &la);
+        let s = shares(&b, 3000);
+        assert!(!s.contains_key(&addr(1)), "{policy:?}: {s:?}");
+        assert_eq!(s.len(), 3, "{policy:?}");
+    }
+}
+
+#[test]
+fn traffic_spills_to_the_next_priority_by_healthy_share() {
+    fastrand::seed(23);
+    // P0 half healthy: 70% stays, 30% to P1.
+    let b = Balancer::new(&LbPolicy::RoundRobin, &two_levels(10, 5, 10, 10));
+    let share = p1_share(&b, 20_000);
+    assert!((share - 0.30).abs() < 0.02, "{share}");
+    // Only healthy P0 endpoints get P0's share.
+    let s = shares(&b, 5000);
+    assert!((5..10).all(|i| !s.contains_key(&addr(i))), "{s:?}");
+    // P0 at 80% healthy counts as fully healthy (80 * 1.4 > 100).
+    let b = Balancer::new(&LbPolicy::Random, &two_levels(10, 8, 10, 10));
+    assert_eq!(p1_share(&b, 5000), 0.0);
+    // Nothing healthy in P0: everything on P1.
+    let b = Balancer::new(
+        &LbPolicy::LeastRequest { choice_count: 2 },
+        &two_levels(3, 0, 2, 2),
+    );
+    assert_eq!(p1_share(&b, 2000), 1.0);
+}
+
+#[test]
+fn panic_mode_picks_among_all_endpoints() {
+    fastrand::seed(24);
+    // 1 of 4 healthy (25% < 50%): the one level panics and all 4 are used.
+    let la = eds_unhealthy(equal(4), &[addr(1), addr(2), addr(3)]);
+    let b = Balancer::new(&LbPolicy::RoundRobin, &la);
+    let s = shares(&b, 4000);
+    assert_eq!(s.len(), 4, "{s:?}");
+    for share in s.values() {
+        assert!((share - 0.25).abs() < 0.01, "{s:?}");
+    }
+    // Panic disabled: only the healthy one.
+    let b = with_threshold(&LbPolicy::RoundRobin, 0.0, &la);
+    let s = shares(&b, 1000);
+    assert_eq!(s.keys().collect::<Vec<_>>(), vec![&addr(0)]);
+    // Panic disabled and nothing healthy: no endpoint at all.
+    let la = eds_unhealthy(equal(2), &[addr(0), addr(1)]);
+    let b = with_threshold(&LbPolicy::PeakEwma, 0.0, &la);
+    assert!(b.pick(None).is_none());
+    assert!(!b.is_empty());
+    // With the default threshold the same cluster panics and serves.
+    assert!(Balancer::new(&LbPolicy::PeakEwma, &la).pick(None).is_some());
+}
+
+#[test]
+fn total_panic_spreads_load_by_endpoint_count() {
+    fastrand::seed(25);
+    // P0: 1 endpoint, P1: 3, all unhealthy: 25% / 75%.
+    let b = Balancer::new(&LbPolicy::Random, &two_levels(1, 0, 3, 0));
+    let share = p1_share(&b, 20_000);
+    assert!((share - 0.75).abs() < 0.02, "{share}");
+}
+
+#[test]
+fn hashing_skips_unhealthy_endpoints_and_keeps_the_other_keys() {
+    fastrand::seed(26);
+    for policy in [
+        LbPolicy::RingHash {
+            minimum_ring_size: 1024,
+            maximum_ring_size: 1 << 20,
+        },
+        LbPolicy::Maglev { table_size: 65537 },
+    ] {
+        let la = equal(5);
+        let all = Balancer::new(&policy, &la);
+        let without = Balancer::new(&policy, &eds_unhealthy(la, &[addr(2)]));
+        let (mut moved, mut kept) = (0, 0);
+        for _ in 0..5000 {
+            let h = fastrand::u64(..);
+            let before = all.pick(Some(h)).unwrap().address();
+            let after = without.pick(Some(h)).unwrap().address();
+            assert_ne!(after, addr(2), "{policy:?}");
+            if before == addr(2) {
+                moved += 1;
+            } else if before == after {
+                kept += 1;
+            }
+        }
+        // Keys of the healthy endpoints mostly stay where they were
+        // (consistent hashing over the healthy set; Envoy's ring sizing
+        // gives each remaining endpoint more entries, which shifts some).
+        let floor = if matches!(policy, LbPolicy::Maglev { .. }) {
+            0.97
+        } else {
+            0.85
+        };
+        let others = 5000 - moved;
+        assert!(
+            kept as f64 >= floor * others as f64,
+            "{policy:?}: {kept} of {others}"
+        );
+        assert!(moved > 500, "{policy:?}");
+    }
+}
+
+#[test]
+fn status_shows_priorities_and_endpoint_health() {
+    let b = Balancer::new(&LbPolicy::RoundRobin, &two_levels(4, 2, 2, 2));
+    let s = b.status();
+    assert_eq!(s.policy, "round_robin");
+    assert_eq!(s.panic_threshold, 50.0);
+    let p: Vec<(u32, usize, usize, u32, bool)> = s
+        .priorities
+        .iter()
+        .map(|p| (p.priority, p.endpoints, p.healthy, p.load_percent, p.panic))
+        .collect();
+    assert_eq!(p, vec![(0, 4, 2, 70, false), (1, 2, 2, 30, false)]);
+    assert_eq!(s.endpoints.len(), 6);
+    let e = s.endpoints.iter().find(|e| e.address == addr(3)).unwrap();
+    assert_eq!(e.priority, 0);
+    assert!(!e.health.healthy && e.health.eds_unhealthy);
+    let json = serde_json::to_value(&s).unwrap();
+    assert_eq!(json["endpoints"][0]["healthy"], true);
+    assert_eq!(json["priorities"][1]["load_percent"], 30);
+}
+
+#[test]
+fn update_applies_new_eds_health() {
+    let la = equal(3);
+    let b = Balancer::new(&LbPolicy::RoundRobin, &la);
+    let _p = b.pick(None).unwrap();
+    let b2 = b.update(
+        &LbPolicy::RoundRobin,
+        &eds_unhealthy(la.clone(), &[addr(0)]),
+    );
+    assert!((0..30).all(|_| b2.pick(None).unwrap().address() != addr(0)));
+    // The old balancer follows the same health records.
+    assert!((0..30).all(|_| b.pick(None).unwrap().address() != addr(0)));
+    // Load carried over.
+    assert_eq!(b2.loads().iter().map(|l| l.in_flight).sum::<usize>(), 1);
+    let b3 = b2.update(&LbPolicy::RoundRobin, &la);
+    let s = shares(&b3, 300);
+    assert_eq!(s.len(), 3);
 }

@@ -270,10 +270,16 @@ pub struct LocalRateLimit {
     pub max_tokens: u32,
     /// `token_bucket.tokens_per_fill` (default 1).
     pub tokens_per_fill: u32,
-    /// `token_bucket.fill_interval`.
+    /// `token_bucket.fill_interval`. Zero only on a connection manager's
+    /// filter without `token_bucket` (as in Envoy, whose filter then reads a
+    /// zero interval): the filter is there so that route overrides apply,
+    /// and requests without one are not limited.
     pub fill_interval: Duration,
     /// `status.code` (default 429).
     pub status: u16,
+    /// `enable_retry_after_header`: 429 responses carry `retry-after`, the
+    /// seconds until the next token (at least 1).
+    pub retry_after: bool,
     /// `enable_x_ratelimit_headers: DRAFT_VERSION_03`: `x-ratelimit-limit`,
     /// `-remaining`, `-reset` on responses.
     pub rate_limit_headers: bool,

@@ -59,8 +59,10 @@ macro_rules! deny {
 // The converters, one module per resource family; declared after `deny!`
 // so the macro is in scope inside them.
 mod cluster;
+mod http_filters;
 mod listener;
 mod rbac;
+mod resilience;
 mod route;
 #[cfg(test)]
 mod tests;

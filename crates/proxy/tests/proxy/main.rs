@@ -11,5 +11,8 @@ mod envoy_mtls;
 mod lb;
 mod lifecycle;
 mod mtls;
+mod parity;
 mod protocols;
+mod resilience;
+mod retries;
 mod routing;

@@ -12,6 +12,7 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3 as uhttp;
 use envoy_types::pb::google::protobuf as pbuf;
 
 use super::listener::common_protocol_idle_timeout;
+use super::resilience;
 use super::{
     ads_source, decode, is_default, is_type, opt_duration, socket_address, At, FieldError, Res,
 };
@@ -88,17 +89,13 @@ pub(super) fn cluster(c: &cpb::Cluster, env: &super::Env) -> Res<model::Cluster>
     } = c;
     deny!(
         transport_socket_matcher,
-        health_checks,
         max_requests_per_connection,
-        circuit_breakers,
         upstream_http_protocol_options,
         common_http_protocol_options,
         http_protocol_options,
         http2_protocol_options,
-        outlier_detection,
         upstream_bind_config,
         lb_subset_config,
-        common_lb_config,
         transport_socket,
         protocol_selection,
         upstream_connection_options,
@@ -216,6 +213,27 @@ pub(super) fn cluster(c: &cpb::Cluster, env: &super::Env) -> Res<model::Cluster>
     let tls = super::tls::cluster_matches(transport_socket_matches, env)
         .at("transport_socket_matches")?;
 
+    let circuit_breakers = match circuit_breakers {
+        Some(cb) => resilience::circuit_breakers(cb).at("circuit_breakers")?,
+        None => model::CircuitBreakers::default(),
+    };
+    let outlier_detection = match outlier_detection {
+        Some(o) => resilience::outlier_detection(o)
+            .at("outlier_detection")?
+            .map(Arc::new),
+        None => None,
+    };
+    let mut checks = Vec::with_capacity(health_checks.len());
+    for (i, h) in health_checks.iter().enumerate() {
+        checks.push(Arc::new(
+            resilience::health_check(h, http2).at(format_args!("health_checks[{i}]"))?,
+        ));
+    }
+    let panic_threshold = match common_lb_config {
+        Some(c) => resilience::panic_threshold(c).at("common_lb_config")?,
+        None => 50.0,
+    };
+
     Ok(model::Cluster {
         name: name.clone(),
         eds_name,
@@ -226,10 +244,10 @@ pub(super) fn cluster(c: &cpb::Cluster, env: &super::Env) -> Res<model::Cluster>
         idle_timeout,
         service: meshwork.service,
         tls,
-        circuit_breakers: model::CircuitBreakers::default(),
-        outlier_detection: None,
-        health_checks: Vec::new(),
-        panic_threshold: 50.0,
+        circuit_breakers,
+        outlier_detection,
+        health_checks: checks,
+        panic_threshold,
     })
 }
 
@@ -555,14 +573,7 @@ fn lb_endpoint(e: &epb::LbEndpoint) -> Res<Endpoint> {
         load_balancing_weight,
         host_identifier,
     } = e;
-    if *health_status != core::HealthStatus::Unknown as i32
-        && *health_status != core::HealthStatus::Healthy as i32
-    {
-        return Err(FieldError::new(
-            "health_status",
-            "only UNKNOWN and HEALTHY are supported",
-        ));
-    }
+    let unhealthy = resilience::endpoint_unhealthy(*health_status).at("health_status")?;
     let endpoint = match host_identifier {
         Some(epb::lb_endpoint::HostIdentifier::Endpoint(ep)) => ep,
         Some(epb::lb_endpoint::HostIdentifier::EndpointName(_)) => {
@@ -602,6 +613,6 @@ fn lb_endpoint(e: &epb::LbEndpoint) -> Res<Endpoint> {
         address,
         weight,
         mtls,
-        unhealthy: false,
+        unhealthy,
     })
 }

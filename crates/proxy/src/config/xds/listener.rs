@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::config::listener::v3 as lpb;
+use envoy_types::pb::envoy::extensions::filters::http::fault::v3 as fault;
+use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3 as lrl;
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3 as http_rbac;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::listener::http_inspector::v3::HttpInspector;
@@ -713,23 +715,36 @@ fn http_connection_manager(h: &hcm::HttpConnectionManager) -> Res<model::HttpCon
         strip_port_mode,
     );
 
-    // RBAC filters (authorization), then the router, last.
-    let Some((router, rbacs)) = http_filters.split_last() else {
+    // RBAC filters (authorization), the local rate limit, the fault filter,
+    // then the router, last: the order the data path runs them in.
+    let Some((router, before)) = http_filters.split_last() else {
         return Err(FieldError::new(
             "http_filters",
             "envoy.filters.http.router is required (last)",
         ));
     };
-    router_filter(router).at(format_args!("http_filters[{}]", rbacs.len()))?;
-    let mut authz = None;
-    if !rbacs.is_empty() {
-        let mut a = Authz::default();
-        for (i, f) in rbacs.iter().enumerate() {
-            a.filters
-                .push(http_rbac_filter(f).at(format_args!("http_filters[{i}]"))?);
+    router_filter(router).at(format_args!("http_filters[{}]", before.len()))?;
+    let mut rbacs = Vec::new();
+    let (mut rate_limit, mut fault) = (None, None);
+    let mut last_stage = 0;
+    for (i, f) in before.iter().enumerate() {
+        let at = format!("http_filters[{i}]");
+        let filter = http_filter(f).at(&at)?;
+        let stage = filter.stage();
+        if stage < last_stage || (stage == last_stage && stage > 0) {
+            return Err(FieldError::new(
+                at,
+                "out of order or repeated: the filters before the router must be envoy.filters.http.rbac (any number), then at most one envoy.filters.http.local_ratelimit, then at most one envoy.filters.http.fault",
+            ));
         }
-        authz = Some(Arc::new(a));
+        last_stage = stage;
+        match filter {
+            HttpFilter::Rbac(r) => rbacs.push(r),
+            HttpFilter::RateLimit(l) => rate_limit = Some(Arc::new(l)),
+            HttpFilter::Fault(f) => fault = Some(Arc::new(f)),
+        }
     }
+    let authz = (!rbacs.is_empty()).then(|| Arc::new(Authz { filters: rbacs }));
 
     let (route_config_name, inline_routes) = match route_specifier {
         Some(RouteSpecifier::Rds(hcm::Rds {
@@ -757,13 +772,11 @@ fn http_connection_manager(h: &hcm::HttpConnectionManager) -> Res<model::HttpCon
         }
     };
 
-    // Downstream timeouts are not enforced by the data path yet: refuse them
-    // rather than accept and ignore them.
-    deny!(
-        stream_idle_timeout,
-        request_timeout,
-        common_http_protocol_options
-    );
+    // The stream idle timeout is enforced per request (a route's
+    // `idle_timeout` overrides it); the others are not enforced by the data
+    // path: refuse them rather than accept and ignore them.
+    deny!(request_timeout, common_http_protocol_options);
+    let stream_idle_timeout = super::opt_duration(stream_idle_timeout, "stream_idle_timeout")?;
 
     let mut websocket = false;
     for (i, u) in upgrade_configs.iter().enumerate() {
@@ -790,18 +803,40 @@ fn http_connection_manager(h: &hcm::HttpConnectionManager) -> Res<model::HttpCon
         stat_prefix: stat_prefix.clone(),
         route_config_name,
         inline_routes,
-        stream_idle_timeout: None,
+        stream_idle_timeout,
         request_timeout: None,
         idle_timeout: None,
         websocket,
         authz,
-        rate_limit: None,
-        fault: None,
+        rate_limit,
+        fault,
     })
 }
 
-/// An HTTP filter before the router: only `envoy.filters.http.rbac`.
-fn http_rbac_filter(f: &hcm::HttpFilter) -> Res<crate::authz::RbacFilter> {
+/// An HTTP filter before the router.
+enum HttpFilter {
+    Rbac(crate::authz::RbacFilter),
+    RateLimit(model::LocalRateLimit),
+    Fault(model::Fault),
+}
+
+impl HttpFilter {
+    /// Position in the required order (RBAC, rate limit, fault).
+    fn stage(&self) -> u8 {
+        match self {
+            HttpFilter::Rbac(_) => 0,
+            HttpFilter::RateLimit(_) => 1,
+            HttpFilter::Fault(_) => 2,
+        }
+    }
+}
+
+/// An HTTP filter before the router: `envoy.filters.http.rbac`,
+/// `envoy.filters.http.local_ratelimit` or `envoy.filters.http.fault`
+/// (the latter two under their canonical names, which routes'
+/// `typed_per_filter_config` keys refer to).
+fn http_filter(f: &hcm::HttpFilter) -> Res<HttpFilter> {
+    use super::http_filters::{http_fault, local_rate_limit, FAULT, LOCAL_RATELIMIT};
     let hcm::HttpFilter {
         name,
         is_optional,
@@ -816,12 +851,35 @@ fn http_rbac_filter(f: &hcm::HttpFilter) -> Res<crate::authz::RbacFilter> {
         }
         None => return Err(FieldError::new("typed_config", "required")),
     };
+    let named = |canonical: &str| {
+        if name != canonical {
+            return Err(FieldError::new(
+                "name",
+                format!("must be {canonical:?} (routes' typed_per_filter_config refers to it by that name)"),
+            ));
+        }
+        Ok(())
+    };
+    if is_type::<lrl::LocalRateLimit>(any) {
+        named(LOCAL_RATELIMIT)?;
+        let l = decode::<lrl::LocalRateLimit>(any).at("typed_config")?;
+        return local_rate_limit(&l, false)
+            .at("typed_config")
+            .map(HttpFilter::RateLimit);
+    }
+    if is_type::<fault::HttpFault>(any) {
+        named(FAULT)?;
+        let h = decode::<fault::HttpFault>(any).at("typed_config")?;
+        return http_fault(&h).at("typed_config").map(HttpFilter::Fault);
+    }
     let r: http_rbac::Rbac = decode_only(
         any,
         name,
-        "only envoy.filters.http.rbac may come before envoy.filters.http.router",
+        "only envoy.filters.http.rbac, envoy.filters.http.local_ratelimit and envoy.filters.http.fault may come before envoy.filters.http.router",
     )?;
-    super::rbac::http_filter(&r).at("typed_config")
+    super::rbac::http_filter(&r)
+        .at("typed_config")
+        .map(HttpFilter::Rbac)
 }
 
 /// `HttpProtocolOptions` where only `idle_timeout` may be set.

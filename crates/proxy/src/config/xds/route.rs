@@ -1,18 +1,24 @@
 //! RouteConfiguration -> [`RouteTable`]: virtual hosts, routes, matchers,
 //! actions and header mods, with Envoy's validation rules.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::config::route::v3 as rpb;
+use envoy_types::pb::envoy::extensions::filters::http::fault::v3 as fault;
+use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3 as lrl;
 use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
 use envoy_types::pb::envoy::r#type::v3 as etype;
+use envoy_types::pb::google::protobuf as pbuf;
 use http::{HeaderName, HeaderValue};
 use regex::Regex;
 
-use super::{is_default, opt_duration, single_cluster, At, FieldError, Res};
+use super::{decode_only, is_default, opt_duration, single_cluster, At, FieldError, Res};
 use crate::config::model::{
-    self, DomainConflict, HashPolicy, HeaderMatch, HeaderMods, Mirror, PathMatch, PathRedirect,
-    PseudoHeader, PseudoHeaderMatch, QueryMatch, Redirect, RegexRewrite, RouteAction, RouteTable,
-    StringMatch, WeightedCluster,
+    self, DomainConflict, Fault, HashPolicy, HeaderMatch, HeaderMods, LocalRateLimit, Mirror,
+    PathMatch, PathRedirect, PseudoHeader, PseudoHeaderMatch, QueryMatch, Redirect, RegexRewrite,
+    RouteAction, RouteTable, StringMatch, WeightedCluster,
 };
 
 /// A header name from config: lower-cased, valid, and not a pseudo-header or
@@ -60,7 +66,7 @@ fn literal_header_value(raw: &[u8]) -> Res<HeaderValue> {
 }
 
 #[allow(deprecated)]
-fn header_mods(
+pub(super) fn header_mods(
     to_add: &[core::HeaderValueOption],
     to_remove: &[String],
     add_field: &str,
@@ -371,12 +377,8 @@ fn route(r: &rpb::Route, max_body: u32) -> Res<model::Route> {
         route_specifiers,
         action,
     } = r;
-    deny!(
-        decorator,
-        typed_per_filter_config,
-        tracing,
-        route_specifiers
-    );
+    deny!(decorator, tracing, route_specifiers);
+    let (rate_limit, fault) = per_filter_configs(typed_per_filter_config)?;
     let Some(route_match) = r#match else {
         return Err(FieldError::new("match", "required"));
     };
@@ -412,9 +414,48 @@ fn route(r: &rpb::Route, max_body: u32) -> Res<model::Route> {
         action,
         request_headers,
         response_headers,
-        rate_limit: None,
-        fault: None,
+        rate_limit,
+        fault,
     })
+}
+
+/// A route's rate limit and fault overrides.
+type PerFilter = (Option<Arc<LocalRateLimit>>, Option<Arc<Fault>>);
+
+/// A route's `typed_per_filter_config`: overrides for the rate limit and
+/// fault filters, keyed by the filter names meshwork requires in the
+/// connection manager. (Envoy ignores an override whose filter is not in
+/// the chain; so does the data path.)
+fn per_filter_configs(configs: &HashMap<String, pbuf::Any>) -> Res<PerFilter> {
+    use super::http_filters::{http_fault, local_rate_limit, FAULT, LOCAL_RATELIMIT};
+    let (mut rate_limit, mut fault) = (None, None);
+    // Sorted, so that a NACK names the same entry every time.
+    let mut sorted: Vec<_> = configs.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(b.0));
+    for (key, any) in sorted {
+        let at = format!("typed_per_filter_config[{key:?}]");
+        match key.as_str() {
+            LOCAL_RATELIMIT => {
+                let l: lrl::LocalRateLimit =
+                    decode_only(any, key, "a LocalRateLimit (not wrapped in a FilterConfig)")
+                        .at(&at)?;
+                rate_limit = Some(Arc::new(local_rate_limit(&l, true).at(&at)?));
+            }
+            FAULT => {
+                let f: fault::HttpFault =
+                    decode_only(any, key, "an HTTPFault (not wrapped in a FilterConfig)")
+                        .at(&at)?;
+                fault = Some(Arc::new(http_fault(&f).at(&at)?));
+            }
+            _ => {
+                return Err(FieldError::new(
+                    at,
+                    format!("unsupported filter (only {LOCAL_RATELIMIT} and {FAULT})"),
+                ))
+            }
+        }
+    }
+    Ok((rate_limit, fault))
 }
 
 fn route_match(m: &rpb::RouteMatch) -> Res<model::RouteMatch> {
@@ -491,13 +532,13 @@ fn route_match(m: &rpb::RouteMatch) -> Res<model::RouteMatch> {
     Ok(out)
 }
 
-enum HeaderCondition {
+pub(super) enum HeaderCondition {
     Regular(HeaderMatch),
     Pseudo(PseudoHeaderMatch),
 }
 
 #[allow(deprecated)]
-fn header_matcher(h: &rpb::HeaderMatcher) -> Res<HeaderCondition> {
+pub(super) fn header_matcher(h: &rpb::HeaderMatcher) -> Res<HeaderCondition> {
     use rpb::header_matcher::HeaderMatchSpecifier as S;
     let rpb::HeaderMatcher {
         name,
@@ -618,13 +659,10 @@ fn forward(ra: &rpb::RouteAction) -> Res<model::Forward> {
         path_rewrite_policy,
         path_rewrite,
         append_x_forwarded_host,
-        idle_timeout,
         flush_timeout,
         early_data_policy,
-        retry_policy,
         retry_policy_typed_config,
         priority,
-        rate_limits,
         include_vh_rate_limits,
         cors,
         max_grpc_timeout,
@@ -710,6 +748,9 @@ fn forward(ra: &rpb::RouteAction) -> Res<model::Forward> {
     for (i, h) in hash_policy.iter().enumerate() {
         hashes.push(hash_policy_of(h).at(format_args!("hash_policy[{i}]"))?);
     }
+    for (i, r) in rate_limits.iter().enumerate() {
+        super::http_filters::remote_address_rate_limit(r).at(format_args!("rate_limits[{i}]"))?;
+    }
     Ok(model::Forward {
         clusters,
         timeout: opt_duration(timeout, "timeout")?,
@@ -718,8 +759,12 @@ fn forward(ra: &rpb::RouteAction) -> Res<model::Forward> {
         host_rewrite,
         mirrors,
         hash_policy: hashes,
-        retry: None,
-        idle_timeout: None,
+        retry: retry_policy
+            .as_ref()
+            .map(|p| super::resilience::retry_policy(p).map(Arc::new))
+            .transpose()
+            .at("retry_policy")?,
+        idle_timeout: opt_duration(idle_timeout, "idle_timeout")?,
     })
 }
 

@@ -713,7 +713,7 @@ fn hcm_nacks_name_the_field() {
             h.strip_matching_host_port = true
         }),
         ("via: unsupported field", |h| h.via = "meshwork".into()),
-        ("http_filters[0].typed_config: unsupported type \"type.googleapis.com/envoy.extensions.filters.http.router.v3.Router\" (filter \"envoy.filters.http.router\"): only envoy.filters.http.rbac may come before", |h| {
+        ("http_filters[0].typed_config: unsupported type \"type.googleapis.com/envoy.extensions.filters.http.router.v3.Router\" (filter \"envoy.filters.http.router\"): only envoy.filters.http.rbac, envoy.filters.http.local_ratelimit and envoy.filters.http.fault may come before envoy.filters.http.router", |h| {
             h.http_filters.push(router_filter())
         }),
         ("http_filters[0].typed_config: unsupported type", |h| {
@@ -752,9 +752,6 @@ fn hcm_nacks_name_the_field() {
         }),
         ("route_specifier: rds or route_config is required", |h| {
             h.route_specifier = None
-        }),
-        ("stream_idle_timeout: unsupported field", |h| {
-            h.stream_idle_timeout = Some(dur(300, 0))
         }),
         ("request_timeout: unsupported field", |h| {
             h.request_timeout = Some(dur(0, 500_000_000))
@@ -1405,11 +1402,17 @@ fn route_nacks_name_the_field() {
         ("decorator: unsupported field", |r| {
             r.decorator = Some(Default::default())
         }),
-        ("route.retry_policy: unsupported field", |r| {
-            if let Some(rpb::route::Action::Route(ra)) = &mut r.action {
-                ra.retry_policy = Some(Default::default());
-            }
-        }),
+        (
+            "route.retry_policy.per_try_idle_timeout: unsupported field",
+            |r| {
+                if let Some(rpb::route::Action::Route(ra)) = &mut r.action {
+                    ra.retry_policy = Some(rpb::RetryPolicy {
+                        per_try_idle_timeout: Some(dur(1, 0)),
+                        ..Default::default()
+                    });
+                }
+            },
+        ),
         ("route.cluster: must not be empty", |r| {
             if let Some(rpb::route::Action::Route(ra)) = &mut r.action {
                 ra.cluster_specifier =
@@ -1916,8 +1919,11 @@ fn cluster_nacks_name_the_field() {
                 config_type: None,
             })
         }),
-        ("circuit_breakers: unsupported field", |c| {
-            c.circuit_breakers = Some(Default::default())
+        ("circuit_breakers.per_host_thresholds: unsupported field", |c| {
+            c.circuit_breakers = Some(cpb::CircuitBreakers {
+                per_host_thresholds: vec![Default::default()],
+                ..Default::default()
+            })
         }),
         ("type: unsupported type STRICT_DNS (only EDS and STATIC)", |c| {
             c.cluster_discovery_type = Some(cpb::cluster::ClusterDiscoveryType::Type(
@@ -2111,13 +2117,13 @@ fn load_assignment_converts_localities_and_weights() {
 
 #[test]
 fn load_assignment_nacks_name_the_field() {
-    let unhealthy = epb::LbEndpoint {
-        health_status: core::HealthStatus::Unhealthy as i32,
+    let degraded = epb::LbEndpoint {
+        health_status: core::HealthStatus::Degraded as i32,
         ..lb_endpoint("10.0.0.1", 80, None)
     };
     assert_eq!(
-        cla_nack(cla("c", vec![group("z", None, vec![unhealthy])])),
-        "endpoints \"c\": endpoints[0].lb_endpoints[0].health_status: only UNKNOWN and HEALTHY are supported"
+        cla_nack(cla("c", vec![group("z", None, vec![degraded])])),
+        "endpoints \"c\": endpoints[0].lb_endpoints[0].health_status: DEGRADED is not supported (only UNKNOWN, HEALTHY, UNHEALTHY, DRAINING, TIMEOUT)"
     );
     assert_eq!(
         cla_nack(cla(
@@ -2224,7 +2230,7 @@ fn a_bad_resource_rejects_the_whole_update() {
     assert_eq!(
         err.to_string(),
         "listener \"inbound\": transparent: unsupported field (not in meshwork's xDS subset); \
-         cluster \"broken\": health_checks: unsupported field (not in meshwork's xDS subset)"
+         cluster \"broken\": health_checks[0].timeout: required"
     );
     assert_eq!(err.reasons[0].resource, "inbound");
     assert_eq!(err.reasons[0].path, "transparent");
@@ -2420,3 +2426,5 @@ fn arbitrary_protobuf_bytes_never_panic() {
     assert!(decoded > 1000, "only {decoded} mutated resources decoded");
     assert!(accepted > 50, "only {accepted} updates accepted");
 }
+
+mod resilience;

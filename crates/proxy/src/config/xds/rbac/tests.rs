@@ -146,7 +146,7 @@ fn filters_in_the_wrong_place_are_refused() {
     );
     assert!(
         e.message
-            .contains("only envoy.filters.http.rbac may come before envoy.filters.http.router"),
+            .contains("only envoy.filters.http.rbac, envoy.filters.http.local_ratelimit and envoy.filters.http.fault may come before envoy.filters.http.router"),
         "{}",
         e.message
     );
