@@ -76,6 +76,7 @@ TEST_APT_PACKAGES=(
     iptables:iptables      # transparent capture tests (nat REDIRECT)
     iproute2:ip            # network namespaces + veth test hosts
     curl:curl              # HTTP/1.1 and h2c client peer
+    dnsutils:dig           # DNS client peer (mesh DNS tests)
     openssl:openssl        # s_client / verify: independent TLS checks
     nghttp2-client:h2load  # nghttp / h2load: HTTP/2 client peer
     haproxy:haproxy        # baseline proxy

@@ -27,6 +27,7 @@ pub mod resources;
 mod source;
 mod translate;
 mod validate;
+pub mod vip;
 
 pub use effective::{service_port_policy, Candidate, EffectivePolicy, Supplied, Supplier};
 pub use envoy::envoy_bootstrap;
@@ -37,6 +38,7 @@ pub use resources::{Kind, Resource};
 pub use source::Sourced;
 pub use translate::grpc_api_listener;
 pub use translate::mtls;
+pub use translate::{capture, CAPTURE_METADATA};
 pub use translate::{
     locality_load_assignments, names, proxy_locality, translate, ProxyContext, Xds,
 };

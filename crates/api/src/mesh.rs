@@ -74,6 +74,9 @@ pub struct Mesh {
     /// each service's instances, and a scan per service would make it
     /// quadratic (1,000 services x 10,000 workloads).
     pub(crate) workloads_by_service: BTreeMap<Key, Vec<Key>>,
+    /// Service key -> VIP ([`crate::vip::allocate`]), computed on first use:
+    /// once per Mesh, which is rebuilt on every change.
+    pub(crate) vips: std::sync::OnceLock<Arc<BTreeMap<Key, std::net::Ipv4Addr>>>,
 }
 
 fn key(ns: &str, name: &str) -> Key {
@@ -111,6 +114,26 @@ impl Mesh {
     /// The Service `namespace/name`.
     pub fn service(&self, namespace: &str, name: &str) -> Option<&Sourced<Service>> {
         self.services.get(&key(namespace, name)).map(|a| &**a)
+    }
+
+    /// The virtual IP of Service `namespace/name` (transparent mode): its
+    /// `spec.vip`, else the deterministic allocation of [`crate::vip`].
+    /// `None` for an unknown Service (or when all 65,534 VIPs are taken).
+    pub fn service_vip(&self, namespace: &str, name: &str) -> Option<std::net::Ipv4Addr> {
+        self.vip_table().get(&key(namespace, name)).copied()
+    }
+
+    /// Every Service's VIP, by namespace then name.
+    pub fn service_vips(&self) -> impl Iterator<Item = (&Key, std::net::Ipv4Addr)> {
+        self.vip_table().iter().map(|(k, ip)| (k, *ip))
+    }
+
+    fn vip_table(&self) -> &BTreeMap<Key, std::net::Ipv4Addr> {
+        self.vips.get_or_init(|| {
+            Arc::new(crate::vip::allocate(
+                self.services.iter().map(|(k, s)| (k, s.value.spec.vip)),
+            ))
+        })
     }
 
     /// Workloads, by namespace then name.
@@ -301,6 +324,16 @@ impl Mesh {
             .as_ref()
             .and_then(|c| c.value.spec.authorization.as_ref())
             .map(|a| a.default_action)
+            .unwrap_or_default()
+    }
+
+    /// `Mesh.spec.outboundTrafficPolicy.mode` (default `ALLOW_ANY`): what
+    /// captured connections to destinations outside the mesh do.
+    pub fn outbound_mode(&self) -> crate::resources::OutboundMode {
+        self.config
+            .as_ref()
+            .and_then(|c| c.value.spec.outbound_traffic_policy.as_ref())
+            .map(|p| p.mode)
             .unwrap_or_default()
     }
 

@@ -85,6 +85,7 @@ fn ctx() -> ProxyContext {
         workload: None,
         detect_timeout: Duration::from_secs(1),
         certs_dir: None,
+        capture: false,
     }
 }
 
@@ -3158,5 +3159,178 @@ fn locality_gives_per_proxy_priorities() {
         let m = mesh(&text(policy));
         assert!(prios(&m, "c-eu1").iter().all(|(_, p)| *p == 0), "{policy}");
         assert!(api::locality_load_assignments(&m, &eu1).is_empty());
+    }
+}
+
+/// Transparent capture output (`ProxyContext::capture`): the outbound
+/// listener dispatches by original destination, every Service port has an
+/// unbound VIP listener with its metadata, and Envoy accepts all of it.
+mod capture {
+    use super::*;
+    use envoy_types::pb::envoy::config::cluster::v3::cluster::{
+        ClusterDiscoveryType, DiscoveryType,
+    };
+
+    fn bookinfo(extra: &str) -> Mesh {
+        let mut text = std::fs::read_to_string(examples_dir().join("bookinfo.yaml")).unwrap();
+        text.push_str(extra);
+        mesh(&text)
+    }
+
+    fn capture_ctx() -> ProxyContext {
+        ProxyContext {
+            capture: true,
+            workload: Some(("default".into(), "productpage-1".into())),
+            ..ctx()
+        }
+    }
+
+    fn default_cluster(l: &Listener) -> String {
+        let fc = l
+            .default_filter_chain
+            .as_ref()
+            .expect("default_filter_chain");
+        let Some(filter::ConfigType::TypedConfig(any)) = &fc.filters[0].config_type else {
+            panic!("typed_config")
+        };
+        let t = TcpProxy::decode(any.value.as_slice()).unwrap();
+        match t.cluster_specifier {
+            Some(tcp_proxy::ClusterSpecifier::Cluster(c)) => c,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn explicit_mode_output_is_unchanged() {
+        let m = bookinfo("");
+        let mut c = capture_ctx();
+        c.capture = false;
+        let x = api::translate(&m, &c);
+        let l = x.listener("outbound_http").unwrap();
+        assert_eq!(l.use_original_dst, None);
+        assert!(l.default_filter_chain.is_none());
+        assert!(x.cluster(api::capture::PASSTHROUGH_CLUSTER).is_none());
+        assert!(x.listeners.iter().all(|l| l.bind_to_port.is_none()));
+    }
+
+    #[test]
+    fn capture_listener_vip_listeners_and_passthrough() {
+        let m = bookinfo("");
+        let x = api::translate(&m, &capture_ctx());
+        let l = x.listener("outbound_http").unwrap();
+        assert_eq!(l.use_original_dst.as_ref().map(|b| b.value), Some(true));
+        for fc in &l.filter_chains {
+            let port = fc.filter_chain_match.as_ref().unwrap().destination_port;
+            assert_eq!(
+                port.map(|p| p.value),
+                Some(15001),
+                "own chains match the own port"
+            );
+        }
+        assert_eq!(default_cluster(l), "PassthroughCluster");
+        let p = x.cluster("PassthroughCluster").unwrap();
+        assert_eq!(
+            p.cluster_discovery_type,
+            Some(ClusterDiscoveryType::Type(
+                DiscoveryType::OriginalDst as i32
+            ))
+        );
+        assert_eq!(p.lb_policy, LbPolicy::ClusterProvided as i32);
+        assert!(x
+            .cluster("BlackHoleCluster")
+            .unwrap()
+            .load_assignment
+            .is_none());
+
+        // One VIP listener per Service port, unbound, with the service.
+        let vip = m.service_vip("default", "reviews").unwrap();
+        let name = format!("{vip}_9080");
+        let v = x.listener(&name).unwrap_or_else(|| panic!("{name}"));
+        assert_eq!(v.bind_to_port.as_ref().map(|b| b.value), Some(false));
+        assert_eq!(
+            v.address,
+            Some(Address {
+                address: Some(address::Address::SocketAddress(
+                    envoy_types::pb::envoy::config::core::v3::SocketAddress {
+                        address: vip.to_string(),
+                        port_specifier: Some(socket_address::PortSpecifier::PortValue(9080)),
+                        ..Default::default()
+                    }
+                )),
+            })
+        );
+        let meta = &v.metadata.as_ref().unwrap().filter_metadata["meshwork"].fields;
+        assert_eq!(
+            meta["service"].kind,
+            Some(ValueKind::StringValue("reviews.default".into()))
+        );
+        let Some(ValueKind::ListValue(hosts)) = &meta["hostnames"].kind else {
+            panic!("hostnames")
+        };
+        let hosts: Vec<_> = hosts
+            .values
+            .iter()
+            .map(|v| match &v.kind {
+                Some(ValueKind::StringValue(s)) => s.clone(),
+                _ => panic!(),
+            })
+            .collect();
+        assert_eq!(hosts, ["reviews", "reviews.default", "reviews.default.svc"]);
+        // HTTP ports route by the outbound table, which knows the VIP.
+        let vh = vhost(&x, "reviews.default:9080");
+        assert!(
+            vh.domains.contains(&format!("{vip}:9080")),
+            "{:?}",
+            vh.domains
+        );
+        // TCP ports: a tcp_proxy, like the explicit listener.
+        let tcp_vips: Vec<_> = x
+            .listeners
+            .iter()
+            .filter(|l| l.bind_to_port.is_some() && l.listener_filters.is_empty())
+            .collect();
+        assert_eq!(tcp_vips.len(), 3, "bookinfo has three TCP service ports");
+    }
+
+    #[test]
+    fn registry_only_blackholes_the_rest() {
+        let m = bookinfo(
+            "---\napiVersion: meshwork.dev/v1alpha1\nkind: Mesh\nmetadata: {name: default}\nspec:\n  outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n",
+        );
+        let x = api::translate(&m, &capture_ctx());
+        assert_eq!(
+            default_cluster(x.listener("outbound_http").unwrap()),
+            "BlackHoleCluster"
+        );
+    }
+
+    #[test]
+    fn an_unknown_outbound_mode_is_refused() {
+        let yaml = "---\napiVersion: meshwork.dev/v1alpha1\nkind: Mesh\nmetadata: {name: default}\nspec:\n  outboundTrafficPolicy: {mode: ALLOW_SOME}\n";
+        let e = errors(yaml).to_string();
+        assert!(e.contains("outboundTrafficPolicy"), "{e}");
+        assert!(e.contains("REGISTRY_ONLY"), "{e}");
+    }
+
+    #[test]
+    fn envoy_accepts_the_capture_bootstrap() {
+        let envoy = envoy_binary();
+        for extra in [
+            "",
+            "---\napiVersion: meshwork.dev/v1alpha1\nkind: Mesh\nmetadata: {name: default}\nspec:\n  outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n",
+        ] {
+            let x = api::translate(&bookinfo(extra), &capture_ctx());
+            let path = write_bootstrap(&x, 0, "capture");
+            let out = Command::new(&envoy)
+                .args(["--mode", "validate", "--disable-hot-restart", "-c"])
+                .arg(&path)
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run Envoy {envoy:?}: {e}"));
+            let log = String::from_utf8_lossy(&out.stderr).to_string()
+                + &String::from_utf8_lossy(&out.stdout);
+            std::fs::remove_file(&path).ok();
+            assert!(out.status.success(), "envoy rejected the capture bootstrap:\n{log}");
+            assert!(log.contains("OK"), "{log}");
+        }
     }
 }

@@ -339,6 +339,8 @@ async fn demo(args: Args, log: proxy::logging::LogHandle) -> anyhow::Result<Exit
                 dir.join(format!("access-{}.log", spec.name)),
             ),
             detect_timeout: Duration::from_secs(1),
+            capture: false,
+            dns: None,
         };
         let sidecar = proxy::Proxy::start(opts, log.clone())
             .await
@@ -675,7 +677,8 @@ renewed at half-life; the key never left it
 {identities}
 request path (every arrow goes through the caller's own sidecar):
   traffic --HTTP--> frontend --gRPC--> catalog-v1 (90%) | catalog-v2 (10%) --TCP--> inventory
-  the GRPCRoute `catalog` makes the split; catalog-v1's two instances take turns (TrafficPolicy)
+  the GRPCRoute `catalog` makes the split; catalog-v1's two instances take turns, with
+  retries under a budget and outlier detection (TrafficPolicy catalog-v1)
 
 files ({dir})
   applied at start:     {mesh}
@@ -688,9 +691,12 @@ look
   meshwork get services --control {api}
   meshwork get grpcroute catalog -o yaml --control {api}
   meshwork describe service catalog --control {api}
+  meshwork describe service catalog-v1 --control {api}
   meshwork proxy-status --control {api}
   curl -s http://{fe_admin}/metrics | grep meshwork_requests_total
   curl -s http://{fe_admin}/config_dump
+  curl -s http://{fe_admin}/clusters
+  curl -s http://{fe_admin}/metrics | grep -E 'meshwork_(retries|outlier|upstream_overflow)'
   curl -s http://{fe_admin}/certs
   meshwork ca status --control {api}
   curl -s -H 'Host: frontend' http://{traffic_out}/product/3

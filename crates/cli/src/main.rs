@@ -11,6 +11,7 @@ mod control_cmd;
 mod demo;
 mod proxy_cmd;
 mod resources;
+mod run_cmd;
 mod status_cmd;
 mod validate;
 mod why;
@@ -34,6 +35,9 @@ enum Command {
     Control(control_cmd::Args),
     /// Run a sidecar proxy, fed by a control plane (--control) or a mesh YAML file (--config).
     Proxy(Box<proxy_cmd::Args>),
+    /// Start an application with its sidecar: the app starts once the sidecar is ready, traffic
+    /// is captured when root (explicit mode otherwise), and the exit code is the app's.
+    Run(Box<run_cmd::Args>),
     /// Create or update resources from YAML/JSON files through the control plane.
     Apply(apply::Args),
     /// List resources (a table, or -o yaml|json), or show one.
@@ -63,6 +67,7 @@ fn main() -> ExitCode {
         Command::Token(args) => ca_cmd::token(args),
         Command::Demo(args) => demo::run(args),
         Command::Proxy(args) => proxy_cmd::run(*args),
+        Command::Run(args) => run_cmd::run(*args),
         Command::Apply(args) => apply::run(args),
         Command::Get(args) => resources::get(args),
         Command::Delete(args) => resources::delete(args),

@@ -104,6 +104,99 @@ pub struct Args {
     /// How often the config file is checked for changes, in milliseconds.
     #[arg(long, default_value_t = 500)]
     poll_ms: u64,
+    /// Transparent capture: the outbound listener also takes connections
+    /// redirected to it (iptables REDIRECT) and routes them by their original
+    /// destination (mesh Service VIPs; anything else passes through, or is
+    /// refused under `outboundTrafficPolicy: REGISTRY_ONLY`). Needs a fixed
+    /// --outbound-addr port. `meshwork run` sets it.
+    #[arg(long)]
+    capture: bool,
+    /// Mesh DNS (UDP and TCP): answers mesh Service names with their VIPs and forwards the rest.
+    /// `off` disables it. Default: 127.0.0.1:15053 with --capture, off otherwise.
+    #[arg(long, value_parser = parse_dns_addr)]
+    dns_addr: Option<DnsAddr>,
+    /// Mesh DNS: the cluster domain of `name.namespace.svc.<domain>`.
+    #[arg(long, default_value = proxy::dns::DEFAULT_DOMAIN)]
+    dns_domain: String,
+    /// Mesh DNS: the resolver for other names, `ip` or `ip:port` (default: the first nameserver
+    /// of /etc/resolv.conf).
+    #[arg(long, value_parser = parse_upstream)]
+    dns_upstream: Option<SocketAddr>,
+    /// Mesh DNS: how long a forwarded query may take before SERVFAIL, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    dns_timeout_ms: u64,
+}
+
+/// `--dns-addr`: an address, or `off`.
+#[derive(Debug, Clone, Copy)]
+enum DnsAddr {
+    Off,
+    At(SocketAddr),
+}
+
+fn parse_dns_addr(s: &str) -> Result<DnsAddr, String> {
+    if s == "off" {
+        return Ok(DnsAddr::Off);
+    }
+    s.parse()
+        .map(DnsAddr::At)
+        .map_err(|_| format!("{s:?} is not `ip:port` or `off`"))
+}
+
+fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .or_else(|_| {
+            s.parse::<std::net::IpAddr>()
+                .map(|ip| SocketAddr::new(ip, 53))
+        })
+        .map_err(|_| format!("{s:?} is not `ip` or `ip:port`"))
+}
+
+/// The DNS server's options: on with --dns-addr, or with --capture at the
+/// default address; the upstream and search domains from resolv.conf
+/// unless given.
+fn dns_options(args: &Args) -> anyhow::Result<Option<proxy::dns::DnsOptions>> {
+    let addr = match args.dns_addr {
+        Some(DnsAddr::Off) => return Ok(None),
+        Some(DnsAddr::At(a)) => a,
+        None if args.capture => proxy::dns::DEFAULT_ADDR
+            .parse()
+            .context("the default DNS address")?,
+        None => return Ok(None),
+    };
+    let path = std::path::Path::new("/etc/resolv.conf");
+    let conf = match proxy::dns::ResolvConf::read(path) {
+        Ok(c) => c,
+        Err(e) if args.dns_upstream.is_some() => {
+            tracing::debug!(error = %e, "no {}; no search domains", path.display());
+            proxy::dns::ResolvConf::default()
+        }
+        Err(e) => {
+            return Err(anyhow::anyhow!(
+                "mesh DNS: cannot read {}: {e}; give the resolver for non-mesh names with --dns-upstream",
+                path.display()
+            ))
+        }
+    };
+    let upstream = args.dns_upstream.or(conf.nameserver).with_context(|| {
+        format!(
+            "mesh DNS: {} names no usable nameserver; give one with --dns-upstream",
+            path.display()
+        )
+    })?;
+    // The proxy's own namespace: bare Service names resolve in it.
+    let namespace = match args.workload.as_deref().and_then(|w| w.split_once('/')) {
+        Some((ns, _)) => ns.to_string(),
+        None => args.namespace.clone(),
+    };
+    Ok(Some(proxy::dns::DnsOptions {
+        addr,
+        domain: args.dns_domain.clone(),
+        namespace,
+        upstream,
+        search: conf.search,
+        timeout: Duration::from_millis(args.dns_timeout_ms.max(1)),
+    }))
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -113,6 +206,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         "off" | "" => Target::Off,
         path => Target::File(PathBuf::from(path)),
     };
+    if args.capture && args.outbound_addr.port() == 0 {
+        anyhow::bail!(
+            "--capture needs a fixed --outbound-addr port (the redirect rules point at it), not port 0"
+        );
+    }
     let source = match &args.config {
         Some(path) => proxy::app::Source::File {
             path: path.clone(),
@@ -135,6 +233,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         access_log,
         detect_timeout: Duration::from_millis(args.detect_timeout_ms),
         identity: None,
+        capture: args.capture,
+        dns: dns_options(&args)?,
     };
     let workers = args.workers.max(1);
     // One worker: a current-thread runtime, no cross-thread wakeups.
@@ -179,6 +279,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         for (name, addr) in proxy.listeners() {
             tracing::info!(listener = %name, %addr, "ready");
         }
+        if let Some(dns) = proxy.dns_addr() {
+            tracing::info!(%dns, "mesh DNS ready");
+        }
         tracing::info!(admin = %proxy.admin_addr(), "proxy ready");
         wait_for_signal().await;
         tracing::info!(deadline = ?drain, "draining");
@@ -210,12 +313,24 @@ fn control_source(args: &Args) -> anyhow::Result<proxy::app::Source> {
         .map(String::as_str)
         .filter(|u| !u.is_empty())
         .collect();
-    let node = node(
+    let mut node = node(
         args.inbound_addr,
         args.outbound_addr,
         workload.as_ref(),
         (!upstreams.is_empty()).then_some(upstreams.as_slice()),
     )?;
+    if args.capture {
+        use envoy_types::pb::google::protobuf::{value::Kind, Value};
+        node.metadata
+            .get_or_insert_with(Default::default)
+            .fields
+            .insert(
+                api::CAPTURE_METADATA.to_owned(),
+                Value {
+                    kind: Some(Kind::BoolValue(true)),
+                },
+            );
+    }
     Ok(proxy::app::Source::Control {
         client: Box::new(proxy::xds_client::ClientOptions {
             servers: servers(&args.control),

@@ -633,6 +633,7 @@ fn describe_service(
         .and_then(Value::as_str)
         .unwrap_or(name);
     let _ = writeln!(out, "Service account:  {sa}");
+    let _ = writeln!(out, "VIP:              {}", vip_text(items, ns, name));
     let _ = writeln!(out, "Ports:");
     let ports = svc
         .pointer("/spec/ports")
@@ -901,6 +902,37 @@ fn traffic_policy(v: &Value) -> Option<api::resources::TrafficPolicy> {
     })
 }
 
+/// The Service's VIP as every proxy and the translator compute it
+/// (`api::vip`: from all the Services of the mesh), and where it comes from.
+fn vip_text(items: &[Value], ns: &str, name: &str) -> String {
+    let services: Vec<(api::Key, Option<std::net::Ipv4Addr>)> = items
+        .iter()
+        .filter(|v| s(v, &["kind"]) == "Service")
+        .map(|v| {
+            let key = (
+                s(v, &["metadata", "namespace"]).to_string(),
+                s(v, &["metadata", "name"]).to_string(),
+            );
+            let vip = v
+                .pointer("/spec/vip")
+                .and_then(Value::as_str)
+                .and_then(|a| a.parse().ok());
+            (key, vip)
+        })
+        .collect();
+    let key = (ns.to_string(), name.to_string());
+    let pinned = services
+        .iter()
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, v)| *v);
+    let table = api::vip::allocate(services.iter().map(|(k, v)| (k, *v)));
+    match table.get(&key) {
+        Some(ip) if pinned == Some(*ip) => format!("{ip} (spec.vip)"),
+        Some(ip) => format!("{ip} (allocated; pin it with spec.vip)"),
+        None => "none (all 65534 VIPs of 240.240.0.0/16 are taken)".to_string(),
+    }
+}
+
 /// Whether HTTPRoute `rns/route` is among `routes` and attaches to Service
 /// `ns/name`.
 fn attached_route(routes: &[&Value], rns: &str, route: &str, ns: &str, name: &str) -> bool {
@@ -1014,5 +1046,24 @@ mod tests {
         }
         assert!(!text.contains("elsewhere"), "{text}");
         assert!(describe_service(&items(), &[], &[], "default", "nope").is_none());
+    }
+
+    #[test]
+    fn describe_shows_the_vip_the_proxies_use() {
+        let text = describe_service(&items(), &[], &[], "default", "reviews").unwrap();
+        let want = api::vip::home_vip("default", "reviews");
+        assert!(
+            text.contains(&format!(
+                "VIP:              {want} (allocated; pin it with spec.vip)"
+            )),
+            "{text}"
+        );
+        let mut pinned = items();
+        pinned[0]["spec"]["vip"] = json!("240.240.9.9");
+        let text = describe_service(&pinned, &[], &[], "default", "reviews").unwrap();
+        assert!(
+            text.contains("VIP:              240.240.9.9 (spec.vip)"),
+            "{text}"
+        );
     }
 }

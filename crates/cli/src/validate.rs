@@ -80,6 +80,7 @@ pub fn translate(args: TranslateArgs) -> anyhow::Result<ExitCode> {
         }),
         detect_timeout: Duration::from_secs(1),
         certs_dir: None,
+        capture: false,
     };
     let xds = api::translate(&mesh, &ctx);
     if let Some(path) = &args.envoy_bootstrap {

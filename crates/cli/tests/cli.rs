@@ -10,6 +10,11 @@ use std::time::Duration;
 
 use testkit::{Backend, H1Client};
 
+#[path = "cli/capture.rs"]
+mod capture;
+#[path = "cli/run.rs"]
+mod run;
+
 const BIN: &str = env!("CARGO_BIN_EXE_meshwork");
 
 fn scratch(tag: &str) -> PathBuf {

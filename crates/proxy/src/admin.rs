@@ -18,6 +18,7 @@
 //!   | GET | `/certs` | the workload certificate (SPIFFE id, serial, fingerprint, validity, renewals) and trust bundle, JSON |
 //!   | GET | `/logging` | the log filter in effect |
 //!   | POST | `/logging?level=L` or `?filter=DIRECTIVES` | changes it; 400 with the reason if invalid |
+//!   | POST | `/drain_listeners` or `?inboundonly` | stops accepting on every listener (or only the inbound ones), lets open connections finish; answers once they no longer accept (Envoy's endpoint of the same name) |
 //!
 //!   Other paths get 404 with the list; other methods 405 with `Allow`.
 //! - POSTs carrying an `Origin` header (sent by browsers) get 403, so a web
@@ -32,6 +33,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -69,7 +71,18 @@ pub trait AdminSource: Send + Sync + 'static {
     }
     /// Extra Prometheus text appended to `/metrics` (identity metrics).
     fn render_metrics(&self, _out: &mut String) {}
+    /// `POST /drain_listeners`: stop accepting on the inbound listeners (or
+    /// on all), let their open connections finish, and keep them out of
+    /// service across config updates. Resolves, once they no longer accept,
+    /// to the names of the listeners taken out; `None` if the source cannot
+    /// drain.
+    fn drain_listeners(self: Arc<Self>, _inbound_only: bool) -> DrainFuture {
+        Box::pin(async { None })
+    }
 }
+
+/// What [`AdminSource::drain_listeners`] returns.
+pub type DrainFuture = Pin<Box<dyn Future<Output = Option<Vec<String>>> + Send>>;
 
 /// Everything a request handler needs.
 struct Admin {
@@ -80,7 +93,7 @@ struct Admin {
 
 /// Path, allowed methods (GET implies HEAD), description: the index and the
 /// 404/405 answers come from this one table.
-const ENDPOINTS: [(&str, &[Method], &str); 10] = [
+const ENDPOINTS: [(&str, &[Method], &str); 11] = [
     ("/", &[Method::GET], "this list"),
     (
         "/ready",
@@ -114,6 +127,11 @@ const ENDPOINTS: [(&str, &[Method], &str); 10] = [
         "/logging",
         &[Method::POST],
         "?level=debug or ?filter=info,proxy=debug: change the log filter",
+    ),
+    (
+        "/drain_listeners",
+        &[Method::POST],
+        "?inboundonly: stop accepting (inbound listeners only), let open connections finish",
     ),
 ];
 
@@ -179,8 +197,17 @@ async fn serve_connection(
     mut closing: watch::Receiver<bool>,
 ) {
     let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-        let response = handle(&admin, &req);
-        async move { Ok::<_, Infallible>(response) }
+        // Draining waits for the listeners; everything else answers at once.
+        let answer = match drain_request(&req) {
+            Some(query) => Err((Arc::clone(&admin), query)),
+            None => Ok(handle(&admin, &req)),
+        };
+        async move {
+            Ok::<_, Infallible>(match answer {
+                Ok(response) => response,
+                Err((admin, query)) => drain_listeners(&admin, &query).await,
+            })
+        }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -255,6 +282,52 @@ fn handle<B>(admin: &Admin, req: &Request<B>) -> Response<Full<Bytes>> {
         ),
         (&Method::POST, "/logging") => set_logging(admin, req.uri().query().unwrap_or("")),
         _ => not_found_or_not_allowed(path),
+    }
+}
+
+/// The query of a `POST /drain_listeners` that may be served (no `Origin`:
+/// [`handle`] refuses those).
+fn drain_request<B>(req: &Request<B>) -> Option<String> {
+    (req.method() == Method::POST
+        && req.uri().path() == "/drain_listeners"
+        && !req.headers().contains_key(ORIGIN))
+    .then(|| req.uri().query().unwrap_or("").to_owned())
+}
+
+async fn drain_listeners(admin: &Admin, query: &str) -> Response<Full<Bytes>> {
+    let mut inbound_only = false;
+    for key in query.split('&').filter(|p| !p.is_empty()) {
+        match key {
+            "inboundonly" => inbound_only = true,
+            // Envoy's flag; draining here is always graceful.
+            "graceful" => {}
+            _ => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown parameter {key:?}: use /drain_listeners or /drain_listeners?inboundonly\n"),
+                )
+            }
+        }
+    }
+    match Arc::clone(&admin.source)
+        .drain_listeners(inbound_only)
+        .await
+    {
+        Some(names) => {
+            tracing::info!(
+                ?names,
+                inbound_only,
+                "listeners drained through the admin API"
+            );
+            text(
+                StatusCode::OK,
+                format!("OK: stopped accepting on [{}]\n", names.join(", ")),
+            )
+        }
+        None => text(
+            StatusCode::NOT_IMPLEMENTED,
+            "this proxy cannot drain its listeners\n".into(),
+        ),
     }
 }
 

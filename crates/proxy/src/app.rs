@@ -62,6 +62,13 @@ pub struct Options {
     /// identity (plaintext mesh). Kept up to date by the
     /// [`crate::identity::Manager`] in the control-plane source.
     pub identity: Option<Arc<identity::WorkloadIdentity>>,
+    /// Standalone mode: translate for transparent capture
+    /// ([`api::ProxyContext::capture`]). A control plane learns it from the
+    /// node metadata instead.
+    pub capture: bool,
+    /// The mesh DNS server ([`crate::dns`]): `None`, no DNS server. Its
+    /// names follow the VIP listeners of the active config.
+    pub dns: Option<crate::dns::DnsOptions>,
 }
 
 /// Why the proxy could not start or a config was refused.
@@ -78,6 +85,8 @@ pub enum Error {
     Nack(String),
     #[error(transparent)]
     Bind(#[from] crate::listener::BindError),
+    #[error(transparent)]
+    Dns(#[from] crate::dns::StartError),
     #[error("admin server: cannot bind {addr}: {source}")]
     Admin {
         addr: SocketAddr,
@@ -104,6 +113,13 @@ struct Inner {
     /// active). Held across a whole reload, so reloads never interleave.
     last: AsyncMutex<(String, Option<String>)>,
     ready: std::sync::atomic::AtomicBool,
+    /// Listeners taken out of service by the admin `POST /drain_listeners`;
+    /// they stay out across config updates.
+    drained: Mutex<Drained>,
+    /// The data path's runtime: admin-initiated listener changes run there.
+    data_rt: tokio::runtime::Handle,
+    /// The mesh DNS server, fed the names of every installed config.
+    dns: Option<crate::dns::DnsServer>,
 }
 
 impl Proxy {
@@ -119,6 +135,11 @@ impl Proxy {
         let (trigger, watch) = drain::channel();
         // Health checkers stop with the proxy; they do not hold up the drain.
         shared.stop_health_tasks_on(trigger.watch());
+        // Before the first config, so that config's names reach it.
+        let dns = match &opts.dns {
+            Some(d) => Some(crate::dns::DnsServer::start(d.clone(), metrics.clone()).await?),
+            None => None,
+        };
         let inner = Arc::new(Inner {
             opts: opts.clone(),
             shared: shared.clone(),
@@ -126,6 +147,9 @@ impl Proxy {
             bound: Mutex::new(Vec::new()),
             last: AsyncMutex::new((String::new(), None)),
             ready: std::sync::atomic::AtomicBool::new(false),
+            drained: Mutex::new(Drained::Nothing),
+            data_rt: tokio::runtime::Handle::current(),
+            dns,
         });
         if let Source::File { .. } = &opts.source {
             inner.reload(true).await?;
@@ -219,6 +243,11 @@ impl Proxy {
             .map(|(_, a)| a)
     }
 
+    /// The mesh DNS server's address (UDP and TCP), when it runs.
+    pub fn dns_addr(&self) -> Option<SocketAddr> {
+        self.inner.dns.as_ref().map(|d| d.local_addr())
+    }
+
     /// Re-reads the config file now (tests; the poller does the same).
     /// A no-op with a control plane.
     pub async fn reload(&self) -> Result<(), Error> {
@@ -245,6 +274,10 @@ impl Proxy {
             None => true,
         };
         self.inner.shared.flush_access_log().await;
+        // Last: the application resolved names until the drain was over.
+        if let Some(dns) = &self.inner.dns {
+            dns.stop();
+        }
         for t in &self.tasks {
             t.abort();
         }
@@ -320,6 +353,7 @@ impl Inner {
             workload: self.opts.workload.as_deref().map(split_workload),
             detect_timeout: self.opts.detect_timeout,
             certs_dir: None,
+            capture: self.opts.capture,
         };
         let out = api::translate(&mesh, &ctx);
         let local_service = ctx.workload.as_ref().and_then(|(ns, name)| {
@@ -349,12 +383,16 @@ impl Inner {
         let Some(set) = guard.as_mut() else {
             return Err(Error::Invalid("the proxy is shutting down".into()));
         };
-        let bound = set.bind_new(&snapshot.listeners)?;
+        let serving = self.serving(&snapshot.listeners);
+        let bound = set.bind_new(&serving)?;
         let previous = self.shared.runtime();
         let runtime = Arc::new(Runtime::build(snapshot.clone(), Some(&previous)));
         self.shared.set_runtime(runtime);
-        set.commit(&snapshot.listeners, bound);
+        set.commit(&serving, bound);
         *lock(&self.bound) = set.bound();
+        if let Some(dns) = &self.dns {
+            dns.set_names(crate::dns::names_from_snapshot(&snapshot));
+        }
         Ok(())
     }
 
@@ -475,6 +513,78 @@ impl AdminSource for Inner {
         if let Some(m) = self.identity_manager() {
             m.render_metrics(out);
         }
+    }
+
+    fn drain_listeners(self: Arc<Self>, inbound_only: bool) -> admin::DrainFuture {
+        let rt = self.data_rt.clone();
+        // Listener tasks belong on the data path's runtime, not the admin's.
+        Box::pin(async move {
+            rt.spawn(async move { self.drain_listeners_now(inbound_only).await })
+                .await
+                .ok()
+        })
+    }
+}
+
+/// Which listeners `POST /drain_listeners` took out of service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Drained {
+    Nothing,
+    Inbound,
+    All,
+}
+
+impl Inner {
+    /// The listeners of a config that should accept: all but the drained.
+    fn serving(
+        &self,
+        listeners: &std::collections::HashMap<String, Arc<crate::config::model::Listener>>,
+    ) -> std::collections::HashMap<String, Arc<crate::config::model::Listener>> {
+        let drained = *lock(&self.drained);
+        listeners
+            .iter()
+            .filter(|(name, _)| match drained {
+                Drained::Nothing => true,
+                Drained::Inbound => !(*name == "inbound" || name.starts_with("inbound|")),
+                Drained::All => false,
+            })
+            .map(|(name, l)| (name.clone(), l.clone()))
+            .collect()
+    }
+
+    /// Takes the inbound listeners (or all) out of service: they stop
+    /// accepting and their connections finish (the listener drain). Returns
+    /// the names of the listeners stopped now.
+    async fn drain_listeners_now(&self, inbound_only: bool) -> Vec<String> {
+        let mut guard = self.listeners.lock().await;
+        {
+            let mut drained = lock(&self.drained);
+            let wanted = if inbound_only {
+                Drained::Inbound
+            } else {
+                Drained::All
+            };
+            *drained = (*drained).max(wanted);
+        }
+        // Shutting down: nothing accepts any more.
+        let Some(set) = guard.as_mut() else {
+            return Vec::new();
+        };
+        let before = set.bound();
+        let snapshot = self.shared.runtime().snapshot.clone();
+        let serving = self.serving(&snapshot.listeners);
+        // Every listener left is already bound: nothing new to bind.
+        match set.bind_new(&serving) {
+            Ok(bound) => set.commit(&serving, bound),
+            Err(e) => tracing::warn!(error = %e, "draining listeners: cannot re-apply the config"),
+        }
+        let after = set.bound();
+        *lock(&self.bound) = after.clone();
+        before
+            .into_iter()
+            .filter(|(name, _)| !after.iter().any(|(n, _)| n == name))
+            .map(|(name, _)| name)
+            .collect()
     }
 }
 

@@ -226,7 +226,9 @@ impl Breaker {
     }
 
     /// Resolves when a connection of this cluster closes or the limits
-    /// change. Create it (and `enable` it) before checking, then await.
+    /// change. Create it before checking, then await: it is only signalled
+    /// with `notify_waiters`, which a `Notified` receives from its creation
+    /// on (no `enable`, which would lock on every request).
     pub fn freed(&self) -> tokio::sync::futures::Notified<'_> {
         self.freed.notified()
     }

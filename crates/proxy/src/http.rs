@@ -11,11 +11,13 @@
 //! Forwarding, in Envoy's terms: attempts run until one is not retried
 //! (`Attempts::run`). Each takes a `requests` slot of the cluster's circuit
 //! breaker (`breaker`; held until its response ends), leases a connection
-//! within the breaker's `connections`/`pending_requests` limits, is bounded by the
-//! per-try timeout and the route timeout (one deadline over all attempts,
-//! backoffs included), reports its outcome to its endpoint (outlier
-//! detection), and is classified against the route's `retry_policy`
-//! (`retry`). A retry needs attempts left, a replayable body and a
+//! within the breaker's `connections`/`pending_requests` limits, is bounded
+//! by the per-try timeout (counted from when it has its connection, as
+//! Envoy's starts in `onPoolReady`) and the route timeout (one deadline over
+//! all attempts, connection waits and backoffs included), reports its
+//! outcome to its endpoint (outlier detection; a timeout while still
+//! waiting for a connection is not the endpoint's), and is classified
+//! against the route's `retry_policy` (`retry`). A retry needs attempts left, a replayable body and a
 //! `retries` slot (budget or `max_retries`); otherwise the last upstream
 //! response is forwarded (or the local reply for a connect failure, reset
 //! or per-try timeout). The stream idle timeout (route `idle_timeout`, else
@@ -566,7 +568,8 @@ async fn forward(
     let policy = fwd.retry.as_deref().filter(|_| !upgrade);
     let activity = Activity::new(obs.received.clone());
     let body = if mirrors.is_empty() || !mirrorable {
-        RequestBody::new(body, &activity, policy.is_some())
+        // A policy of no retries (a per-try timeout alone) keeps no copy.
+        RequestBody::new(body, &activity, policy.is_some_and(|p| p.num_retries > 0))
     } else {
         match buffer_body(body).await {
             Ok(bytes) => {
@@ -597,8 +600,8 @@ async fn forward(
     let dest = cluster
         .config
         .service
-        .clone()
-        .unwrap_or_else(|| cluster.config.name.clone());
+        .as_deref()
+        .unwrap_or(&cluster.config.name);
     let deadline = timeout.map(|t| Instant::now() + t);
     let mut attempts = Attempts {
         conn,
@@ -610,7 +613,7 @@ async fn forward(
         deadline,
         timeout,
         upgrade,
-        dest: &dest,
+        dest,
     };
     // Before the response headers the stream idle timeout can only fire
     // first when it is shorter than the route timeout.
@@ -795,7 +798,10 @@ impl Attempts<'_> {
                     .as_ref()
                     .and_then(|t| t.expected_ids.first().cloned());
             }
-            tried.push(target.addr);
+            if self.policy.is_some() {
+                // Only retries look at it: no allocation without a policy.
+                tried.push(target.addr);
+            }
             // Each attempt is one upstream request of the cluster (as
             // Envoy counts them): a slot until its response ends.
             let request_slot = match self.cluster.breaker.try_request() {
@@ -828,15 +834,21 @@ impl Attempts<'_> {
             };
             let req = Request::from_parts(parts, body);
             let began = Instant::now();
-            let try_deadline = match (per_try.map(|t| began + t), self.deadline) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let mut dispatched = false;
             let sent = with_deadline(
-                try_deadline,
-                send(self.conn, &target, &self.cluster.breaker, req, self.upgrade),
+                self.deadline,
+                send(
+                    self.conn,
+                    &target,
+                    &self.cluster.breaker,
+                    req,
+                    self.upgrade,
+                    per_try,
+                    &mut dispatched,
+                ),
             )
-            .await;
+            .await
+            .and_then(|per_try_bounded| per_try_bounded);
             drop(retry_slot.take());
             let (outcome, attempt) = match sent {
                 Ok(Ok((resp, returner))) => (
@@ -864,7 +876,13 @@ impl Attempts<'_> {
                 }
                 Err(_) => (TryOutcome::Timeout, Attempt::TimedOut),
             };
-            pick.report(outcome.outlier());
+            // A timeout while the attempt still waited for a connection (at
+            // the circuit breaker's limits, or connecting) is this proxy's
+            // queue, not the endpoint's answer: as Envoy, which reports to
+            // outlier detection only once a request has an upstream host.
+            if dispatched || !matches!(attempt, Attempt::TimedOut) {
+                pick.report(outcome.outlier());
+            }
             match &attempt {
                 Attempt::Response(..) => pick.complete(began.elapsed()),
                 _ => pick.failed(),
@@ -913,6 +931,8 @@ impl Attempts<'_> {
                     continue;
                 }
             }
+            // No attempt follows this one.
+            self.body.seal();
             return match attempt {
                 Attempt::Response(resp, returner) => Finished::Response {
                     resp,
@@ -1035,19 +1055,50 @@ type Sent = (
     Option<(Returner, upstream::Http1Sender)>,
 );
 
+/// One attempt: a connection within the circuit breaker's limits, then the
+/// exchange, bounded by `per_try` from the moment the connection is there
+/// (Envoy starts the per-try timer in `onPoolReady`: waiting for a
+/// connection counts against the route timeout only). `dispatched` is set
+/// once the request has its connection.
 async fn send(
     conn: &Arc<ConnCtx>,
     target: &Target,
     breaker: &Arc<Breaker>,
     req: Request<Body>,
     upgrade: bool,
-) -> Result<Sent, UpstreamError> {
+    per_try: Option<Duration>,
+    dispatched: &mut bool,
+) -> Result<Result<Sent, UpstreamError>, tokio::time::error::Elapsed> {
     let pools = &conn.shared.pools;
     let lease = if upgrade {
-        pools.lease_fresh_for(target, Some(breaker)).await?
+        pools.lease_fresh_for(target, Some(breaker)).await
     } else {
-        pools.lease_for(target, Some(breaker)).await?
+        pools.lease_for(target, Some(breaker)).await
     };
+    let lease = match lease {
+        Ok(lease) => lease,
+        Err(e) => return Ok(Err(e)),
+    };
+    // From here on the request is the endpoint's to answer.
+    *dispatched = true;
+    let deadline = per_try.map(|t| Instant::now() + t);
+    with_deadline(
+        deadline,
+        exchange(pools, target, breaker, lease, req, upgrade),
+    )
+    .await
+}
+
+/// Sends `req` on `lease` (once more on a new connection when a pooled one
+/// turns out closed before the request was written).
+async fn exchange(
+    pools: &upstream::Pools,
+    target: &Target,
+    breaker: &Arc<Breaker>,
+    lease: Lease,
+    req: Request<Body>,
+    upgrade: bool,
+) -> Result<Sent, UpstreamError> {
     let addr = target.addr;
     match lease {
         Lease::Http1 {

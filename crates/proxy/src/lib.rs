@@ -1,17 +1,31 @@
 //! meshwork's data plane: a sidecar proxy configured only through Envoy xDS v3
 //! resources.
 //!
-//! How it is built: [`app`] is the composition root (config source, shared
-//! state, listeners, admin, drain). A connection goes [`listener`] ->
-//! [`detect`] (bounded protocol sniffing) -> [`http`] (route, balance,
-//! forward through [`upstream`] pools) or [`tcp`] (opaque byte copy). What
-//! requests are served from is a [`runtime::Runtime`] derived from a
-//! [`config::model::Snapshot`], which [`config::xds`] builds from xDS
-//! resources and swaps atomically on every accepted update.
+//! How it is built: [`app`] is the composition root (config source: a mesh
+//! file or the [`xds_client`]; shared state, listeners, admin, drain). A
+//! connection goes [`listener`] -> [`detect`] (bounded protocol sniffing)
+//! -> [`http`] (authorize with [`authz`], rate limit with [`ratelimit`],
+//! inject faults with [`fault`], route, balance, forward through
+//! [`upstream`] pools with [`retry`] and the [`breaker`] limits) or `tcp`
+//! (opaque byte copy). What requests are served from is a
+//! [`runtime::Runtime`] derived from a [`config::model::Snapshot`], which
+//! [`config::xds`] builds from xDS resources and swaps atomically on every
+//! accepted update; what must outlive an update is carried over by cluster
+//! name (circuit breaker counts, [`balance`] load statistics, endpoint
+//! [`health`] from active checks and outlier detection) or kept by the proxy
+//! (upstream pools, rate limit buckets). [`identity`] and `tls` provide the
+//! workload certificate and mutual TLS. [`dns`] answers mesh Service names
+//! with their VIPs (transparent mode) and forwards other names.
 //!
-//! What it deliberately does not do (yet): TLS and identities, retries,
-//! circuit breaking, rate limits, an xDS client (standalone file mode only);
-//! those arrive with their issues on the same structure.
+//! Semantics are Envoy's for every xDS field accepted (`docs/xds.md`, with
+//! the deliberate differences listed there); anything else is refused.
+//!
+//! Transparent capture: a `use_original_dst` listener dispatches each
+//! redirected connection by its original destination (`listener`), to a
+//! Service's VIP listener or to passthrough/blackhole (`tcp`).
+//!
+//! What it does not do (yet): tracing, delta xDS from the client; those
+//! arrive with their issues on the same structure.
 
 pub mod accesslog;
 pub mod admin;
@@ -23,6 +37,7 @@ pub mod breaker;
 pub mod cert_files;
 pub mod config;
 pub mod detect;
+pub mod dns;
 pub mod drain;
 pub mod fault;
 pub mod filters;

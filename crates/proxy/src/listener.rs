@@ -6,6 +6,15 @@
 //! connections see them; open ones finish with what they had); a new address
 //! is bound before anything else changes, so a config that cannot be bound is
 //! refused as a whole; a removed listener stops accepting and drains.
+//!
+//! Transparent capture: a `use_original_dst` listener reads each accepted
+//! connection's original destination (`SO_ORIGINAL_DST`, set by an iptables
+//! REDIRECT). Addressed to the listener itself (explicit mode, or no
+//! redirect): its own chains. Addressed elsewhere: the chains of the
+//! `bind_to_port: false` listener at that address (exact ip:port, then
+//! `0.0.0.0:port`), served exactly as if it had accepted the connection;
+//! no such listener: the listener's captured default chain (passthrough to
+//! the original destination, or a blackhole).
 
 use std::collections::HashMap;
 use std::io;
@@ -52,6 +61,20 @@ pub struct ListenerSet {
     shared: Arc<Shared>,
     global: drain::Watch,
     running: HashMap<String, Running>,
+    /// The `bind_to_port: false` listeners, by address: where
+    /// `use_original_dst` listeners hand captured connections.
+    unbound: Arc<ArcSwap<Unbound>>,
+}
+
+/// The `bind_to_port: false` listeners of the current config, by address.
+type Unbound = HashMap<SocketAddr, Handoff>;
+
+/// A listener that takes connections handed over by a `use_original_dst` one.
+#[derive(Debug)]
+struct Handoff {
+    name: String,
+    config: Arc<Listener>,
+    series: Arc<ListenerSeries>,
 }
 
 /// Sockets bound for an update that is not committed yet.
@@ -74,6 +97,7 @@ impl ListenerSet {
             shared,
             global,
             running: HashMap::new(),
+            unbound: Default::default(),
         }
     }
 
@@ -82,7 +106,7 @@ impl ListenerSet {
     /// yet either, until [`ListenerSet::commit`].
     pub fn bind_new(&self, wanted: &HashMap<String, Arc<Listener>>) -> Result<Bound, BindError> {
         let mut fresh = Vec::new();
-        for (name, l) in wanted {
+        for (name, l) in wanted.iter().filter(|(_, l)| l.bind_to_port) {
             let keep = self
                 .running
                 .get(name)
@@ -108,7 +132,11 @@ impl ListenerSet {
         let stale: Vec<String> = self
             .running
             .iter()
-            .filter(|(name, r)| wanted.get(*name).is_none_or(|l| l.address != r.configured))
+            .filter(|(name, r)| {
+                wanted
+                    .get(*name)
+                    .is_none_or(|l| l.address != r.configured || !l.bind_to_port)
+            })
             .map(|(name, _)| name.clone())
             .collect();
         for name in stale {
@@ -117,8 +145,25 @@ impl ListenerSet {
                 tokio::spawn(r.stop.drain(LISTENER_DRAIN));
             }
         }
+        // Hand-over targets first, so a capture listener started below
+        // already sees them.
+        let unbound: Unbound = wanted
+            .iter()
+            .filter(|(_, l)| !l.bind_to_port)
+            .map(|(name, l)| {
+                (
+                    l.address,
+                    Handoff {
+                        name: name.clone(),
+                        config: l.clone(),
+                        series: self.shared.metrics.listener(name),
+                    },
+                )
+            })
+            .collect();
+        self.unbound.store(Arc::new(unbound));
         // Update the chains of the ones that stay.
-        for (name, l) in wanted {
+        for (name, l) in wanted.iter().filter(|(_, l)| l.bind_to_port) {
             if let Some(r) = self.running.get(name) {
                 r.config.store(l.clone());
             }
@@ -134,9 +179,12 @@ impl ListenerSet {
                 name.clone(),
                 socket,
                 config.clone(),
-                watch,
-                self.global.clone(),
+                Stops {
+                    stop: watch,
+                    global: self.global.clone(),
+                },
                 series,
+                self.unbound.clone(),
             ));
             self.running.insert(
                 name,
@@ -175,15 +223,22 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(std)
 }
 
+/// The drain signals of a listener: its own and the proxy's.
+struct Stops {
+    stop: drain::Watch,
+    global: drain::Watch,
+}
+
 async fn accept_loop(
     shared: Arc<Shared>,
     name: String,
     socket: TcpListener,
     config: Arc<ArcSwap<Listener>>,
-    stop: drain::Watch,
-    global: drain::Watch,
+    stops: Stops,
     series: Arc<ListenerSeries>,
+    unbound: Arc<ArcSwap<Unbound>>,
 ) {
+    let Stops { stop, global } = stops;
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
@@ -205,7 +260,7 @@ async fn accept_loop(
                 continue;
             }
         };
-        let conn = Connection {
+        let mut conn = Connection {
             shared: shared.clone(),
             name: name.clone(),
             config: config.load_full(),
@@ -216,9 +271,70 @@ async fn accept_loop(
         // One span per connection: every log line of it names the listener
         // and the peer (free when debug logging is off).
         let span = tracing::debug_span!("conn", listener = %name, %peer);
+        if conn.config.use_original_dst {
+            if let Some(dst) = captured_destination(&stream) {
+                let span =
+                    tracing::debug_span!("conn", listener = %name, %peer, original_dst = %dst);
+                match find_handoff(&unbound.load(), dst) {
+                    Some(h) => {
+                        conn.name = h.name.clone();
+                        conn.config = h.config.clone();
+                        conn.series = h.series.clone();
+                        tokio::spawn(conn.serve(stream, peer).instrument(span));
+                    }
+                    None => {
+                        tokio::spawn(conn.serve_captured(stream, peer, dst).instrument(span));
+                    }
+                }
+                continue;
+            }
+        }
         tokio::spawn(conn.serve(stream, peer).instrument(span));
     }
     tracing::debug!(listener = %name, "stopped accepting");
+}
+
+/// The original destination of a connection redirected to this listener,
+/// or `None` when it was addressed to the listener itself (explicit mode) or
+/// the kernel knows no redirect (no `SO_ORIGINAL_DST`).
+fn captured_destination(stream: &TcpStream) -> Option<SocketAddr> {
+    let sock = socket2::SockRef::from(stream);
+    let local = stream.local_addr().ok()?;
+    let dst = if local.is_ipv4() {
+        sock.original_dst_v4()
+    } else {
+        sock.original_dst_v6()
+    };
+    let dst = dst.ok()?.as_socket()?;
+    // An IPv4 client on a dual-stack socket reports a mapped address.
+    let dst = match dst {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => dst,
+        },
+        v4 => v4,
+    };
+    let local = match local {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => local,
+        },
+        v4 => v4,
+    };
+    (dst != local).then_some(dst)
+}
+
+/// The unbound listener for `dst`: exact address, then the wildcard address
+/// of its family with the same port.
+fn find_handoff(unbound: &Unbound, dst: SocketAddr) -> Option<&Handoff> {
+    unbound.get(&dst).or_else(|| {
+        let any: std::net::IpAddr = if dst.is_ipv4() {
+            std::net::Ipv4Addr::UNSPECIFIED.into()
+        } else {
+            std::net::Ipv6Addr::UNSPECIFIED.into()
+        };
+        unbound.get(&SocketAddr::new(any, dst.port()))
+    })
 }
 
 struct Connection {
@@ -231,6 +347,31 @@ struct Connection {
 }
 
 impl Connection {
+    /// A captured connection that no listener claims: the captured default
+    /// chain (passthrough or blackhole), else closed.
+    async fn serve_captured(self, stream: TcpStream, peer: SocketAddr, dst: SocketAddr) {
+        let _active = self.series.connection();
+        let _ = stream.set_nodelay(true);
+        let Some(tcp_proxy) = &self.config.captured_default else {
+            tracing::debug!(listener = %self.name, %peer, %dst, "captured connection to a destination outside the mesh and no default chain: closing");
+            return;
+        };
+        if !tcp::authorize(&self.shared, tcp_proxy, Direction::Outbound, peer, None) {
+            return;
+        }
+        tcp::proxy(
+            self.shared.clone(),
+            tcp_proxy,
+            Direction::Outbound,
+            bytes::Bytes::new(),
+            stream,
+            peer,
+            None,
+            Some(dst),
+        )
+        .await;
+    }
+
     async fn serve(self, mut stream: TcpStream, peer: SocketAddr) {
         let _active = self.series.connection();
         let _ = stream.set_nodelay(true);
@@ -293,6 +434,7 @@ impl Connection {
                     prefix,
                     stream,
                     peer,
+                    None,
                     None,
                 )
                 .await;
@@ -362,6 +504,7 @@ impl Connection {
                     stream,
                     peer,
                     peer_identity.as_deref(),
+                    None,
                 )
                 .await;
             }

@@ -149,7 +149,9 @@ pub enum Event {
     /// condition that triggered it, e.g. `5xx`, `reset`, `connect-failure`).
     Retry,
     /// `meshwork_retries_skipped_total{reason}`: a retry was wanted but not
-    /// sent (`budget_exhausted`, `max_retries`, `body_not_replayable`).
+    /// sent (`retry_limit_exceeded`: the attempts are used up;
+    /// `budget_exhausted`, `max_retries`: the circuit breaker refused;
+    /// `body_not_replayable`).
     RetrySkipped,
     /// `meshwork_upstream_overflow_total{limit}`: a circuit breaker shed a
     /// request (`connections`, `pending_requests`, `requests`, `retries`).
@@ -249,6 +251,38 @@ pub struct Metrics {
     events: Family<EventLabels, Counter>,
     /// Config updates are rare (seconds apart), so a mutex is fine here.
     config: Mutex<BTreeMap<String, ConfigState>>,
+    /// `meshwork_dns_queries_total`, rendered once the DNS server runs.
+    dns: DnsCounters,
+}
+
+/// The `result` label of `meshwork_dns_queries_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DnsResult {
+    /// Answered from the mesh's names (VIPs).
+    Mesh,
+    /// Answered by the upstream resolver.
+    Forwarded,
+    /// Malformed, unsupported, or the upstream failed (FORMERR, NOTIMP,
+    /// SERVFAIL, or no answer at all).
+    Error,
+}
+
+impl DnsResult {
+    const ALL: [DnsResult; 3] = [DnsResult::Mesh, DnsResult::Forwarded, DnsResult::Error];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DnsResult::Mesh => "mesh",
+            DnsResult::Forwarded => "forwarded",
+            DnsResult::Error => "error",
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct DnsCounters {
+    enabled: std::sync::atomic::AtomicBool,
+    by_result: [Counter; 3],
 }
 
 /// Counters of one HTTP label set. Get it from [`Metrics::http`].
@@ -422,6 +456,42 @@ impl Metrics {
         config.entry(kind.to_owned()).or_default().rejected += 1;
     }
 
+    /// Exports `meshwork_dns_queries_total` (the DNS server calls this when
+    /// it starts; proxies without one do not show the family).
+    pub fn dns_enabled(&self) {
+        self.dns.enabled.store(true, Ordering::Relaxed);
+    }
+
+    /// Counts one DNS query by how it was answered.
+    pub fn dns_query(&self, result: DnsResult) {
+        self.dns.by_result[result as usize].inc();
+    }
+
+    /// The count of DNS queries with `result` (tests, admin).
+    pub fn dns_queries(&self, result: DnsResult) -> u64 {
+        self.dns.by_result[result as usize].get()
+    }
+
+    fn render_dns(&self, out: &mut String) {
+        if !self.dns.enabled.load(Ordering::Relaxed) {
+            return;
+        }
+        header(
+            out,
+            "meshwork_dns_queries_total",
+            "DNS queries to the proxy's DNS server, by result: mesh (a mesh name, answered here), forwarded (answered by the upstream resolver), error.",
+            "counter",
+        );
+        for r in DnsResult::ALL {
+            sample(
+                out,
+                "meshwork_dns_queries_total",
+                &[("result", r.as_str())],
+                self.dns_queries(r),
+            );
+        }
+    }
+
     /// Prometheus text format 0.0.4.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
@@ -432,6 +502,7 @@ impl Metrics {
         self.render_tls(&mut out);
         self.render_events(&mut out);
         self.render_config(&mut out);
+        self.render_dns(&mut out);
         out
     }
 

@@ -21,10 +21,10 @@
 //!   retry). When several conditions match, the most specific is named
 //!   (`retriable-status-codes` > `gateway-error` > `5xx`; `connect-failure`
 //!   / `refused-stream` > `reset` > `gateway-error` > `5xx`).
-//! - [`backoff`] is Envoy's fully jittered exponential backoff: before retry
-//!   `n` (1 = the first retry) wait a uniformly random time in
-//!   `[0, min((2^n - 1) x base, max))`, i.e. `[0, base)`, `[0, 3 base)`,
-//!   `[0, 7 base)`, ... capped at `max`.
+//! - [`backoff`] is Envoy's fully jittered exponential backoff (its
+//!   `JitteredExponentialBackOffStrategy`): before retry `n` (1 = the first
+//!   retry) wait a uniformly random time in `[0, min(2^(n-1) x base, max))`,
+//!   i.e. `[0, base)`, `[0, 2 base)`, `[0, 4 base)`, ... capped at `max`.
 //! - [`RequestBody`] makes a request body replayable: with a retry policy
 //!   the body streams to the first attempt as it arrives (nothing waits for
 //!   it) while a copy is kept, up to [`REPLAY_LIMIT`] (64 KiB). A later
@@ -126,15 +126,13 @@ pub fn retry_condition(policy: &RetryPolicy, outcome: TryOutcome) -> Option<&'st
 }
 
 /// How long to wait before retry number `retry` (1 = the first retry):
-/// uniform in `[0, min((2^retry - 1) x base, max))`, drawn from `random`.
+/// uniform in `[0, min(2^(retry-1) x base, max))`, drawn from `random`.
 pub fn backoff(base: Duration, max: Duration, retry: u32, random: u64) -> Duration {
     let base = base.as_nanos().min(u128::from(u64::MAX)) as u64;
     let max = max.as_nanos().min(u128::from(u64::MAX)) as u64;
     let multiplier = 1u64
-        .checked_shl(retry.min(63))
-        .unwrap_or(u64::MAX)
-        .saturating_sub(1)
-        .max(1);
+        .checked_shl(retry.saturating_sub(1).min(63))
+        .unwrap_or(u64::MAX);
     let ceiling = base.saturating_mul(multiplier).min(max);
     if ceiling == 0 {
         return Duration::ZERO;
@@ -259,6 +257,7 @@ impl RequestBody {
                     failed: false,
                     replayable: true,
                     generation: 0,
+                    reader: None,
                 }),
                 activity: activity.clone(),
             }));
@@ -294,6 +293,16 @@ impl RequestBody {
         }
     }
 
+    /// No attempt will follow the current one (its response is being
+    /// forwarded): stop copying the body, and drop the copy once the
+    /// current attempt has sent it, so a long request stream does not keep
+    /// up to [`REPLAY_LIMIT`] bytes for nothing.
+    pub fn seal(&self) {
+        if let RequestBody::Replay(r) = self {
+            lock(&r.state).replayable = false;
+        }
+    }
+
     /// The body for the next attempt; `None` when it cannot be sent again.
     /// Starting an attempt supersedes the previous one's body.
     pub fn next_attempt(&mut self) -> Option<Body> {
@@ -308,6 +317,14 @@ impl RequestBody {
                         return None;
                     }
                     st.generation += 1;
+                    // The superseded attempt may be parked on the client's
+                    // body, whose waker is about to go to the new reader:
+                    // wake it so it fails now and its upstream stream is
+                    // aborted, instead of holding its connection until the
+                    // upstream gives up.
+                    if let Some(w) = st.reader.take() {
+                        w.wake();
+                    }
                     st.generation
                 };
                 Some(
@@ -344,6 +361,8 @@ struct ReplayState {
     replayable: bool,
     /// The attempt whose body may read; older ones fail.
     generation: u64,
+    /// Waker of the attempt waiting for the client's body.
+    reader: Option<std::task::Waker>,
 }
 
 impl std::fmt::Debug for ReplayState {
@@ -396,13 +415,24 @@ impl http_body::Body for ReplayBody {
         if st.failed {
             return Poll::Ready(Some(Err("reading the request body failed".into())));
         }
+        // This attempt has sent every recorded frame; when no attempt can
+        // follow it (sealed, or past the limit) the copy is dead weight.
+        if !st.replayable && !st.data.is_empty() {
+            st.data = Vec::new();
+            st.size = 0;
+        }
         let Some(source) = st.source.as_mut() else {
             return Poll::Ready(None);
         };
         let polled = Pin::new(source).poll_frame(cx);
         let end = st.source.as_ref().is_none_or(|s| s.is_end_stream());
         match polled {
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                if !st.reader.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    st.reader = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
             Poll::Ready(None) => {
                 st.finish(&this.replay.activity);
                 this.trailers_sent = true;

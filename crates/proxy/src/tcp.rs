@@ -1,6 +1,12 @@
 //! The opaque TCP path: pick a weighted cluster and an endpoint, connect,
 //! replay the bytes detection read, then copy both ways until either side
 //! closes or the connection has been idle too long.
+//!
+//! Transparent capture adds two cluster shapes: an ORIGINAL_DST cluster
+//! (`PassthroughCluster`) connects to the connection's original destination
+//! instead of an endpoint; a STATIC cluster without endpoints
+//! (`BlackHoleCluster`) refuses the connection, counted as a TCP connection
+//! to that destination and access-logged with `UH`, as Envoy does.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +21,7 @@ use tokio::time::Instant;
 use crate::accesslog::{AccessLogEntry, Protocol, ResponseFlag};
 use crate::balance::Outcome;
 use crate::config::model::TcpProxy;
-use crate::metrics::TcpSeries;
+use crate::metrics::{Event, TcpSeries};
 use crate::router;
 use crate::shared::{Direction, Shared};
 use crate::tls::IntoHalves;
@@ -62,6 +68,9 @@ pub fn authorize(
 
 /// Proxies one downstream connection (plain TCP, or mTLS terminated by the
 /// listener with the verified `principal`). `prefix` holds bytes already read.
+/// `original_dst`: where a captured connection was going (what an
+/// ORIGINAL_DST cluster connects to).
+#[allow(clippy::too_many_arguments)]
 pub async fn proxy<D: IntoHalves>(
     shared: Arc<Shared>,
     tcp: &TcpProxy,
@@ -70,6 +79,7 @@ pub async fn proxy<D: IntoHalves>(
     downstream: D,
     peer: SocketAddr,
     principal: Option<&str>,
+    original_dst: Option<SocketAddr>,
 ) {
     let start = Instant::now();
     let wall = std::time::SystemTime::now();
@@ -93,6 +103,39 @@ pub async fn proxy<D: IntoHalves>(
             )
         })?;
         entry.destination_service = cluster.config.service.clone().or(Some(wc.name.clone()));
+        if cluster.config.original_dst {
+            let Some(addr) = original_dst else {
+                return Err((
+                    ResponseFlag::NoHealthyUpstream,
+                    format!(
+                        "cluster {} (ORIGINAL_DST) needs the connection's original destination, and it has none",
+                        wc.name
+                    ),
+                ));
+            };
+            return passthrough(
+                &shared, cluster, tcp, direction, downstream, prefix, addr, principal,
+                &mut entry,
+            )
+            .await;
+        }
+        if cluster.config.static_endpoints.is_some() && cluster.endpoints.localities.is_empty() {
+            let dest = entry.destination_service.as_deref().unwrap_or(&wc.name);
+            let series = shared.tcp_series(direction, dest, principal);
+            series.opened();
+            series.closed();
+            return Err((
+                ResponseFlag::NoHealthyUpstream,
+                format!(
+                    "cluster {} has no endpoints (a blackhole): connection refused{}",
+                    wc.name,
+                    match original_dst {
+                        Some(a) => format!(" (original destination {a}, outside the mesh)"),
+                        None => String::new(),
+                    }
+                ),
+            ));
+        }
         let pick = cluster.balancer.pick(None).ok_or_else(|| {
             (
                 ResponseFlag::NoHealthyUpstream,
@@ -104,6 +147,23 @@ pub async fn proxy<D: IntoHalves>(
         })?;
         let addr = pick.address();
         entry.upstream_host = Some(addr);
+        // `connectionPool.maxConnections` (Envoy's tcp_proxy checks the
+        // cluster's connection limit too): one slot for the connection's life.
+        let Some(_connection_slot) = cluster.breaker.try_connection(false) else {
+            let dest = entry.destination_service.as_deref().unwrap_or(&wc.name);
+            shared
+                .metrics
+                .event(Event::Overflow, dest, "connections")
+                .inc();
+            return Err((
+                ResponseFlag::UpstreamOverflow,
+                format!(
+                    "upstream overflow: {} connections are open to cluster {} (limit connections); raise connectionPool.maxConnections in the destination's TrafficPolicy",
+                    cluster.breaker.status().connections,
+                    wc.name
+                ),
+            ));
+        };
         let connect =
             tokio::time::timeout(cluster.config.connect_timeout, TcpStream::connect(addr)).await;
         let upstream = match connect {
@@ -190,14 +250,78 @@ pub async fn proxy<D: IntoHalves>(
     }
 }
 
-/// Copies until both directions have closed, or no byte moved for `idle`.
-/// Returns (bytes downstream -> upstream, bytes upstream -> downstream).
+/// An ORIGINAL_DST cluster: plain TCP to `addr`, the connection's original
+/// destination, within the cluster's connection limit and connect timeout.
+/// Metrics and access log name the cluster (`PassthroughCluster`) as the
+/// destination.
+#[allow(clippy::too_many_arguments)]
+async fn passthrough<D: IntoHalves>(
+    shared: &Arc<Shared>,
+    cluster: &crate::runtime::ClusterState,
+    tcp: &TcpProxy,
+    direction: Direction,
+    downstream: D,
+    prefix: Bytes,
+    addr: SocketAddr,
+    principal: Option<&str>,
+    entry: &mut AccessLogEntry,
+) -> Result<(u64, u64), (ResponseFlag, String)> {
+    entry.upstream_host = Some(addr);
+    let dest = entry
+        .destination_service
+        .clone()
+        .unwrap_or_else(|| cluster.config.name.clone());
+    let Some(_connection_slot) = cluster.breaker.try_connection(false) else {
+        shared
+            .metrics
+            .event(Event::Overflow, &dest, "connections")
+            .inc();
+        return Err((
+            ResponseFlag::UpstreamOverflow,
+            format!(
+                "upstream overflow: {} connections are open to cluster {} (limit connections)",
+                cluster.breaker.status().connections,
+                cluster.config.name
+            ),
+        ));
+    };
+    let upstream = match tokio::time::timeout(
+        cluster.config.connect_timeout,
+        TcpStream::connect(addr),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            return Err((
+                ResponseFlag::UpstreamConnectFailure,
+                format!("passthrough to original destination {addr} failed: {e}"),
+            ))
+        }
+        Err(_) => {
+            return Err((
+                ResponseFlag::UpstreamConnectFailure,
+                format!("passthrough to original destination {addr} timed out"),
+            ))
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    downstream.nodelay();
+    let series = shared.tcp_series(direction, &dest, principal);
+    series.opened();
+    let counts = copy_both(downstream, upstream, prefix, tcp.idle_timeout, &series).await;
+    series.closed();
+    Ok(counts)
+}
+
 /// A connected upstream.
 enum Upstream {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
+/// Copies until both directions have closed, or no byte moved for `idle`.
+/// Returns (bytes downstream -> upstream, bytes upstream -> downstream).
 async fn copy_both<D: IntoHalves, U: IntoHalves>(
     downstream: D,
     upstream: U,

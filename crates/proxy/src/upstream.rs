@@ -270,15 +270,14 @@ impl Pools {
         // included, as Envoy counts it).
         let mut pending: Option<Guard> = None;
         loop {
-            // Registered before looking, so a connection freed in between
-            // still wakes this request.
+            // Created before looking, so a connection freed in between still
+            // wakes this request: both are only ever signalled with
+            // `notify_waiters`, which a `Notified` receives from its
+            // creation on. Not `enable`d: that would take both locks (one
+            // shared by the whole cluster) on every request, waiting or not.
             let changed = pool.counters.changed.notified();
             tokio::pin!(changed);
-            changed.as_mut().enable();
             let mut freed = std::pin::pin!(breaker.map(|b| b.freed()));
-            if let Some(f) = freed.as_mut().as_pin_mut() {
-                f.enable();
-            }
 
             if reuse {
                 if let Some(lease) = take_idle(&pool, target).await {

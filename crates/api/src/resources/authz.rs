@@ -43,6 +43,29 @@ pub struct MeshConfigSpec {
     pub mtls: Option<MtlsSettings>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authorization: Option<AuthorizationSettings>,
+    /// Transparent capture: what happens to captured connections whose
+    /// original destination is not a mesh Service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outbound_traffic_policy: Option<OutboundTrafficPolicy>,
+}
+
+/// `Mesh.spec.outboundTrafficPolicy` (Istio's field of the same name).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OutboundTrafficPolicy {
+    #[serde(default)]
+    pub mode: OutboundMode,
+}
+
+/// Where captured traffic to a destination outside the mesh goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum OutboundMode {
+    /// Passed through to its original destination (`PassthroughCluster`).
+    #[default]
+    AllowAny,
+    /// Refused: closed right away (`BlackHoleCluster`).
+    RegistryOnly,
 }
 
 /// `Mesh.spec.mtls`.

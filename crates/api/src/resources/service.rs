@@ -26,6 +26,11 @@ pub struct ServiceSpec {
     /// The identity of the service's workloads (defaults to the service name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account: Option<String>,
+    /// The service's virtual IP (transparent mode), pinned: inside
+    /// `240.240.0.0/16` and unique in the mesh. Default: allocated from a
+    /// hash of `namespace/name` (see `Mesh::service_vip`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip: Option<std::net::Ipv4Addr>,
 }
 
 /// What a service port speaks.

@@ -44,6 +44,7 @@ use crate::mesh::{Key, Mesh};
 use crate::resources::{AppProtocol, Locality, ServicePort};
 
 mod authz;
+pub mod capture;
 mod clusters;
 mod grpc;
 mod listeners;
@@ -72,7 +73,17 @@ pub struct ProxyContext {
     /// reads its certificate and roots from SDS files in this directory
     /// (`default.yaml`, `ROOTCA.yaml`) instead of over ADS. See `docs/mtls.md`.
     pub certs_dir: Option<String>,
+    /// Transparent capture (`meshwork proxy --capture`, node metadata
+    /// [`CAPTURE_METADATA`]): the outbound listener dispatches by original
+    /// destination to per-Service VIP listeners, and passes through (or
+    /// blackholes) the rest. See `capture`. Ignored when `outbound_addr`
+    /// has port 0. `false`: explicit mode, output unchanged.
+    pub capture: bool,
 }
+
+/// Node metadata key (bool) asking for transparent capture output
+/// ([`ProxyContext::capture`]).
+pub const CAPTURE_METADATA: &str = "meshwork.capture";
 
 impl Default for ProxyContext {
     /// meshwork's standard ports on localhost (outbound 15001, inbound
@@ -85,6 +96,7 @@ impl Default for ProxyContext {
             workload: None,
             detect_timeout: Duration::from_secs(1),
             certs_dir: None,
+            capture: false,
         }
     }
 }
@@ -190,17 +202,46 @@ pub fn translate(mesh: &Mesh, ctx: &ProxyContext) -> Xds {
         }
     }
 
-    let outbound = routes::outbound(mesh, &att, ctx);
+    let capture_port = Some(ctx.outbound_addr.port()).filter(|p| ctx.capture && *p != 0);
+    let mut outbound = routes::outbound(mesh, &att, ctx);
+    if capture_port.is_some() {
+        capture::add_vip_domains(mesh, &mut outbound);
+    }
     let filters = resilience::outbound_filters(&outbound);
     xds.routes.push(outbound);
-    xds.listeners.push(listeners::detecting(
+    let mut outbound_listener = listeners::detecting(
         names::OUTBOUND_HTTP,
         ctx.outbound_addr,
         ctx.detect_timeout,
         names::OUTBOUND_HTTP,
-        filters,
+        filters.clone(),
         Vec::new(),
-    ));
+    );
+    if let Some(port) = capture_port {
+        capture::capture_listener(mesh, &mut outbound_listener, port);
+        xds.clusters.extend(capture::clusters());
+    }
+    xds.listeners.push(outbound_listener);
+    if capture_port.is_some() {
+        for s in mesh.services() {
+            let svc = &s.value;
+            for sp in svc.spec.ports.iter().filter(|p| p.app_protocol.is_http()) {
+                let Some(addr) = capture::vip_addr(mesh, svc, sp) else {
+                    continue;
+                };
+                let name = capture::vip_listener_name(addr.ip(), sp.port);
+                let l = listeners::detecting(
+                    &name,
+                    addr,
+                    ctx.detect_timeout,
+                    names::OUTBOUND_HTTP,
+                    filters.clone(),
+                    Vec::new(),
+                );
+                xds.listeners.push(capture::vip_listener(l, svc, client_ns));
+            }
+        }
+    }
 
     for s in mesh.services() {
         let svc = &s.value;
@@ -264,6 +305,11 @@ pub fn translate(mesh: &Mesh, ctx: &ProxyContext) -> Xds {
             let port = u16::try_from(sp.local_port()).unwrap_or(0);
             let addr = SocketAddr::new(ctx.outbound_addr.ip(), port);
             let filter = listeners::tcp_proxy(&lname, targets, idle);
+            if let (Some(_), Some(vaddr)) = (capture_port, capture::vip_addr(mesh, svc, sp)) {
+                let vname = capture::vip_listener_name(vaddr.ip(), sp.port);
+                let l = capture::tcp_vip_listener(&vname, vaddr, filter.clone());
+                xds.listeners.push(capture::vip_listener(l, svc, client_ns));
+            }
             xds.listeners
                 .push(listeners::plain(&lname, addr, vec![filter]));
         }

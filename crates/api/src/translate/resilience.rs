@@ -63,8 +63,9 @@ pub(crate) const LOCAL_RATE_LIMIT: &str = "envoy.filters.http.local_ratelimit";
 pub(crate) const PREVIOUS_HOSTS: &str = "envoy.retry_host_predicates.previous_hosts";
 /// How many times a retry picks again to find an endpoint not tried yet.
 pub(crate) const HOST_SELECTION_ATTEMPTS: i64 = 3;
-/// Per-source buckets kept per rate limit (least recently used dropped).
-pub(crate) const MAX_SOURCES: u32 = 10_000;
+/// Per-source buckets kept per rate limit (least recently used dropped):
+/// meshwork's proxy keeps as many (`proxy::ratelimit::MAX_SOURCES`).
+pub(crate) const MAX_SOURCES: u32 = 4096;
 /// Descriptor key of the per-source bucket (Envoy's `remote_address` action).
 pub(crate) const REMOTE_ADDRESS: &str = "remote_address";
 /// Header on meshwork's own rate-limited responses (and Envoy's, configured).

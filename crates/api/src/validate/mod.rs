@@ -103,6 +103,7 @@ pub fn validate(resources: Vec<Sourced<Resource>>) -> Result<Mesh, Errors> {
     }
 
     check_services(&mesh, &mut errors);
+    crate::vip::check_service_vips(&mesh, &mut errors);
     for w in mesh.workloads() {
         check_workload(&mesh, w, &mut errors);
     }

@@ -71,14 +71,23 @@ spec:
     backendRefs: [{name: frontend, port: 8080}]
     timeouts: {request: 5s}
 ---
-# Two catalog-v1 instances: take turns.
+# Two catalog-v1 instances: take turns; retry a call that fails with
+# UNAVAILABLE on the other instance; take an instance that keeps failing out
+# of rotation for a while (see docs/resilience.md).
 apiVersion: meshwork.dev/v1alpha1
 kind: TrafficPolicy
 metadata: {name: catalog-v1}
 spec:
   targetRef: {kind: Service, name: catalog-v1}
   loadBalancer: {algorithm: roundRobin}
-  connectionPool: {connectTimeout: 1s, idleTimeout: 30s}
+  connectionPool: {connectTimeout: 1s, idleTimeout: 30s, maxRequests: 256}
+  retries:
+    attempts: 2
+    on: [connect-failure, reset]
+    grpcStatuses: [unavailable]
+    backoff: {baseInterval: 25ms, maxInterval: 250ms}
+    budget: {percent: 20, minConcurrency: 3}
+  outlierDetection: {consecutive5xx: 5, interval: 5s, baseEjectionTime: 15s}
 "#;
 
 /// The GRPCRoute splitting `catalog` `v1`/`v2` percent.

@@ -251,6 +251,16 @@ fn certs_dir_of(node: &Node) -> Option<String> {
     }
 }
 
+/// Node metadata `meshwork.capture: true` (`meshwork proxy --capture`):
+/// the translator emits the transparent-capture listeners.
+fn capture_of(node: &Node) -> bool {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    node.metadata
+        .as_ref()
+        .and_then(|m| m.fields.get(api::CAPTURE_METADATA))
+        .is_some_and(|v| matches!(v.kind, Some(Kind::BoolValue(true))))
+}
+
 fn malformed(status: &Status) -> bool {
     matches!(
         status.code(),
@@ -304,6 +314,7 @@ impl Conn {
             workload: info.workload_key(),
             detect_timeout: defaults.detect_timeout,
             certs_dir: certs_dir_of(node),
+            capture: capture_of(node),
         };
         let record = ProxyRecord {
             id: info.id.clone(),

@@ -957,3 +957,54 @@ mod raw {
         }
     }
 }
+
+/// A proxy started with `--capture` says so in its node metadata
+/// (`meshwork.capture: true`) and gets the transparent-capture output: VIP
+/// listeners and the passthrough cluster. Others get explicit mode's.
+#[tokio::test]
+async fn node_metadata_capture_selects_the_capture_output() {
+    let cp = Cp::start(&two_services(1001, 1002)).await;
+    let lds = "type.googleapis.com/envoy.config.listener.v3.Listener";
+    let names = |capture: bool, kind: &'static str| {
+        let mut n = node(if capture { "cap-1" } else { "explicit-1" });
+        if capture {
+            n.metadata = Some(Struct {
+                fields: [(
+                    api::CAPTURE_METADATA.to_string(),
+                    Value {
+                        kind: Some(Kind::BoolValue(true)),
+                    },
+                )]
+                .into(),
+            });
+        }
+        let cp = &cp;
+        async move {
+            let (_tx, mut rx) = subscribe(cp, n, kind, &[]).await;
+            let r = tokio::time::timeout(PATIENCE, rx.message())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            names_of(&r)
+        }
+    };
+    let vip = cp_mesh_vip(&two_services(1001, 1002), "web");
+    let listeners = names(true, lds).await;
+    assert!(listeners.contains(&format!("{vip}_80")), "{listeners:?}");
+    assert!(names(true, CDS)
+        .await
+        .contains(&"PassthroughCluster".to_string()));
+    let listeners = names(false, lds).await;
+    assert!(
+        !listeners.iter().any(|l| l.ends_with("_80")),
+        "{listeners:?}"
+    );
+    assert!(!names(false, CDS)
+        .await
+        .contains(&"PassthroughCluster".to_string()));
+}
+
+fn cp_mesh_vip(yaml: &str, service: &str) -> std::net::Ipv4Addr {
+    mesh(yaml).service_vip("default", service).unwrap()
+}

@@ -18,6 +18,8 @@ use crate::metrics::{Direction, HttpLabels, Metrics};
 #[derive(Default)]
 struct FakeSource {
     ready: AtomicBool,
+    /// The last `drain_listeners` call's `inbound_only`.
+    drained: std::sync::Mutex<Option<bool>>,
 }
 
 impl AdminSource for FakeSource {
@@ -34,6 +36,16 @@ impl AdminSource for FakeSource {
             ("outbound_http".into(), "127.0.0.1:15001".parse().unwrap()),
             ("inbound".into(), "[::1]:15006".parse().unwrap()),
         ]
+    }
+
+    fn drain_listeners(self: Arc<Self>, inbound_only: bool) -> DrainFuture {
+        *self.drained.lock().unwrap() = Some(inbound_only);
+        let names = if inbound_only {
+            vec!["inbound".to_owned()]
+        } else {
+            vec!["inbound".to_owned(), "outbound_http".to_owned()]
+        };
+        Box::pin(async move { Some(names) })
     }
 }
 
@@ -315,4 +327,37 @@ fn percent_decoding() {
     assert_eq!(percent_decode("%4"), None);
     assert_eq!(percent_decode("%gg"), None);
     assert_eq!(percent_decode("%ff"), None);
+}
+
+#[tokio::test]
+async fn drain_listeners_inbound_only_or_all() {
+    let s = start().await;
+    let r = request(s.addr, "POST", "/drain_listeners?inboundonly").await;
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "OK: stopped accepting on [inbound]\n")
+    );
+    assert_eq!(*s.source.drained.lock().unwrap(), Some(true));
+    let r = request(s.addr, "POST", "/drain_listeners?graceful").await;
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "OK: stopped accepting on [inbound, outbound_http]\n")
+    );
+    assert_eq!(*s.source.drained.lock().unwrap(), Some(false));
+
+    *s.source.drained.lock().unwrap() = None;
+    let r = request(s.addr, "POST", "/drain_listeners?outboundonly").await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("outboundonly"), "{}", r.body);
+    let r = request(s.addr, "GET", "/drain_listeners").await;
+    assert_eq!((r.status, r.header("allow")), (405, Some("POST")));
+    // A web page cannot take the proxy out of service either.
+    let text = raw(
+        s.addr,
+        b"POST /drain_listeners HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: http://evil.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(text.starts_with("HTTP/1.1 403"), "{text}");
+    assert_eq!(*s.source.drained.lock().unwrap(), None);
+    s.stop().await;
 }

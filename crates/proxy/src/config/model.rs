@@ -55,6 +55,35 @@ pub struct Listener {
     /// `tls_inspector`). With `tls` set and neither `http` nor `tcp`, the
     /// listener is strict: plaintext connections are refused.
     pub tls: Option<Arc<ListenerTls>>,
+    /// `use_original_dst: true` (transparent capture): a connection whose
+    /// original destination (`SO_ORIGINAL_DST`) is another address goes to
+    /// the `bind_to_port: false` listener at that address, else to
+    /// [`Listener::captured_default`]. The chains above then serve only
+    /// connections addressed to this listener itself (they match its
+    /// `destination_port`).
+    pub use_original_dst: bool,
+    /// `default_filter_chain` of a `use_original_dst` listener: captured
+    /// connections no listener claims (`PassthroughCluster`, an
+    /// ORIGINAL_DST cluster, or `BlackHoleCluster`). `None`: closed.
+    pub captured_default: Option<TcpProxy>,
+    /// `bind_to_port` (default true). `false`: no socket; the listener only
+    /// receives connections handed over by a `use_original_dst` listener.
+    pub bind_to_port: bool,
+    /// `metadata.filter_metadata["meshwork"]`: the Service a VIP listener
+    /// stands for.
+    pub service: Option<Arc<ListenerService>>,
+}
+
+/// `metadata.filter_metadata["meshwork"]` of a listener:
+/// `{service: "name.namespace", hostnames: [...]}`. The mesh DNS answers
+/// these names (plus the DNS domain) with the listener's address.
+#[derive(Debug, Clone, Serialize)]
+pub struct ListenerService {
+    /// `name.namespace`.
+    pub service: String,
+    /// Host names of the Service (`name` for clients in its namespace,
+    /// `name.namespace`, `name.namespace.svc`), without the DNS domain.
+    pub hostnames: Vec<String>,
 }
 
 impl Listener {
@@ -569,6 +598,9 @@ pub struct Cluster {
     pub lb: LbPolicy,
     /// `typed_extension_protocol_options` says HTTP/2 to the upstream.
     pub http2: bool,
+    /// `type: ORIGINAL_DST` with `lb_policy: CLUSTER_PROVIDED`: no endpoints;
+    /// a connection goes to its own original destination (passthrough).
+    pub original_dst: bool,
     pub connect_timeout: Duration,
     /// `common_http_protocol_options.idle_timeout` for pooled connections.
     pub idle_timeout: Option<Duration>,

@@ -28,7 +28,8 @@
 //!
 //! Active health checks (Envoy's rules, `check.rs`):
 //! - Every `interval` (plus up to 5% jitter, counted from the end of the
-//!   previous check), within `timeout`, over a fresh connection (mTLS to mTLS
+//!   previous check), within `timeout`, over the checker's own connection,
+//!   kept between HTTP and gRPC checks and new for each TCP check (mTLS to mTLS
 //!   endpoints, with the cluster's client config): TCP connect (and TLS
 //!   handshake), HTTP `GET path` (HTTP/2 when the cluster is) healthy on an
 //!   expected status, or gRPC `grpc.health.v1.Health/Check` healthy on
@@ -58,7 +59,7 @@
 //! Outlier detection: see `outlier.rs`.
 //!
 //! Non-goals: degraded endpoints, `no_traffic_interval` (checks always run
-//! at `interval`), connection reuse between checks, health check event
+//! at `interval`), `reuse_connection: false`, health check event
 //! logs, `split_external_local_origin_errors`.
 
 use std::collections::{HashMap, HashSet};

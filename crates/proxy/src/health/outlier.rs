@@ -8,7 +8,9 @@
 //! - Every attempt's [`Outcome`] counts, as an HTTP status: connect failures
 //!   and resets count as 503, timeouts as 504 (Envoy's mapping of locally
 //!   originated errors), anything else as its status. A status below 500 is
-//!   a success.
+//!   a success. An attempt that timed out while still waiting for a
+//!   connection (this proxy's queue) is not reported, as Envoy reports
+//!   only requests that reached a host.
 //! - `consecutive_5xx`: the N-th 5xx in a row ejects (a success resets the
 //!   run). `consecutive_gateway_failure`: the N-th 502/503/504 in a row
 //!   (any other status resets that run). Both are evaluated as the outcome

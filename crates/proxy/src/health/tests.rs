@@ -52,6 +52,7 @@ fn cluster(outlier: Option<OutlierDetection>, checks: Vec<HealthCheck>) -> Clust
         static_endpoints: None,
         lb: LbPolicy::RoundRobin,
         http2: false,
+        original_dst: false,
         connect_timeout: Duration::from_secs(1),
         idle_timeout: None,
         service: Some(SERVICE.into()),

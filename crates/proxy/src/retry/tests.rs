@@ -244,8 +244,8 @@ fn outcomes_for_outlier_detection() {
 fn backoff_is_fully_jittered_and_capped() {
     let base = Duration::from_millis(25);
     let max = Duration::from_millis(250);
-    // The ceiling of each retry: (2^n - 1) x base, capped at max.
-    let ceilings = [25u64, 75, 175, 250, 250, 250];
+    // The ceiling of each retry: 2^(n-1) x base, capped at max.
+    let ceilings = [25u64, 50, 100, 200, 250, 250];
     for (i, ceiling) in ceilings.iter().enumerate() {
         let retry = i as u32 + 1;
         let ceiling = Duration::from_millis(*ceiling);
@@ -478,4 +478,77 @@ async fn idle_expires_only_without_activity() {
     idle_expired(&a, idle).await;
     // Twelve seconds of activity, then ten idle ones.
     assert_eq!(start.elapsed(), Duration::from_secs(22));
+}
+
+/// Records whether it was woken.
+#[derive(Default)]
+struct Flag(std::sync::atomic::AtomicBool);
+
+impl std::task::Wake for Flag {
+    fn wake(self: Arc<Self>) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn a_superseded_attempt_parked_on_the_client_body_is_woken() {
+    let a = activity();
+    let (tx, source) = channel_body();
+    let mut b = RequestBody::new(source, &a, true);
+    let mut first = b.next_attempt().unwrap();
+    // The first attempt's connection waits for the client's next bytes...
+    let flag = Arc::new(Flag::default());
+    let waker = std::task::Waker::from(flag.clone());
+    let mut cx = Context::from_waker(&waker);
+    assert!(Pin::new(&mut first).poll_frame(&mut cx).is_pending());
+    // ...when a retry supersedes it: it must learn so now (and abort its
+    // upstream stream), not when the upstream closes the connection.
+    let second = b.next_attempt().unwrap();
+    assert!(
+        flag.0.load(Ordering::SeqCst),
+        "the superseded attempt was left parked"
+    );
+    assert!(matches!(
+        Pin::new(&mut first).poll_frame(&mut cx),
+        Poll::Ready(Some(Err(_)))
+    ));
+    tx.send(Ok(Frame::data(Bytes::from_static(b"late"))))
+        .await
+        .unwrap();
+    drop(tx);
+    assert_eq!(collect(second).await.0, Bytes::from_static(b"late"));
+}
+
+#[tokio::test]
+async fn a_sealed_body_stops_keeping_a_copy() {
+    let a = activity();
+    let (tx, source) = channel_body();
+    let mut b = RequestBody::new(source, &a, true);
+    tx.send(Ok(Frame::data(Bytes::from_static(b"one,"))))
+        .await
+        .unwrap();
+    let mut first = b.next_attempt().unwrap();
+    let f = first.frame().await.unwrap().unwrap();
+    assert_eq!(f.into_data().unwrap(), Bytes::from_static(b"one,"));
+    let RequestBody::Replay(replay) = &b else {
+        panic!("not a replayable body: {b:?}");
+    };
+    let replay = replay.clone();
+    assert_eq!(lock(&replay.state).size, 4);
+    // The first attempt's response is forwarded: no retry can follow.
+    b.seal();
+    assert!(!b.replayable());
+    tx.send(Ok(Frame::data(Bytes::from_static(b"two"))))
+        .await
+        .unwrap();
+    let f = first.frame().await.unwrap().unwrap();
+    assert_eq!(f.into_data().unwrap(), Bytes::from_static(b"two"));
+    {
+        let st = lock(&replay.state);
+        assert!(st.data.is_empty(), "{st:?}");
+        assert_eq!(st.size, 0);
+    }
+    drop(tx);
+    assert!(first.frame().await.is_none());
+    assert!(b.next_attempt().is_none());
 }

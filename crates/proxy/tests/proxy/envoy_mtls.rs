@@ -221,6 +221,7 @@ async fn envoy_client(yaml: &str, chain: &str, key: &str, roots: &str) -> (Envoy
         workload: None,
         detect_timeout: Duration::from_millis(300),
         certs_dir: Some(certs.to_string_lossy().into_owned()),
+        capture: false,
     };
     (Envoy::start(yaml, &ctx, outbound).await, outbound)
 }
@@ -291,6 +292,7 @@ async fn mtls_meshwork_client_to_envoy_server() {
         workload: Some(("default".to_string(), "web-0".to_string())),
         detect_timeout: Duration::from_millis(300),
         certs_dir: Some(certs.to_string_lossy().into_owned()),
+        capture: false,
     };
     let envoy = Envoy::start(&yaml, &ctx, inbound).await;
 

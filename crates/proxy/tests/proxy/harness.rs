@@ -67,6 +67,8 @@ impl Harness {
             access_log: Target::File(access_log.clone()),
             detect_timeout: Duration::from_millis(300),
             identity: None,
+            capture: false,
+            dns: None,
         };
         let (subscriber, log) = log_handle();
         let proxy = Proxy::start(opts, log).await?;

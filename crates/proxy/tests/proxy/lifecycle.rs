@@ -280,3 +280,57 @@ async fn listener_moves_on_reload_without_breaking_traffic() {
     );
     assert!(t.ok > 0);
 }
+
+/// `POST /drain_listeners?inboundonly` (what `meshwork run` sends on
+/// SIGTERM): inbound stops accepting and stays closed across config reloads,
+/// while outbound keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_drains_inbound_only_and_it_stays_drained_across_reloads() {
+    let web = Backend::http("web").await;
+    let mesh = http_service("web", &[&web]);
+    let h = Harness::start_with(&mesh, Some("web-0")).await;
+    let inbound = h.inbound();
+    drop(TcpStream::connect(inbound).await.unwrap());
+
+    let mut admin = TcpStream::connect(h.proxy.admin_addr()).await.unwrap();
+    admin
+        .write_all(b"POST /drain_listeners?inboundonly HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    admin.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.ends_with("OK: stopped accepting on [inbound]\n"),
+        "{answer}"
+    );
+
+    let refused = || async { TcpStream::connect(inbound).await.is_err() };
+    let mut closed = false;
+    for _ in 0..100 {
+        if refused().await {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(closed, "{inbound} still accepts after the drain");
+    assert_eq!(
+        h.get("web", "/").await.status,
+        200,
+        "outbound keeps serving"
+    );
+
+    // A new config does not bring inbound back.
+    h.rewrite(&(mesh + &service("extra", 80, "http")))
+        .await
+        .unwrap();
+    assert!(
+        h.proxy.listener("inbound").is_none(),
+        "{:?}",
+        h.proxy.listeners()
+    );
+    assert!(refused().await, "{inbound} accepts again after a reload");
+    assert!(!h.admin("/listeners").await.text().contains("inbound"));
+    assert_eq!(h.get("web", "/").await.status, 200);
+}

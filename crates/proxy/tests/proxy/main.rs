@@ -6,6 +6,8 @@ mod harness;
 
 mod authz;
 mod basics;
+mod capture;
+mod dns;
 mod edges;
 mod envoy_mtls;
 mod lb;

@@ -108,6 +108,8 @@ impl Sidecar {
             access_log: Target::File(access_log.clone()),
             detect_timeout: Duration::from_millis(300),
             identity,
+            capture: false,
+            dns: None,
         };
         let (subscriber, log) = proxy::logging::build("warn", false).unwrap();
         let proxy = Proxy::start(opts, log).await.unwrap();
@@ -391,6 +393,8 @@ async fn a_proxy_without_identity_refuses_an_mtls_config_saying_how_to_get_one()
         access_log: Target::Off,
         detect_timeout: Duration::from_millis(300),
         identity: None,
+        capture: false,
+        dns: None,
     };
     let (_s, log) = proxy::logging::build("warn", false).unwrap();
     let e = Proxy::start(opts, log).await.unwrap_err().to_string();

@@ -70,6 +70,7 @@ impl Envoy {
             workload: workload.map(|w| ("default".to_owned(), w.to_owned())),
             detect_timeout: Duration::from_millis(300),
             certs_dir: None,
+            capture: false,
         };
         let xds = api::translate(&mesh, &ctx);
         let dir = scratch();

@@ -1145,3 +1145,67 @@ async fn config_dump_shows_every_mechanism() {
         assert!(text.contains(want), "{want} not in the config dump: {text}");
     }
 }
+
+/// `connectionPool.maxConnections` also bounds opaque TCP connections, as
+/// Envoy's tcp_proxy does: past the limit a new connection is closed at once
+/// (flag UO) and counted, while the open one keeps working.
+#[tokio::test]
+async fn tcp_connections_past_max_connections_are_closed_and_counted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let db = Backend::tcp_echo("db").await;
+    let yaml = tcp_service("db", 5432, 0)
+        + &workload("db-0", "db", 5432, db.addr)
+        + "apiVersion: meshwork.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: db}\nspec:\n  targetRef: {kind: Service, name: db}\n  connectionPool: {maxConnections: 1}\n---\n";
+    let h = Harness::start(&yaml).await;
+    let addr = h.listener("outbound_tcp|5432|db.default");
+
+    let mut first = tokio::net::TcpStream::connect(addr).await.unwrap();
+    first.write_all(b"one").await.unwrap();
+    let mut buf = [0u8; 3];
+    first.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"one");
+
+    let mut second = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _ = second.write_all(b"two").await;
+    let mut buf = [0u8; 8];
+    let n = tokio::time::timeout(Duration::from_secs(10), second.read(&mut buf))
+        .await
+        .expect("closed, not left hanging")
+        .unwrap_or(0);
+    assert_eq!(
+        n, 0,
+        "the connection over the limit is closed without a byte"
+    );
+    let overflows = h
+        .metric(
+            "meshwork_upstream_overflow_total",
+            &[
+                ("destination_service", "db.default"),
+                ("limit", "connections"),
+            ],
+        )
+        .await;
+    assert_eq!(overflows, 1.0);
+
+    // The first connection still works; once it closes, a new one may open.
+    first.write_all(b"again").await.unwrap();
+    let mut buf = [0u8; 5];
+    first.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"again");
+    drop(first);
+    let mut third = None;
+    for _ in 0..100 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _ = s.write_all(b"three").await;
+        let mut buf = [0u8; 5];
+        let ok = tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut buf))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if ok {
+            third = Some(buf);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(third.as_ref().map(|b| &b[..]), Some(&b"three"[..]));
+}

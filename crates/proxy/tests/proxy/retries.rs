@@ -356,3 +356,91 @@ async fn at_max_connections_requests_wait_for_a_connection() {
     assert_eq!(slow.connections(), 1, "a second connection was opened");
     assert_eq!(h.metric("meshwork_upstream_overflow_total", &[]).await, 0.0);
 }
+
+/// An HTTPRoute for `web` whose `/slow` rule waits up to 30 s and whose
+/// other rule has `timeouts` (a YAML flow mapping).
+fn slow_and_fast_rules(fast_timeouts: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: web}}\nspec:\n  parentRefs: [{{group: '', kind: Service, name: web, port: 80}}]\n  rules:\n  - matches: [{{path: {{type: PathPrefix, value: /slow}}}}]\n    backendRefs: [{{name: web, port: 80}}]\n    timeouts: {{request: 30s}}\n  - backendRefs: [{{name: web, port: 80}}]\n    timeouts: {fast_timeouts}\n---\n"
+    )
+}
+
+/// Starts a GET of `/slow`, which `app` holds (it must hold its first
+/// request), and waits until it occupies the cluster's one connection.
+async fn occupy_the_connection(
+    h: &Harness,
+    app: &Backend,
+) -> tokio::task::JoinHandle<testkit::Reply> {
+    let addr = h.outbound();
+    let slow = tokio::spawn(async move {
+        let mut c = H1Client::connect(addr).await.unwrap();
+        c.get("web", "/slow").await.unwrap()
+    });
+    for _ in 0..500 {
+        if app.in_flight() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(app.in_flight(), 1, "the slow request did not arrive");
+    slow
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_waiting_for_a_connection_do_not_eject_the_endpoint() {
+    // Requests queued behind `/slow` for the cluster's only connection hit
+    // their route timeout. That is this proxy's queue, not the endpoint's
+    // answer: outlier detection must not count it (Envoy reports only
+    // requests that reached a host).
+    let app = Backend::controlled("app", Pattern::First(1, Behavior::Hold)).await;
+    let yaml = http_service("web", &[&app])
+        + &slow_and_fast_rules("{request: 300ms}")
+        + &traffic_policy(
+            "web",
+            "  connectionPool: {maxConnections: 1, maxPendingRequests: 10}\n  outlierDetection: {consecutiveGatewayErrors: 2, consecutive5xx: 0, interval: 1s, baseEjectionTime: 30s, maxEjectionPercent: 100}\n",
+        );
+    let h = Harness::start(&yaml).await;
+    let slow = occupy_the_connection(&h, &app).await;
+    for i in 0..3 {
+        let r = h.get("web", "/").await;
+        assert_eq!(r.status, 504, "request {i}: {}", r.text());
+    }
+    assert_eq!(app.hits(), 1, "a queued request reached the endpoint");
+
+    app.release();
+    assert_eq!(slow.await.unwrap().status, 200);
+    let r = h.get("web", "/").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(h.metric("meshwork_outlier_ejections_total", &[]).await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_try_timeout_starts_once_the_attempt_has_a_connection() {
+    // Envoy starts the per-try timer when the connection pool hands the
+    // attempt a connection: a request queued at `maxConnections` waits (up
+    // to its route timeout) rather than failing after one per-try timeout.
+    let app = Backend::controlled("app", Pattern::First(1, Behavior::Hold)).await;
+    let yaml = http_service("web", &[&app])
+        + &slow_and_fast_rules("{request: 10s, backendRequest: 200ms}")
+        + &traffic_policy(
+            "web",
+            "  connectionPool: {maxConnections: 1, maxPendingRequests: 10}\n",
+        );
+    let h = Harness::start(&yaml).await;
+    let slow = occupy_the_connection(&h, &app).await;
+    let addr = h.outbound();
+    let queued = tokio::spawn(async move {
+        let mut c = H1Client::connect(addr).await.unwrap();
+        c.get("web", "/").await.unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        !queued.is_finished(),
+        "the queued request timed out while waiting for a connection"
+    );
+    app.release();
+    assert_eq!(slow.await.unwrap().status, 200);
+    let r = queued.await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(app.hits(), 2);
+}

@@ -161,11 +161,38 @@ pub(super) fn cluster(c: &cpb::Cluster, env: &super::Env) -> Res<model::Cluster>
             }
             (name.clone(), Some(Arc::new(assignment)))
         }
+        // Transparent capture's PassthroughCluster: every connection goes to
+        // its own original destination, so there is nothing to balance.
+        DiscoveryType::OriginalDst => {
+            if load_assignment.is_some() || eds_cluster_config.is_some() {
+                return Err(FieldError::new(
+                    if load_assignment.is_some() {
+                        "load_assignment"
+                    } else {
+                        "eds_cluster_config"
+                    },
+                    "not allowed on an ORIGINAL_DST cluster",
+                ));
+            }
+            if *lb_policy != cpb::cluster::LbPolicy::ClusterProvided as i32 || lb_config.is_some() {
+                return Err(FieldError::new(
+                    "lb_policy",
+                    "an ORIGINAL_DST cluster needs lb_policy CLUSTER_PROVIDED (and no lb_config)",
+                ));
+            }
+            (
+                name.clone(),
+                Some(Arc::new(LoadAssignment {
+                    cluster_name: name.clone(),
+                    localities: Vec::new(),
+                })),
+            )
+        }
         other => {
             return Err(FieldError::new(
                 "type",
                 format!(
-                    "unsupported type {} (only EDS and STATIC)",
+                    "unsupported type {} (only EDS, STATIC and ORIGINAL_DST)",
                     other.as_str_name()
                 ),
             ))
@@ -182,7 +209,13 @@ pub(super) fn cluster(c: &cpb::Cluster, env: &super::Env) -> Res<model::Cluster>
         Some(m) => meshwork_metadata(m).at("metadata")?,
         None => MeshworkMetadata::default(),
     };
-    let mut lb = lb_policy_of(*lb_policy, lb_config)?;
+    let original_dst = discovery == DiscoveryType::OriginalDst;
+    let mut lb = if original_dst {
+        // Not used: the destination is the connection's own.
+        LbPolicy::RoundRobin
+    } else {
+        lb_policy_of(*lb_policy, lb_config)?
+    };
     if meshwork.peak_ewma {
         if !matches!(lb, LbPolicy::LeastRequest { .. }) {
             return Err(FieldError::new(
@@ -240,6 +273,7 @@ pub(super) fn cluster(c: &cpb::Cluster, env: &super::Env) -> Res<model::Cluster>
         static_endpoints,
         lb,
         http2,
+        original_dst,
         connect_timeout,
         idle_timeout,
         service: meshwork.service,
@@ -494,13 +528,21 @@ pub(super) fn load_assignment(la: &epb::ClusterLoadAssignment) -> Res<LoadAssign
     if let Some(p) = policy {
         let epb::cluster_load_assignment::Policy {
             drop_overloads,
-            // Only matters across priorities/localities, which meshwork does
-            // not weigh against each other.
-            overprovisioning_factor: _,
+            overprovisioning_factor,
             endpoint_stale_after,
             weighted_priority_health,
         } = p;
         (|| {
+            // The balancer's priority failover uses Envoy's default factor
+            // (140, i.e. 1.4); another one would be silently misread.
+            if let Some(f) = overprovisioning_factor {
+                if f.value != 140 {
+                    return Err(FieldError::new(
+                        "overprovisioning_factor",
+                        format!("{} is not supported: meshwork's priority failover uses Envoy's default, 140", f.value),
+                    ));
+                }
+            }
             deny!(
                 drop_overloads,
                 endpoint_stale_after,

@@ -254,9 +254,9 @@ pub(super) fn local_rate_limit(
         }
     };
     match (&source_bucket, max_dynamic_descriptors) {
-        // meshwork's own bound on per-source buckets is larger and evicts
-        // idle (full) buckets first, which is indistinguishable from a
-        // fresh bucket: Envoy's LRU size has no observable effect to keep.
+        // meshwork keeps its own bound (`ratelimit::MAX_SOURCES`, the value
+        // the translator sends) and evicts idle (full) buckets first, which
+        // is indistinguishable from a fresh bucket.
         (Some(_), Some(m)) if m.value == 0 => {
             return Err(FieldError::new(
                 "max_dynamic_descriptors",

@@ -53,7 +53,7 @@ pub(super) fn listener(l: &lpb::Listener, env: &super::Env) -> Res<Option<model:
         default_filter_chain,
         per_connection_buffer_limit_bytes: _,
         per_connection_buffer_high_watermark_timeout: _,
-        metadata: _,
+        metadata,
         deprecated_v1,
         drain_type: _,
         listener_filters,
@@ -88,7 +88,6 @@ pub(super) fn listener(l: &lpb::Listener, env: &super::Env) -> Res<Option<model:
         additional_addresses,
         fcds_config,
         filter_chain_matcher,
-        use_original_dst,
         deprecated_v1,
         transparent,
         freebind,
@@ -96,12 +95,29 @@ pub(super) fn listener(l: &lpb::Listener, env: &super::Env) -> Res<Option<model:
         udp_listener_config,
         connection_balance_config,
         access_log,
-        bind_to_port,
         enable_mptcp,
         tcp_keepalive,
         listener_specifier,
     );
     let address = socket_address(address).at("address")?;
+    let use_original_dst = use_original_dst.as_ref().is_some_and(|b| b.value);
+    let bind_to_port = bind_to_port.as_ref().is_none_or(|b| b.value);
+    if use_original_dst && !bind_to_port {
+        return Err(FieldError::new(
+            "bind_to_port",
+            "a use_original_dst listener must be bound (it is where connections are redirected)",
+        ));
+    }
+    if use_original_dst && address.port() == 0 {
+        return Err(FieldError::new(
+            "address",
+            "a use_original_dst listener needs a fixed port (its chains match destination_port)",
+        ));
+    }
+    let service = match metadata {
+        Some(m) => listener_metadata(m).at("metadata")?,
+        None => None,
+    };
 
     let (mut inspector, mut tls_inspector) = (false, false);
     for (i, lf) in listener_filters.iter().enumerate() {
@@ -134,6 +150,8 @@ pub(super) fn listener(l: &lpb::Listener, env: &super::Env) -> Res<Option<model:
     for (i, fc) in filter_chains.iter().enumerate() {
         let at = format!("filter_chains[{i}]");
         let chain = filter_chain(fc, env).at(&at)?;
+        own_port_only(chain.destination_port, use_original_dst, address.port())
+            .at(format!("{at}.filter_chain_match"))?;
         if chain.transport == Transport::Tls && !tls_inspector {
             return Err(FieldError::new(
                 format!("{at}.filter_chain_match.transport_protocol"),
@@ -225,7 +243,11 @@ pub(super) fn listener(l: &lpb::Listener, env: &super::Env) -> Res<Option<model:
         Some(fc) => {
             let chain = filter_chain(fc, env).at("default_filter_chain")?;
             let (matches_http, filter) = (chain.matches_http, chain.filter);
-            if matches_http || chain.transport != Transport::Any || chain.tls.is_some() {
+            if matches_http
+                || chain.transport != Transport::Any
+                || chain.tls.is_some()
+                || chain.destination_port.is_some()
+            {
                 return Err(FieldError::new(
                     "default_filter_chain.filter_chain_match",
                     "must not be set",
@@ -237,7 +259,7 @@ pub(super) fn listener(l: &lpb::Listener, env: &super::Env) -> Res<Option<model:
                     "the default chain must hold tcp_proxy",
                 ));
             };
-            if let Some((i, _)) = catch_all {
+            if let Some((i, _)) = catch_all.as_ref().filter(|_| !use_original_dst) {
                 return Err(FieldError::new(
                     "default_filter_chain",
                     format!("unreachable: filter_chains[{i}] already matches every connection"),
@@ -247,6 +269,13 @@ pub(super) fn listener(l: &lpb::Listener, env: &super::Env) -> Res<Option<model:
         }
     };
 
+    // With use_original_dst, the default chain is for captured connections
+    // only (the listener's own chains all match its destination_port).
+    let (captured_default, default_chain) = if use_original_dst {
+        (default_chain, None)
+    } else {
+        (None, default_chain)
+    };
     let (mut http, mut tcp) = (http.map(|(_, h)| h), default_chain);
     match catch_all {
         Some((_, NetworkFilter::Tcp(t))) => tcp = Some(t),
@@ -284,7 +313,7 @@ pub(super) fn listener(l: &lpb::Listener, env: &super::Env) -> Res<Option<model:
             }))
         }
     };
-    if http.is_none() && tcp.is_none() && tls.is_none() {
+    if http.is_none() && tcp.is_none() && tls.is_none() && captured_default.is_none() {
         return Err(FieldError::new(
             "filter_chains",
             "at least one filter chain (or default_filter_chain) is required",
@@ -320,7 +349,71 @@ pub(super) fn listener(l: &lpb::Listener, env: &super::Env) -> Res<Option<model:
         http,
         tcp,
         tls,
+        use_original_dst,
+        captured_default,
+        bind_to_port,
+        service,
     }))
+}
+
+/// `filter_chain_match.destination_port`: only on a `use_original_dst`
+/// listener, where every chain must match the listener's own port (its
+/// chains serve connections addressed to it; captured ones go elsewhere).
+fn own_port_only(port: Option<u32>, use_original_dst: bool, own: u16) -> Res<()> {
+    match (port, use_original_dst) {
+        (Some(p), true) if p == u32::from(own) => Ok(()),
+        (None, false) => Ok(()),
+        (Some(p), true) => Err(FieldError::new(
+            "destination_port",
+            format!("{p} is not the listener's port {own} (only the listener's own port is supported)"),
+        )),
+        (None, true) => Err(FieldError::new(
+            "destination_port",
+            format!("required on a use_original_dst listener: {own}, the listener's own port (captured connections take default_filter_chain)"),
+        )),
+        (Some(_), false) => Err(FieldError::new(
+            "destination_port",
+            "only supported on a use_original_dst listener",
+        )),
+    }
+}
+
+/// `metadata.filter_metadata["meshwork"]`: `service` (string) and
+/// `hostnames` (list of strings); other namespaces belong to other software.
+fn listener_metadata(m: &core::Metadata) -> Res<Option<Arc<model::ListenerService>>> {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    let Some(fields) = m.filter_metadata.get("meshwork") else {
+        return Ok(None);
+    };
+    let mut service = None;
+    let mut hostnames = Vec::new();
+    for (key, value) in &fields.fields {
+        let at = format!("filter_metadata[\"meshwork\"].{key}");
+        match (key.as_str(), &value.kind) {
+            ("service", Some(Kind::StringValue(s))) => service = Some(s.clone()),
+            ("hostnames", Some(Kind::ListValue(l))) => {
+                for (i, v) in l.values.iter().enumerate() {
+                    let Some(Kind::StringValue(h)) = &v.kind else {
+                        return Err(FieldError::new(format!("{at}[{i}]"), "must be a string"));
+                    };
+                    hostnames.push(h.to_ascii_lowercase());
+                }
+            }
+            ("service", _) => return Err(FieldError::new(at, "must be a string")),
+            ("hostnames", _) => return Err(FieldError::new(at, "must be a list of strings")),
+            _ => return Err(FieldError::new(at, "unknown meshwork metadata key")),
+        }
+    }
+    let Some(service) = service else {
+        return Err(FieldError::new(
+            "filter_metadata[\"meshwork\"].service",
+            "required",
+        ));
+    };
+    Ok(Some(Arc::new(model::ListenerService {
+        service,
+        hostnames,
+    })))
 }
 
 enum ListenerFilterKind {
@@ -342,6 +435,8 @@ enum Transport {
 /// One classified filter chain.
 struct Chain {
     transport: Transport,
+    /// `filter_chain_match.destination_port`.
+    destination_port: Option<u32>,
     /// Plaintext chain matching the sniffed HTTP protocols.
     matches_http: bool,
     /// TLS chain: the ALPN values it matches (`application_protocols`).
@@ -413,6 +508,10 @@ fn filter_chain(fc: &lpb::FilterChain, env: &super::Env) -> Res<Chain> {
         None => (Transport::Any, false, Vec::new()),
         Some(m) => filter_chain_match_http(m).at("filter_chain_match")?,
     };
+    let destination_port = filter_chain_match
+        .as_ref()
+        .and_then(|m| m.destination_port.as_ref())
+        .map(|p| p.value);
     let tls = match transport_socket {
         None => None,
         Some(ts) => match super::tls::transport_socket(ts, true).at("transport_socket")? {
@@ -480,6 +579,7 @@ fn filter_chain(fc: &lpb::FilterChain, env: &super::Env) -> Res<Chain> {
     }
     Ok(Chain {
         transport,
+        destination_port,
         matches_http,
         http_alpn,
         tls,
@@ -491,7 +591,8 @@ fn filter_chain(fc: &lpb::FilterChain, env: &super::Env) -> Res<Chain> {
 /// HTTP protocols, and the ALPN values a TLS chain matches.
 fn filter_chain_match_http(m: &lpb::FilterChainMatch) -> Res<(Transport, bool, Vec<String>)> {
     let lpb::FilterChainMatch {
-        destination_port,
+        // Checked by the caller, which knows the listener.
+        destination_port: _,
         prefix_ranges,
         address_suffix,
         suffix_len,
@@ -504,7 +605,6 @@ fn filter_chain_match_http(m: &lpb::FilterChainMatch) -> Res<(Transport, bool, V
         application_protocols,
     } = m;
     deny!(
-        destination_port,
         prefix_ranges,
         address_suffix,
         suffix_len,

@@ -79,8 +79,9 @@ pub(super) fn retry_policy(p: &rpb::RetryPolicy) -> Res<RetryPolicy> {
         host_predicate(h).at(format_args!("retry_host_predicate[{i}]"))?;
         avoid_previous_hosts = true;
     }
-    // The balancer avoids tried endpoints whenever another one is
-    // available, so the number of re-picks Envoy allows is accepted as is.
+    // A retry picks again up to 3 times to find an endpoint not tried yet
+    // (the translator's value); another count is accepted and the data path
+    // still uses 3.
     if *host_selection_retry_max_attempts < 0 {
         return Err(FieldError::new(
             "host_selection_retry_max_attempts",

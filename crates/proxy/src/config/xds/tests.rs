@@ -557,9 +557,10 @@ fn listener_nacks_name_the_field() {
         ("transparent: unsupported field", |l| {
             l.transparent = Some(pbuf::BoolValue { value: true })
         }),
-        ("use_original_dst: unsupported field", |l| {
-            l.use_original_dst = Some(pbuf::BoolValue { value: true })
-        }),
+        (
+            "filter_chains[0].filter_chain_match.destination_port: required on a use_original_dst listener",
+            |l| l.use_original_dst = Some(pbuf::BoolValue { value: true }),
+        ),
         ("address: required", |l| l.address = None),
         ("address.socket_address.address: not an IP address: \"localhost\"", |l| {
             l.address = Some(sock("localhost", 80))
@@ -1925,7 +1926,7 @@ fn cluster_nacks_name_the_field() {
                 ..Default::default()
             })
         }),
-        ("type: unsupported type STRICT_DNS (only EDS and STATIC)", |c| {
+        ("type: unsupported type STRICT_DNS (only EDS, STATIC and ORIGINAL_DST)", |c| {
             c.cluster_discovery_type = Some(cpb::cluster::ClusterDiscoveryType::Type(
                 cpb::cluster::DiscoveryType::StrictDns as i32,
             ))

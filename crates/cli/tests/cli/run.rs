@@ -1,0 +1,573 @@
+//! `meshwork run` end to end, each test in a network namespace of its own
+//! (so the host's iptables rules and ports are never touched): the exit code
+//! is the application's, the capture rules exist while it runs and are gone
+//! after (also after a failed start), stale chains are replaced, the first
+//! request succeeds (explicit mode, and by name through capture and mesh
+//! DNS), SIGTERM drains inbound while outbound keeps working, and without
+//! root it falls back to explicit mode.
+//!
+//! Needs root (network namespaces, iptables); skipped with a message
+//! otherwise. Namespaces, and every process left in them, are removed when a
+//! test ends, pass or fail.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{scratch, BIN};
+
+const WEB_VIP: &str = "240.240.9.1";
+
+/// A test host: a network namespace with loopback, a veth pair (a
+/// route for the VIP range: connect() needs one before the nat hook
+/// redirects it) and a resolv.conf of its own. Deleted on drop, with every
+/// process still in it.
+struct Netns {
+    name: String,
+    etc: PathBuf,
+}
+
+impl Netns {
+    fn create(tag: &str) -> Netns {
+        let name = format!("mwrun{tag}{}", std::process::id());
+        let etc = Path::new("/etc/netns").join(&name);
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        run("ip", &["netns", "add", &name]);
+        let ns = Netns { name, etc };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns.ip(&["link", "add", "mw0", "type", "veth", "peer", "name", "mw1"]);
+        ns.ip(&["addr", "add", "10.124.0.1/24", "dev", "mw0"]);
+        ns.ip(&["link", "set", "mw0", "up"]);
+        ns.ip(&["link", "set", "mw1", "up"]);
+        ns.ip(&["route", "add", "240.240.0.0/16", "dev", "mw0"]);
+        // `ip netns exec` mounts this over /etc/resolv.conf: a resolver that
+        // does not exist (captured DNS never reaches it for mesh names) and
+        // no search domains, so lookups are deterministic.
+        std::fs::create_dir_all(&ns.etc).unwrap();
+        std::fs::write(ns.etc.join("resolv.conf"), "nameserver 10.124.0.53\n").unwrap();
+        ns
+    }
+
+    fn ip(&self, args: &[&str]) {
+        let mut a = vec!["-n", self.name.as_str()];
+        a.extend_from_slice(args);
+        run("ip", &a);
+    }
+
+    /// `ip netns exec <ns> program args...` (exec'd: the child's pid is the program's).
+    fn cmd(&self, program: &str, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]).args(args);
+        c
+    }
+
+    /// The nat table, IPv4 and IPv6.
+    fn nat_rules(&self) -> String {
+        let mut all = String::new();
+        for tool in ["iptables", "ip6tables"] {
+            if let Ok(o) = self.cmd(tool, &["-t", "nat", "-S"]).output() {
+                all += &String::from_utf8_lossy(&o.stdout);
+            }
+        }
+        all
+    }
+
+    /// `meshwork run ARGS` in the namespace, as root.
+    fn meshwork_run(&self, args: &[&str]) -> Command {
+        let mut a = vec!["run"];
+        a.extend_from_slice(args);
+        self.cmd(BIN, &a)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // A killed `meshwork run` cannot stop its sidecar: do it here.
+        if let Ok(o) = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+        {
+            for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                let _ = Command::new("kill").args(["-9", pid]).output();
+            }
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.etc);
+    }
+}
+
+fn run(program: &str, args: &[&str]) {
+    let out = Command::new(program).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+macro_rules! require_root {
+    () => {
+        if !is_root() {
+            eprintln!("skipped: needs root for network namespaces and iptables (CI runs as root)");
+            return;
+        }
+    };
+}
+
+/// A Python any uid can run (root's PATH may point into `/root`).
+fn python() -> &'static str {
+    if Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    }
+}
+
+/// Kills the process on drop.
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The mesh service `web` on 127.0.0.1:18080 inside the namespace
+/// (answers `web <path>`); returns once it accepts.
+fn start_web(ns: &Netns) -> Killed {
+    const WEB: &str = r#"
+import http.server
+class Web(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = ("web %s" % self.path).encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+s = http.server.ThreadingHTTPServer(("127.0.0.1", 18080), Web)
+print("ready", flush=True)
+s.serve_forever()
+"#;
+    let mut child = ns
+        .cmd(python(), &["-c", WEB])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "ready");
+    Killed(child)
+}
+
+/// Service `web` (VIP pinned) served on 127.0.0.1:18080, and the
+/// application's own Service `app` (its sidecar's inbound listener).
+fn mesh(dir: &Path) -> PathBuf {
+    let svc = |name: &str, vip: &str, port: u16| {
+        format!(
+            "apiVersion: meshwork.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  vip: {vip}\n  ports: [{{name: http, port: 80, appProtocol: http}}]\n---\n\
+             apiVersion: meshwork.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {name}-0}}\nspec: {{service: {name}, address: 127.0.0.1, ports: {{http: {port}}}}}\n---\n"
+        )
+    };
+    let path = dir.join("mesh.yaml");
+    std::fs::write(
+        &path,
+        svc("web", WEB_VIP, 18080) + &svc("app", "240.240.9.2", 18090),
+    )
+    .unwrap();
+    path
+}
+
+/// Waits for the child, killing it after `limit`.
+fn wait(child: &mut Child, limit: Duration) -> ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("`meshwork run` still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs to completion (bounded) and returns the output.
+fn finish(mut cmd: Command) -> Output {
+    use std::io::Read as _;
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = Killed(cmd.spawn().unwrap());
+    // Read while it runs, so a full pipe never blocks it.
+    let read = |mut r: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            v
+        })
+    };
+    let out = read(Box::new(child.0.stdout.take().unwrap()));
+    let err = read(Box::new(child.0.stderr.take().unwrap()));
+    let status = wait(&mut child.0, Duration::from_secs(60));
+    Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn run_job_exits_with_the_app_code_and_its_rules_come_and_go() {
+    require_root!();
+    let ns = Netns::create("job");
+    let dir = scratch("run-job");
+    let cfg = mesh(&dir);
+    let cfg = cfg.to_str().unwrap();
+    // What a crashed run would leave: a stale chain with a wrong rule.
+    for args in [
+        ["-N", "MESHWORK_OUTPUT"].as_slice(),
+        &[
+            "-A",
+            "MESHWORK_OUTPUT",
+            "-p",
+            "tcp",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "1",
+        ],
+        &["-A", "OUTPUT", "-p", "tcp", "-j", "MESHWORK_OUTPUT"],
+    ] {
+        let mut a = vec!["-t", "nat"];
+        a.extend_from_slice(args);
+        assert!(ns.cmd("iptables", &a).status().unwrap().success());
+    }
+
+    let rules = dir.join("rules");
+    let job = format!("iptables -t nat -S > {}; exit 7", rules.display());
+    let out = finish(ns.meshwork_run(&[
+        "--config",
+        cfg,
+        "--workload",
+        "app-0",
+        "--app-port",
+        "18090",
+        "--",
+        "sh",
+        "-c",
+        &job,
+    ]));
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("capturing traffic"),
+        "{}",
+        stderr(&out)
+    );
+
+    let during = std::fs::read_to_string(&rules).unwrap();
+    for want in [
+        "-A MESHWORK_OUTPUT -m owner --gid-owner 1337 -j RETURN",
+        "-A MESHWORK_OUTPUT -d 127.0.0.0/8 -j RETURN",
+        "-A MESHWORK_OUTPUT -p tcp -j REDIRECT --to-ports 15001",
+        "--dports 18090 -j REDIRECT --to-ports 15006",
+        "-A PREROUTING -p tcp -j MESHWORK_INBOUND",
+        "-A MESHWORK_DNS -p udp -m udp --dport 53 -j REDIRECT --to-ports 15053",
+    ] {
+        assert!(during.contains(want), "missing {want:?} in:\n{during}");
+    }
+    // The stale chain was replaced, not added to.
+    assert_eq!(during.matches("-j MESHWORK_OUTPUT").count(), 1, "{during}");
+    assert!(!during.contains("--to-ports 1\n"), "{during}");
+
+    let after = ns.nat_rules();
+    assert!(!after.contains("MESHWORK"), "rules left behind:\n{after}");
+}
+
+#[test]
+fn run_fails_clearly_when_the_sidecar_cannot_start_and_leaves_no_rules() {
+    require_root!();
+    let ns = Netns::create("bad");
+    let dir = scratch("run-bad");
+    let cfg = dir.join("mesh.yaml");
+    std::fs::write(&cfg, "kind: Service\nmetadata: {name: [\n").unwrap();
+    let marker = dir.join("started");
+    let app = format!("touch {}", marker.display());
+    let out = finish(ns.meshwork_run(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "--ready-timeout",
+        "20s",
+        "--",
+        "sh",
+        "-c",
+        &app,
+    ]));
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains("meshwork run: the sidecar did not become ready: it exited"),
+        "{err}"
+    );
+    assert!(
+        !marker.exists(),
+        "the application started without its sidecar"
+    );
+    let after = ns.nat_rules();
+    assert!(!after.contains("MESHWORK"), "rules left behind:\n{after}");
+
+    // A missing application: 127, and still no rules.
+    let cfg = mesh(&dir);
+    let out =
+        finish(ns.meshwork_run(&["--config", cfg.to_str().unwrap(), "--", "/nonexistent/app"]));
+    assert_eq!(out.status.code(), Some(127), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cannot start /nonexistent/app"),
+        "{}",
+        stderr(&out)
+    );
+    let after = ns.nat_rules();
+    assert!(!after.contains("MESHWORK"), "rules left behind:\n{after}");
+}
+
+#[test]
+fn run_first_request_succeeds_explicit_and_captured_by_name() {
+    require_root!();
+    let ns = Netns::create("first");
+    let dir = scratch("run-first");
+    let cfg = mesh(&dir);
+    let cfg = cfg.to_str().unwrap();
+    let _web = start_web(&ns);
+
+    // Explicit mode: the application addresses the sidecar itself.
+    let out = finish(ns.meshwork_run(&[
+        "--explicit",
+        "--config",
+        cfg,
+        "--",
+        "sh",
+        "-c",
+        "curl -sS -m 5 -H 'Host: web' http://$MESHWORK_OUTBOUND_ADDR/first",
+    ]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "web /first");
+    assert!(
+        stderr(&out).contains("--explicit: running in explicit mode"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Captured: an unmodified client calls the Service by name; the name
+    // resolves (captured DNS) to the VIP, which only the sidecar serves.
+    let out = finish(ns.meshwork_run(&[
+        "--config",
+        cfg,
+        "--",
+        "curl",
+        "-sS",
+        "-m",
+        "5",
+        "http://web/first",
+    ]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "web /first");
+    let out = finish(ns.meshwork_run(&[
+        "--config",
+        cfg,
+        "--",
+        "curl",
+        "-sS",
+        "-m",
+        "5",
+        &format!("http://{WEB_VIP}/vip"),
+    ]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "web /vip");
+    assert!(!ns.nat_rules().contains("MESHWORK"));
+}
+
+/// On SIGTERM it records it, waits a second (outbound must still work) and
+/// calls again, then exits 3.
+const DRAINING_APP: &str = r#"
+import json, os, signal, sys, time, urllib.request
+out = open(sys.argv[1], "w")
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+def get(url, host=None):
+    req = urllib.request.Request(url, headers={"Host": host} if host else {})
+    return opener.open(req, timeout=5).read().decode()
+base = "http://" + os.environ["MESHWORK_OUTBOUND_ADDR"]
+admin = "http://" + os.environ["MESHWORK_ADMIN_ADDR"]
+term = []
+signal.signal(signal.SIGTERM, lambda *a: term.append(1))
+out.write("before %s\n" % sorted(json.loads(get(admin + "/listeners"))))
+out.write("first %s\n" % get(base + "/first", "web"))
+out.flush()
+while not term:
+    time.sleep(0.05)
+time.sleep(1)
+out.write("after %s\n" % get(base + "/after", "web"))
+out.write("listeners %s\n" % sorted(json.loads(get(admin + "/listeners"))))
+out.close()
+sys.exit(3)
+"#;
+
+#[test]
+fn run_sigterm_drains_inbound_keeps_outbound_until_the_app_exits() {
+    require_root!();
+    let ns = Netns::create("term");
+    let dir = scratch("run-term");
+    let cfg = mesh(&dir);
+    let cfg = cfg.to_str().unwrap();
+    let _web = start_web(&ns);
+    let script = dir.join("app.py");
+    std::fs::write(&script, DRAINING_APP).unwrap();
+    let log = dir.join("app.log");
+
+    let mut child = Killed(
+        ns.meshwork_run(&[
+            "--config",
+            cfg,
+            "--workload",
+            "app-0",
+            "--app-port",
+            "18090",
+            "--",
+            python(),
+            script.to_str().unwrap(),
+            log.to_str().unwrap(),
+        ])
+        .spawn()
+        .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&log).is_ok_and(|l| l.contains("first ")) {
+        assert!(
+            Instant::now() < deadline,
+            "the app never made its first call"
+        );
+        assert!(
+            child.0.try_wait().unwrap().is_none(),
+            "`meshwork run` ended early"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    run("kill", &["-TERM", &child.0.id().to_string()]);
+    let status = wait(&mut child.0, Duration::from_secs(30));
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(3), "{log}");
+    let line = |p: &str| {
+        log.lines()
+            .find(|l| l.starts_with(p))
+            .unwrap_or_else(|| panic!("no {p:?} line in:\n{log}"))
+            .to_owned()
+    };
+    assert!(line("before").contains("'inbound"), "{log}");
+    assert_eq!(line("first"), "first web /first");
+    // After SIGTERM: outbound still served, inbound no longer accepting.
+    assert_eq!(line("after"), "after web /after");
+    let listeners = line("listeners");
+    assert!(!listeners.contains("'inbound"), "{log}");
+    assert!(listeners.contains("outbound"), "{log}");
+    assert!(!ns.nat_rules().contains("MESHWORK"));
+
+    // An application that ignores SIGTERM is killed at --drain-timeout: 128+9.
+    let started = dir.join("started");
+    let stubborn = format!(
+        "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nopen({:?}, 'w').close()\ntime.sleep(60)\n",
+        started.to_str().unwrap()
+    );
+    let mut child = Killed(
+        ns.meshwork_run(&[
+            "--config",
+            cfg,
+            "--drain-timeout",
+            "1s",
+            "--",
+            python(),
+            "-c",
+            &stubborn,
+        ])
+        .spawn()
+        .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !started.exists() {
+        assert!(Instant::now() < deadline, "the app never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let sent = Instant::now();
+    run("kill", &["-TERM", &child.0.id().to_string()]);
+    let status = wait(&mut child.0, Duration::from_secs(30));
+    assert_eq!(status.code(), Some(137));
+    assert!(
+        sent.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        sent.elapsed()
+    );
+    assert!(!ns.nat_rules().contains("MESHWORK"));
+}
+
+#[test]
+fn run_without_root_says_so_and_uses_explicit_mode() {
+    require_root!();
+    if !Path::new("/usr/bin/setpriv").exists()
+        && Command::new("setpriv").arg("--help").output().is_err()
+    {
+        eprintln!("skipped: needs setpriv (util-linux) to run as an unprivileged user");
+        return;
+    }
+    let ns = Netns::create("user");
+    let dir = scratch("run-user");
+    let cfg = mesh(&dir);
+    let _web = start_web(&ns);
+    let out = finish({
+        ns.cmd(
+            "setpriv",
+            &[
+                "--reuid",
+                "65534",
+                "--regid",
+                "65534",
+                "--clear-groups",
+                BIN,
+                "run",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--",
+                "sh",
+                "-c",
+                "curl -sS -m 5 -H 'Host: web' http://$MESHWORK_OUTBOUND_ADDR/user",
+            ],
+        )
+    });
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("meshwork run: not root: running in explicit mode (no capture rules); the application must address the sidecar at 127.0.0.1:15001"),
+        "{err}"
+    );
+    assert_eq!(stdout(&out), "web /user");
+    assert!(!ns.nat_rules().contains("MESHWORK"));
+}
