@@ -45,7 +45,7 @@ pub struct Args {
     /// --token). The CA's Sign method stays TLS-only.
     #[arg(long)]
     plaintext_xds: bool,
-    /// Read the admin token from this file instead of creating <data-dir>/admin.token.
+    /// Read the admin token from this file instead of creating `<data-dir>/admin.token`.
     #[arg(long, value_name = "FILE")]
     admin_token_file: Option<PathBuf>,
     #[arg(long, default_value = "info")]

@@ -6,7 +6,7 @@
 //! ([`crate::xds_client`]), or standalone mode, which runs the mesh
 //! translator (`api`) in-process over a YAML file and feeds its xDS output
 //! through the same `config::xds` conversion. Either way a snapshot is
-//! installed by [`Inner::install`]: listeners bound first, then routes and
+//! installed by `Inner::install`: listeners bound first, then routes and
 //! clusters swapped, then listeners switched. A change that fails to load,
 //! validate, convert or bind is refused with the reason in the log (and as a
 //! NACK to a control plane), and the last good config stays active.

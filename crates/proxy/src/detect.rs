@@ -38,7 +38,7 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const MAX_SNIFF: usize = 8 * 1024;
 
 /// Reads from `io` until the protocol is known or `timeout` passes. Returns
-/// the bytes read, which the caller must replay (see [`crate::rewind`]).
+/// the bytes read, which the caller must replay (see `crate::rewind`).
 pub async fn detect<T: AsyncRead + Unpin>(io: &mut T, timeout: Duration) -> (Protocol, Bytes) {
     let mut buf = BytesMut::with_capacity(1024);
     let deadline = tokio::time::Instant::now() + timeout;

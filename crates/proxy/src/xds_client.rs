@@ -2,7 +2,7 @@
 //! plane, resources applied as they arrive, each response ACKed or NACKed.
 //!
 //! Contract: the client never holds config itself. Every response is handed
-//! to the app (`updates` channel) as a [`config::xds::Update`]; the app
+//! to the app (`updates` channel) as a [`crate::config::xds::Update`]; the app
 //! answers with the resource names the new snapshot needs (RouteConfigurations
 //! its listeners name, ClusterLoadAssignments its clusters name), or with the
 //! reason it refused the update, which goes back as a NACK (`error_detail`)
