@@ -460,7 +460,10 @@ fn versions_of(s: &Snapshot, kind: &str) -> String {
 fn needs(s: &Snapshot) -> crate::xds_client::Needs {
     let mut n = crate::xds_client::Needs::default();
     for l in s.listeners.values() {
-        if let Some(h) = &l.http {
+        // The plaintext chain's HCM and the mTLS chain's (inbound, strict or
+        // permissive) both name their RouteConfiguration.
+        let tls_http = l.tls.as_ref().and_then(|t| t.http.as_ref());
+        for h in l.http.iter().chain(tls_http) {
             if h.inline_routes.is_none() {
                 n.routes.insert(h.route_config_name.clone());
             }

@@ -1,0 +1,567 @@
+//! Several test hosts on a virtual network, end to end: a control-plane
+//! host and three workload hosts (network namespaces whose veths meet on a
+//! bridge). Each workload host runs `meshwork run` with a join token: an
+//! unmodified HTTP server (`catalog`), grpcio's health service (`health`),
+//! and a client host where an unmodified curl calls `http://catalog:8080/`
+//! and an unmodified grpcio client calls `health:50051`, by name. The names
+//! resolve through captured DNS; the calls are captured, routed by mesh
+//! policy (an `HTTPRoute` rewrite) and sent over mTLS (`Mesh` `mtls:
+//! strict`) to the server hosts, whose sidecars see the caller's SPIFFE id.
+//! Plain TCP from the client host to the server host (its application port,
+//! and its sidecar's inbound port) gets no answer and is counted as
+//! `plaintext_refused`: between hosts, only mTLS gets through.
+//!
+//! Needs root (network namespaces, iptables); skipped with a message
+//! otherwise. Namespaces, and every process left in them, are removed when
+//! the test ends, pass or fail.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{scratch, BIN};
+
+const CP_IP: &str = "10.125.0.1";
+const SERVER_IP: &str = "10.125.0.2";
+const GRPC_IP: &str = "10.125.0.3";
+const CLIENT_IP: &str = "10.125.0.4";
+const APP_PORT: &str = "8080";
+const GRPC_PORT: &str = "50051";
+
+/// The test hosts: `cp` (the control plane, and the bridge `br0` joining
+/// everything), `server` (HTTP), `grpc` (a gRPC server) and `client`. Dropping it kills every process left
+/// in them and deletes them (with their interfaces and iptables rules).
+struct Hosts {
+    names: Vec<String>,
+}
+
+impl Hosts {
+    fn create() -> Hosts {
+        let pid = std::process::id();
+        let hosts = Hosts {
+            names: ["cp", "srv", "grpc", "cli"]
+                .iter()
+                .map(|h| format!("mwmh{h}{pid}"))
+                .collect(),
+        };
+        for name in &hosts.names {
+            let _ = Command::new("ip").args(["netns", "del", name]).output();
+            run("ip", &["netns", "add", name]);
+            run("ip", &["-n", name, "link", "set", "lo", "up"]);
+        }
+        let cp = hosts.cp();
+        run("ip", &["-n", cp, "link", "add", "br0", "type", "bridge"]);
+        run(
+            "ip",
+            &[
+                "-n",
+                cp,
+                "addr",
+                "add",
+                &format!("{CP_IP}/24"),
+                "dev",
+                "br0",
+            ],
+        );
+        run("ip", &["-n", cp, "link", "set", "br0", "up"]);
+        for (name, ip, port) in [
+            (hosts.server(), SERVER_IP, "vsrv"),
+            (hosts.grpc(), GRPC_IP, "vgrpc"),
+            (hosts.client(), CLIENT_IP, "vcli"),
+        ] {
+            run(
+                "ip",
+                &[
+                    "-n", cp, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns",
+                    name,
+                ],
+            );
+            run("ip", &["-n", cp, "link", "set", port, "master", "br0"]);
+            run("ip", &["-n", cp, "link", "set", port, "up"]);
+            run(
+                "ip",
+                &[
+                    "-n",
+                    name,
+                    "addr",
+                    "add",
+                    &format!("{ip}/24"),
+                    "dev",
+                    "eth0",
+                ],
+            );
+            run("ip", &["-n", name, "link", "set", "eth0", "up"]);
+            // connect() to a VIP needs a route before the nat hook redirects it.
+            run(
+                "ip",
+                &["-n", name, "route", "add", "240.240.0.0/16", "dev", "eth0"],
+            );
+            // Mounted over /etc/resolv.conf by `ip netns exec`: a resolver
+            // that does not exist (captured DNS answers mesh names) and no
+            // search domains.
+            let etc = Path::new("/etc/netns").join(name);
+            std::fs::create_dir_all(&etc).unwrap();
+            std::fs::write(etc.join("resolv.conf"), format!("nameserver {CP_IP}\n")).unwrap();
+        }
+        hosts
+    }
+
+    fn cp(&self) -> &str {
+        &self.names[0]
+    }
+    fn server(&self) -> &str {
+        &self.names[1]
+    }
+    fn grpc(&self) -> &str {
+        &self.names[2]
+    }
+    fn client(&self) -> &str {
+        &self.names[3]
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        // Workload hosts first, so their sidecars never see the control
+        // plane go away.
+        for name in self.names.iter().rev() {
+            if let Ok(o) = Command::new("ip").args(["netns", "pids", name]).output() {
+                for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-9", pid]).output();
+                }
+            }
+            let _ = Command::new("ip").args(["netns", "del", name]).output();
+            let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(name));
+        }
+    }
+}
+
+/// `ip netns exec <ns> program args...`.
+fn exec(ns: &str, program: &str, args: &[&str]) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns, program]).args(args);
+    c
+}
+
+fn run(program: &str, args: &[&str]) {
+    let out = Command::new(program).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// Kills the process on drop.
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// Runs to completion, killed after `limit`.
+fn finish(mut cmd: Command, limit: Duration) -> Output {
+    use std::io::Read as _;
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = Killed(cmd.spawn().unwrap());
+    let read = |mut r: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            v
+        })
+    };
+    let out = read(Box::new(child.0.stdout.take().unwrap()));
+    let err = read(Box::new(child.0.stderr.take().unwrap()));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.0.kill();
+            let _ = child.0.wait();
+            panic!("{cmd:?} still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// The application on the server host: HTTP on 0.0.0.0:8080 (so without
+/// the mesh a plaintext caller would reach it), answers `catalog <path>`.
+const CATALOG: &str = r#"
+import http.server
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = ("catalog %s" % self.path).encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(("0.0.0.0", 8080), H).serve_forever()
+"#;
+
+/// `catalog` (port 8080, HTTP, identity `sa/catalog`), `health` (port
+/// 50051, gRPC, identity `sa/health`), strict mTLS mesh-wide,
+/// and a route that sends `/items` to the application's `/v1/items`: the
+/// path the server sees proves the client sidecar's mesh routing ran.
+const MESH: &str = "apiVersion: meshwork.dev/v1alpha1\nkind: Mesh\nmetadata: {name: default}\nspec:\n  mtls: {mode: strict}\n---\n\
+apiVersion: meshwork.dev/v1alpha1\nkind: Service\nmetadata: {name: catalog}\nspec:\n  serviceAccount: catalog\n  ports: [{name: http, port: 8080, appProtocol: http}]\n---\n\
+apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: catalog}\nspec:\n  parentRefs: [{kind: Service, name: catalog, port: 8080}]\n  rules:\n  - matches: [{path: {type: PathPrefix, value: /items}}]\n    filters:\n    - type: URLRewrite\n      urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v1/items}}\n    backendRefs: [{name: catalog, port: 8080}]\n---\n\
+apiVersion: meshwork.dev/v1alpha1\nkind: Service\nmetadata: {name: health}\nspec:\n  serviceAccount: health\n  ports: [{name: grpc, port: 50051, appProtocol: grpc}]\n";
+
+/// A control plane on the `cp` host, reachable from the others over the bridge.
+struct ControlPlane {
+    ns: String,
+    dir: PathBuf,
+    _child: Killed,
+}
+
+impl ControlPlane {
+    fn start(ns: &str, dir: &Path) -> ControlPlane {
+        let data = dir.join("data");
+        let child = Killed(
+            exec(
+                ns,
+                BIN,
+                &[
+                    "control",
+                    "--data-dir",
+                    data.to_str().unwrap(),
+                    "--xds-addr",
+                    &format!("{CP_IP}:15010"),
+                    "--api-addr",
+                    &format!("{CP_IP}:15011"),
+                    "--log-level",
+                    "warn",
+                ],
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+        );
+        let cp = ControlPlane {
+            ns: ns.to_owned(),
+            dir: dir.to_owned(),
+            _child: child,
+        };
+        wait_until("the control plane", Duration::from_secs(20), || {
+            cp.admin_cmd(&["ca", "bundle"]).status.success()
+        });
+        cp
+    }
+
+    /// `meshwork ARGS --control <api> --admin-token-file ...` on the cp host.
+    fn admin_cmd(&self, args: &[&str]) -> Output {
+        let token = self.dir.join("data").join("admin.token");
+        let mut a = args.to_vec();
+        let api = format!("{CP_IP}:15011");
+        a.extend_from_slice(&["--control", &api, "--admin-token-file"]);
+        a.push(token.to_str().unwrap());
+        exec(&self.ns, BIN, &a).output().unwrap()
+    }
+
+    fn admin(&self, args: &[&str]) -> String {
+        let out = self.admin_cmd(args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+        text(&out.stdout)
+    }
+
+    fn token(&self, service_account: &str) -> String {
+        self.admin(&["token", "create", "--service-account", service_account])
+            .trim()
+            .to_owned()
+    }
+}
+
+/// The application on the gRPC host: grpcio's standard health service on
+/// 0.0.0.0:50051.
+const HEALTH_SERVER: &str = r#"
+from concurrent import futures
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+servicer = health.HealthServicer()
+servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+srv = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+health_pb2_grpc.add_HealthServicer_to_server(servicer, srv)
+srv.add_insecure_port("0.0.0.0:50051")
+srv.start()
+srv.wait_for_termination()
+"#;
+
+/// An unmodified grpcio client on the client host: `Check` on
+/// `health:50051` (retried while the endpoint reaches the client's sidecar),
+/// prints the status.
+const HEALTH_CLIENT: &str = r#"
+import sys, time
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+err = None
+for _ in range(100):
+    try:
+        with grpc.insecure_channel("health:50051") as ch:
+            r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=3)
+        print(health_pb2.HealthCheckResponse.ServingStatus.Name(r.status))
+        sys.exit(0)
+    except grpc.RpcError as e:
+        err = e
+        time.sleep(0.2)
+print(err, file=sys.stderr)
+sys.exit(1)
+"#;
+
+/// `meshwork run ARGS -- APP` on `ns` with a join token for
+/// `service_account` (a Service's workload when `service` is given).
+fn meshwork_run(
+    ns: &str,
+    cp: &ControlPlane,
+    service_account: &str,
+    service: Option<(&str, &str, &str)>,
+    app: &[&str],
+) -> Command {
+    let token = cp.token(service_account);
+    let xds = format!("{CP_IP}:15010");
+    let bundle = cp.dir.join("root.pem");
+    let mut a = vec![
+        "run",
+        "--control",
+        &xds,
+        "--token",
+        &token,
+        "--ca-bundle",
+        bundle.to_str().unwrap(),
+        "--log-level",
+        "warn",
+    ];
+    let name;
+    if let Some((service, address, port)) = service {
+        name = format!("{service}-0");
+        a.extend_from_slice(&[
+            "--service",
+            service,
+            "--name",
+            &name,
+            "--address",
+            address,
+            "--app-port",
+            port,
+        ]);
+    }
+    a.push("--");
+    a.extend_from_slice(app);
+    exec(ns, BIN, &a)
+}
+
+/// The sidecar's `/metrics` on host `ns`.
+fn metrics(ns: &str) -> String {
+    text(
+        &exec(
+            ns,
+            "curl",
+            &["-sS", "-m", "5", "http://127.0.0.1:15000/metrics"],
+        )
+        .output()
+        .unwrap()
+        .stdout,
+    )
+}
+
+/// Waits until `meshwork run` on `ns` installed its rules and the
+/// application answers on `port` (`probe`: a command that succeeds then).
+fn wait_for_workload(ns: &str, probe: &[&str]) {
+    wait_until(
+        "a workload host's application and capture rules",
+        Duration::from_secs(30),
+        || {
+            let rules = exec(ns, "iptables", &["-t", "nat", "-S"]).output().unwrap();
+            text(&rules.stdout).contains("MESHWORK_INBOUND")
+                && exec(ns, probe[0], &probe[1..])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+        },
+    );
+}
+
+fn called_by_frontend(m: &str) -> bool {
+    m.lines().any(|l| {
+        l.starts_with("meshwork_requests_total")
+            && l.contains("source_principal=\"spiffe://cluster.local/ns/default/sa/frontend\"")
+    })
+}
+
+#[test]
+fn unmodified_clients_call_services_by_name_across_hosts_over_mtls_only() {
+    if !is_root() {
+        eprintln!("skipped: needs root for network namespaces and iptables (CI runs as root)");
+        return;
+    }
+    let python = testkit::python();
+    let python = python.to_str().unwrap();
+    let dir = scratch("mesh-hosts");
+    let hosts = Hosts::create();
+    let cp = ControlPlane::start(hosts.cp(), &dir);
+    let mesh = dir.join("mesh.yaml");
+    std::fs::write(&mesh, MESH).unwrap();
+    cp.admin(&["apply", "-f", mesh.to_str().unwrap()]);
+    std::fs::write(dir.join("root.pem"), cp.admin(&["ca", "bundle"])).unwrap();
+
+    // The server hosts: `meshwork run` registers the workload at its host
+    // address; inbound TCP to the application port is captured by its
+    // sidecar.
+    let spawn = |mut c: Command| {
+        Killed(
+            c.stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let _catalog = spawn(meshwork_run(
+        hosts.server(),
+        &cp,
+        "catalog",
+        Some(("catalog", SERVER_IP, APP_PORT)),
+        &["python3", "-c", CATALOG],
+    ));
+    let _health = spawn(meshwork_run(
+        hosts.grpc(),
+        &cp,
+        "health",
+        Some(("health", GRPC_IP, GRPC_PORT)),
+        &[python, "-c", HEALTH_SERVER],
+    ));
+    wait_for_workload(
+        hosts.server(),
+        &[
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-m",
+            "2",
+            "http://127.0.0.1:8080/",
+        ],
+    );
+    wait_for_workload(
+        hosts.grpc(),
+        &[
+            "python3",
+            "-c",
+            "import socket; socket.create_connection(('127.0.0.1', 50051), 2)",
+        ],
+    );
+
+    // The client host: an unmodified curl, by name. Retried while the
+    // control plane pushes catalog-0's endpoint to the client's sidecar.
+    let job = "for i in $(seq 100); do curl -fsS -m 3 http://catalog:8080/items && exit 0; sleep 0.2; done; curl -sS -m 3 -i http://catalog:8080/items; exit 1";
+    let out = finish(
+        meshwork_run(hosts.client(), &cp, "frontend", None, &["sh", "-c", job]),
+        Duration::from_secs(40),
+    );
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    // `/items` -> `/v1/items`: the HTTPRoute ran in the client's sidecar.
+    assert_eq!(
+        text(&out.stdout),
+        "catalog /v1/items",
+        "{}",
+        text(&out.stderr)
+    );
+    // Over mTLS: the server's sidecar knows who called.
+    let m = metrics(hosts.server());
+    assert!(called_by_frontend(&m), "{m}");
+
+    // An unmodified grpcio client, by name.
+    let out = finish(
+        meshwork_run(
+            hosts.client(),
+            &cp,
+            "frontend",
+            None,
+            &[python, "-c", HEALTH_CLIENT],
+        ),
+        Duration::from_secs(40),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "SERVING\n", "{}", text(&out.stderr));
+    let m = metrics(hosts.grpc());
+    assert!(called_by_frontend(&m), "{m}");
+
+    // Plaintext from the client host (no sidecar there now: its `meshwork
+    // run` ended and removed its rules) straight to the server host is
+    // refused by the server's strict sidecar: both the application port
+    // (redirected to the sidecar) and the sidecar's inbound port itself.
+    let rules = exec(hosts.client(), "iptables", &["-t", "nat", "-S"])
+        .output()
+        .unwrap();
+    assert!(!text(&rules.stdout).contains("MESHWORK"));
+    let refused = |m: &str| {
+        m.lines()
+            .find(|l| {
+                l.starts_with("meshwork_tls_handshake_failures_total")
+                    && l.contains("reason=\"plaintext_refused\"")
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = refused(&metrics(hosts.server()));
+    for port in [APP_PORT, "15006"] {
+        let plain = exec(
+            hosts.client(),
+            "curl",
+            &[
+                "-sS",
+                "-m",
+                "5",
+                &format!("http://{SERVER_IP}:{port}/items"),
+            ],
+        )
+        .output()
+        .unwrap();
+        assert!(
+            !plain.status.success() && plain.stdout.is_empty(),
+            "plaintext to port {port} got an answer: {}",
+            text(&plain.stdout)
+        );
+    }
+    let m = metrics(hosts.server());
+    assert_eq!(refused(&m), before + 2, "{m}");
+    drop(hosts);
+    let _ = std::fs::remove_dir_all(&dir);
+}
