@@ -14,7 +14,7 @@
 //! 5. The application exits by itself: the sidecar is stopped (SIGTERM, it
 //!    drains), the rules removed, and `meshwork run` exits with the
 //!    application's code (128+N if a signal N killed it).
-//!    SIGTERM / SIGINT: inbound is drained first (admin `POST
+//!    SIGTERM / SIGINT / SIGHUP: inbound is drained first (admin `POST
 //!    /drain_listeners?inboundonly`), the signal goes to the application,
 //!    outbound keeps working until it exits or `--drain-timeout` passes
 //!    (then SIGKILL), then the sidecar stops and the rules go.
@@ -199,12 +199,17 @@ pub fn run(mut args: Args) -> anyhow::Result<ExitCode> {
 
 async fn supervise(args: Args) -> ExitCode {
     // Before any child exists, so no signal is missed.
-    let (mut term, mut int) = match (
+    // SIGHUP (the terminal or session went away) too: unwatched, it would
+    // kill `meshwork run` with its rules still in and its sidecar running.
+    let (mut term, mut int, mut hup) = match (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) {
-        (Ok(t), Ok(i)) => (t, i),
-        (Err(e), _) | (_, Err(e)) => return fail(format!("cannot watch signals: {e}")),
+        (Ok(t), Ok(i), Ok(h)) => (t, i, h),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+            return fail(format!("cannot watch signals: {e}"))
+        }
     };
     let mode = mode(&args);
     if let Mode::Explicit(why) = &mode {
@@ -240,6 +245,10 @@ async fn supervise(args: Args) -> ExitCode {
         _ = int.recv() => {
             stop_proxy(&mut proxy).await;
             return code_for_signal(SignalKind::interrupt());
+        }
+        _ = hup.recv() => {
+            stop_proxy(&mut proxy).await;
+            return code_for_signal(SignalKind::hangup());
         }
     }
     // Removed when this goes out of scope, whatever the way out.
@@ -284,7 +293,7 @@ async fn supervise(args: Args) -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    let status = match wait_app(&mut app, &mut proxy, &mut term, &mut int).await {
+    let status = match wait_app(&mut app, &mut proxy, &mut term, &mut int, &mut hup).await {
         Ended::Exited(status) => status,
         Ended::Signaled(name) => {
             // Inbound first: no new requests for an application about to stop.
@@ -298,13 +307,29 @@ async fn supervise(args: Args) -> ExitCode {
                     eprintln!("meshwork run: draining the sidecar's inbound listeners: {e}")
                 }
             }
-            stop_app(&mut app, name, args.drain_timeout, &mut term, &mut int).await
+            stop_app(
+                &mut app,
+                name,
+                args.drain_timeout,
+                &mut term,
+                &mut int,
+                &mut hup,
+            )
+            .await
         }
         Ended::ProxyDied(proxy_status) => {
             eprintln!(
                 "meshwork run: the sidecar exited ({proxy_status}) while the application ran; stopping the application"
             );
-            stop_app(&mut app, "TERM", args.drain_timeout, &mut term, &mut int).await;
+            stop_app(
+                &mut app,
+                "TERM",
+                args.drain_timeout,
+                &mut term,
+                &mut int,
+                &mut hup,
+            )
+            .await;
             return ExitCode::from(FAILED);
         }
     };
@@ -539,11 +564,13 @@ async fn wait_app(
     proxy: &mut Child,
     term: &mut Signal,
     int: &mut Signal,
+    hup: &mut Signal,
 ) -> Ended {
     tokio::select! {
         status = app.wait() => Ended::Exited(status.unwrap_or_else(|_| ExitStatus::from_raw(FAILED as i32 * 256))),
         _ = term.recv() => Ended::Signaled("TERM"),
         _ = int.recv() => Ended::Signaled("INT"),
+        _ = hup.recv() => Ended::Signaled("HUP"),
         status = proxy.wait() => Ended::ProxyDied(status.unwrap_or_else(|_| ExitStatus::from_raw(0))),
     }
 }
@@ -556,6 +583,7 @@ async fn stop_app(
     deadline: Duration,
     term: &mut Signal,
     int: &mut Signal,
+    hup: &mut Signal,
 ) -> ExitStatus {
     send_signal(app, signal);
     let timer = tokio::time::sleep(deadline);
@@ -565,6 +593,7 @@ async fn stop_app(
             status = app.wait() => return status.unwrap_or_else(|_| ExitStatus::from_raw(FAILED as i32 * 256)),
             _ = term.recv() => send_signal(app, "TERM"),
             _ = int.recv() => send_signal(app, "INT"),
+            _ = hup.recv() => send_signal(app, "HUP"),
             () = &mut timer => break,
         }
     }

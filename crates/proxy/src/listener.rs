@@ -299,29 +299,28 @@ async fn accept_loop(
 /// the kernel knows no redirect (no `SO_ORIGINAL_DST`).
 fn captured_destination(stream: &TcpStream) -> Option<SocketAddr> {
     let sock = socket2::SockRef::from(stream);
-    let local = stream.local_addr().ok()?;
+    // An IPv4 client on a dual-stack socket reports mapped addresses; its
+    // connection is IPv4 to netfilter, so the IPv4 query (SOL_IP) finds its
+    // redirect and the IPv6 one does not.
+    let local = unmap(stream.local_addr().ok()?);
     let dst = if local.is_ipv4() {
         sock.original_dst_v4()
     } else {
         sock.original_dst_v6()
     };
-    let dst = dst.ok()?.as_socket()?;
-    // An IPv4 client on a dual-stack socket reports a mapped address.
-    let dst = match dst {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
-            None => dst,
-        },
-        v4 => v4,
-    };
-    let local = match local {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
-            None => local,
-        },
-        v4 => v4,
-    };
+    let dst = unmap(dst.ok()?.as_socket()?);
     (dst != local).then_some(dst)
+}
+
+/// `::ffff:a.b.c.d` as `a.b.c.d`.
+fn unmap(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
+    }
 }
 
 /// The unbound listener for `dst`: exact address, then the wildcard address

@@ -26,8 +26,8 @@ const EXTERNAL: &str = "10.123.0.1";
 struct Netns(String);
 
 impl Netns {
-    fn create() -> Netns {
-        let name = format!("mwcap{}", std::process::id());
+    fn create(tag: &str) -> Netns {
+        let name = format!("mwcap{tag}{}", std::process::id());
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
         run("ip", &["netns", "add", &name]);
         let ns = Netns(name);
@@ -211,11 +211,34 @@ fn metrics(ns: &Netns) -> String {
 
 #[test]
 fn captured_clients_reach_mesh_services_by_vip_and_other_hosts_by_policy() {
+    captured_clients(&Listen {
+        tag: "",
+        outbound: "127.0.0.1:15001",
+    });
+}
+
+/// A dual-stack outbound listener (`[::]:15001`) sees IPv4 captured
+/// connections with v4-mapped addresses; their original destination is
+/// still found (SOL_IP, not SOL_IPV6).
+#[test]
+fn captured_clients_on_a_dual_stack_listener() {
+    captured_clients(&Listen {
+        tag: "6",
+        outbound: "[::]:15001",
+    });
+}
+
+struct Listen {
+    tag: &'static str,
+    outbound: &'static str,
+}
+
+fn captured_clients(listen: &Listen) {
     if !is_root() {
         eprintln!("skipped: transparent capture needs root (network namespaces and iptables); CI runs it as root");
         return;
     }
-    let dir = scratch("capture");
+    let dir = scratch(&format!("capture{}", listen.tag));
     let config = dir.join("mesh.yaml");
     std::fs::write(&config, mesh_yaml("")).unwrap();
     let access_log = dir.join("access.log");
@@ -227,7 +250,7 @@ fn captured_clients_reach_mesh_services_by_vip_and_other_hosts_by_policy() {
         .arg(&dir)
         .output();
 
-    let ns = Netns::create();
+    let ns = Netns::create(listen.tag);
     let mut servers = Guard(
         ns.cmd("python3", &["-c", SERVERS])
             .stdout(Stdio::piped())
@@ -251,7 +274,7 @@ fn captured_clients_reach_mesh_services_by_vip_and_other_hosts_by_policy() {
                 "--config",
                 config.to_str().unwrap(),
                 "--outbound-addr",
-                "127.0.0.1:15001",
+                listen.outbound,
                 "--inbound-addr",
                 "127.0.0.1:15006",
                 "--admin-addr",

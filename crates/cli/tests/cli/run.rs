@@ -529,6 +529,50 @@ fn run_sigterm_drains_inbound_keeps_outbound_until_the_app_exits() {
     assert!(!ns.nat_rules().contains("MESHWORK"));
 }
 
+/// SIGHUP (a closed terminal or session) is a way out too: the signal
+/// goes to the application, the rules are removed, the exit code is 128+1.
+#[test]
+fn run_sighup_removes_the_rules_and_exits_129() {
+    require_root!();
+    let ns = Netns::create("hup");
+    let dir = scratch("run-hup");
+    let cfg = mesh(&dir);
+    let cfg = cfg.to_str().unwrap();
+    let started = dir.join("started");
+    let job = format!("touch {:?}; exec sleep 60", started.to_str().unwrap());
+    let mut child = Killed(
+        ns.meshwork_run(&[
+            "--config",
+            cfg,
+            "--workload",
+            "app-0",
+            "--app-port",
+            "18090",
+            "--",
+            "sh",
+            "-c",
+            &job,
+        ])
+        .spawn()
+        .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !started.exists() {
+        assert!(Instant::now() < deadline, "the app never started");
+        assert!(
+            child.0.try_wait().unwrap().is_none(),
+            "`meshwork run` ended early"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(ns.nat_rules().contains("MESHWORK"), "no capture rules");
+    run("kill", &["-HUP", &child.0.id().to_string()]);
+    let status = wait(&mut child.0, Duration::from_secs(30));
+    assert_eq!(status.code(), Some(129), "{status:?}");
+    let after = ns.nat_rules();
+    assert!(!after.contains("MESHWORK"), "rules left behind:\n{after}");
+}
+
 #[test]
 fn run_without_root_says_so_and_uses_explicit_mode() {
     require_root!();
