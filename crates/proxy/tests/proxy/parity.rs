@@ -14,13 +14,10 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use api::ProxyContext;
-use prost::Message;
-use testkit::{Backend, Behavior, H1Client, Pattern};
+use testkit::{Backend, Behavior, Pattern};
 
 use crate::harness::*;
 use crate::resilience::{
@@ -32,29 +29,11 @@ fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
-fn envoy_binary() -> PathBuf {
-    match std::env::var_os("MESHWORK_ENVOY") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => panic!(
-            "MESHWORK_ENVOY is not set: run ./scripts/test.sh, or `eval \"$(./scripts/test.sh --env)\"`"
-        ),
-    }
-}
-
-/// A running Envoy, killed (and reaped) on drop, also when a test panics.
+/// Envoy as the sidecar of the parity cases, with its listeners.
 struct Envoy {
-    child: Child,
-    log: PathBuf,
-    admin: SocketAddr,
+    process: EnvoyProcess,
     outbound: SocketAddr,
     inbound: SocketAddr,
-}
-
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Envoy {
@@ -62,8 +41,6 @@ impl Envoy {
     /// sidecar fronting `workload` (or none), and waits (bounded) until its
     /// listeners accept connections.
     async fn start(yaml: &str, workload: Option<&str>) -> Envoy {
-        let mesh = api::validate(api::load_str("mesh.yaml", yaml).unwrap())
-            .unwrap_or_else(|e| panic!("invalid mesh:\n{e}"));
         let ctx = ProxyContext {
             outbound_addr: local(testkit::free_port()),
             inbound_addr: local(testkit::free_port()),
@@ -72,67 +49,26 @@ impl Envoy {
             certs_dir: None,
             capture: false,
         };
-        let xds = api::translate(&mesh, &ctx);
-        let dir = scratch();
-        let bootstrap = dir.join("envoy.pb");
-        let admin = local(testkit::free_port());
-        std::fs::write(
-            &bootstrap,
-            api::envoy_bootstrap(&xds, admin.port()).encode_to_vec(),
-        )
-        .unwrap();
-        let log = dir.join("envoy.log");
-        let child = Command::new(envoy_binary())
-            .args(["--disable-hot-restart", "--concurrency", "1"])
-            .args(["-l", "info", "--log-path"])
-            .arg(&log)
-            .arg("-c")
-            .arg(&bootstrap)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run Envoy: {e}; run ./scripts/test.sh"));
-        let mut envoy = Envoy {
-            child,
-            log,
-            admin,
+        let mut ready = vec![ctx.outbound_addr];
+        if workload.is_some() {
+            ready.push(ctx.inbound_addr);
+        }
+        Envoy {
+            process: EnvoyProcess::start(yaml, &ctx, &ready).await,
             outbound: ctx.outbound_addr,
             inbound: ctx.inbound_addr,
-        };
-        let mut ready: Vec<SocketAddr> = vec![envoy.outbound];
-        if workload.is_some() {
-            ready.push(envoy.inbound);
         }
-        for _ in 0..300 {
-            if let Some(status) = envoy.child.try_wait().unwrap() {
-                panic!("Envoy exited with {status}:\n{}", envoy.log());
-            }
-            let mut up = true;
-            for addr in &ready {
-                up &= tokio::net::TcpStream::connect(addr).await.is_ok();
-            }
-            if up {
-                return envoy;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("Envoy did not listen on {ready:?}:\n{}", envoy.log());
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.process.log()
     }
 
     /// The sum of Envoy's counters whose name ends with `.suffix` (or is
     /// `suffix`), from admin `/stats`: cluster and filter stats carry
     /// generated prefixes.
     async fn stat(&self, suffix: &str) -> u64 {
-        let mut c = H1Client::connect(self.admin).await.unwrap();
-        let text = c
-            .get("localhost", &format!("/stats?filter={suffix}$"))
-            .await
-            .unwrap()
-            .text();
+        let text = self.process.stats(&format!("{suffix}$")).await;
         text.lines()
             .filter_map(|l| l.split_once(": "))
             .filter(|(k, _)| *k == suffix || k.ends_with(&format!(".{suffix}")))
