@@ -12,6 +12,8 @@ use testkit::{Backend, H1Client};
 
 #[path = "cli/capture.rs"]
 mod capture;
+#[path = "cli/hosts.rs"]
+mod hosts;
 #[path = "cli/mesh_hosts.rs"]
 mod mesh_hosts;
 #[path = "cli/run.rs"]

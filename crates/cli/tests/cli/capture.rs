@@ -10,8 +10,9 @@
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use super::hosts::*;
 use super::{scratch, Guard, BIN};
 
 /// The uid/gid whose connections the test redirects (the "application").
@@ -75,22 +76,6 @@ impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
     }
-}
-
-fn run(program: &str, args: &[&str]) {
-    let out = Command::new(program).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
 /// Backends inside the namespace: HTTP on 18080 (answers
@@ -168,29 +153,8 @@ fn mesh_yaml(extra: &str) -> String {
     y
 }
 
-/// A Python the application uid can run (root's PATH may point into
-/// `/root`).
-fn app_python() -> &'static str {
-    if Path::new("/usr/bin/python3").exists() {
-        "/usr/bin/python3"
-    } else {
-        "python3"
-    }
-}
-
 fn text(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while Instant::now() < deadline {
-        if ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out waiting for {what}");
 }
 
 fn curl_app(ns: &Netns, url: &str) -> Output {
@@ -292,7 +256,7 @@ fn captured_clients(listen: &Listen) {
         .spawn()
         .unwrap(),
     );
-    wait_until("the proxy to be ready", || {
+    wait_until("the proxy to be ready", Duration::from_secs(15), || {
         if let Ok(Some(status)) = proxy.0.try_wait() {
             panic!("the proxy exited: {status}");
         }
@@ -344,7 +308,7 @@ fn captured_clients(listen: &Listen) {
     let py = |args: &[&str]| {
         let mut a = vec![client.to_str().unwrap()];
         a.extend_from_slice(args);
-        text(&ns.as_app(app_python(), &a))
+        text(&ns.as_app(python(), &a))
     };
     assert_eq!(py(&[ECHO_VIP, "7000", "ping\n", "5"]), "ping\n");
     assert_eq!(py(&[GREET_VIP, "7001", "", "6"]), "HELLO\n");
@@ -367,7 +331,7 @@ fn captured_clients(listen: &Listen) {
         mesh_yaml("apiVersion: meshwork.dev/v1alpha1\nkind: Mesh\nmetadata: {name: default}\nspec:\n  outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n"),
     )
     .unwrap();
-    wait_until("REGISTRY_ONLY to apply", || {
+    wait_until("REGISTRY_ONLY to apply", Duration::from_secs(15), || {
         !curl_app(&ns, &format!("http://{EXTERNAL}:8081/out"))
             .status
             .success()
@@ -384,12 +348,16 @@ fn captured_clients(listen: &Listen) {
         "{m}"
     );
     // The access log is written in the background.
-    wait_until("the blackholed connection in the access log", || {
-        std::fs::read_to_string(&access_log)
-            .unwrap_or_default()
-            .lines()
-            .any(|l| l.contains("BlackHoleCluster") && l.contains("\"UH\""))
-    });
+    wait_until(
+        "the blackholed connection in the access log",
+        Duration::from_secs(15),
+        || {
+            std::fs::read_to_string(&access_log)
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.contains("BlackHoleCluster") && l.contains("\"UH\""))
+        },
+    );
     drop(ns);
     let _ = std::fs::remove_dir_all(Path::new(&dir));
 }

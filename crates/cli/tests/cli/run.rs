@@ -11,9 +11,10 @@
 //! test ends, pass or fail.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use super::hosts::*;
 use super::{scratch, BIN};
 
 const WEB_VIP: &str = "240.240.9.1";
@@ -98,22 +99,6 @@ impl Drop for Netns {
     }
 }
 
-fn run(program: &str, args: &[&str]) {
-    let out = Command::new(program).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-}
-
 macro_rules! require_root {
     () => {
         if !is_root() {
@@ -121,24 +106,6 @@ macro_rules! require_root {
             return;
         }
     };
-}
-
-/// A Python any uid can run (root's PATH may point into `/root`).
-fn python() -> &'static str {
-    if Path::new("/usr/bin/python3").exists() {
-        "/usr/bin/python3"
-    } else {
-        "python3"
-    }
-}
-
-/// Kills the process on drop.
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// The mesh service `web` on 127.0.0.1:18080 inside the namespace
@@ -192,45 +159,6 @@ fn mesh(dir: &Path) -> PathBuf {
     path
 }
 
-/// Waits for the child, killing it after `limit`.
-fn wait(child: &mut Child, limit: Duration) -> ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("`meshwork run` still running after {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Runs to completion (bounded) and returns the output.
-fn finish(mut cmd: Command) -> Output {
-    use std::io::Read as _;
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = Killed(cmd.spawn().unwrap());
-    // Read while it runs, so a full pipe never blocks it.
-    let read = |mut r: Box<dyn std::io::Read + Send>| {
-        std::thread::spawn(move || {
-            let mut v = Vec::new();
-            let _ = r.read_to_end(&mut v);
-            v
-        })
-    };
-    let out = read(Box::new(child.0.stdout.take().unwrap()));
-    let err = read(Box::new(child.0.stderr.take().unwrap()));
-    let status = wait(&mut child.0, Duration::from_secs(60));
-    Output {
-        status,
-        stdout: out.join().unwrap(),
-        stderr: err.join().unwrap(),
-    }
-}
-
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -268,18 +196,21 @@ fn run_job_exits_with_the_app_code_and_its_rules_come_and_go() {
 
     let rules = dir.join("rules");
     let job = format!("iptables -t nat -S > {}; exit 7", rules.display());
-    let out = finish(ns.meshwork_run(&[
-        "--config",
-        cfg,
-        "--workload",
-        "app-0",
-        "--app-port",
-        "18090",
-        "--",
-        "sh",
-        "-c",
-        &job,
-    ]));
+    let out = finish(
+        ns.meshwork_run(&[
+            "--config",
+            cfg,
+            "--workload",
+            "app-0",
+            "--app-port",
+            "18090",
+            "--",
+            "sh",
+            "-c",
+            &job,
+        ]),
+        Duration::from_secs(60),
+    );
     assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("capturing traffic"),
@@ -315,16 +246,19 @@ fn run_fails_clearly_when_the_sidecar_cannot_start_and_leaves_no_rules() {
     std::fs::write(&cfg, "kind: Service\nmetadata: {name: [\n").unwrap();
     let marker = dir.join("started");
     let app = format!("touch {}", marker.display());
-    let out = finish(ns.meshwork_run(&[
-        "--config",
-        cfg.to_str().unwrap(),
-        "--ready-timeout",
-        "20s",
-        "--",
-        "sh",
-        "-c",
-        &app,
-    ]));
+    let out = finish(
+        ns.meshwork_run(&[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--ready-timeout",
+            "20s",
+            "--",
+            "sh",
+            "-c",
+            &app,
+        ]),
+        Duration::from_secs(60),
+    );
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(125), "{err}");
     assert!(
@@ -340,8 +274,10 @@ fn run_fails_clearly_when_the_sidecar_cannot_start_and_leaves_no_rules() {
 
     // A missing application: 127, and still no rules.
     let cfg = mesh(&dir);
-    let out =
-        finish(ns.meshwork_run(&["--config", cfg.to_str().unwrap(), "--", "/nonexistent/app"]));
+    let out = finish(
+        ns.meshwork_run(&["--config", cfg.to_str().unwrap(), "--", "/nonexistent/app"]),
+        Duration::from_secs(60),
+    );
     assert_eq!(out.status.code(), Some(127), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("cannot start /nonexistent/app"),
@@ -362,15 +298,18 @@ fn run_first_request_succeeds_explicit_and_captured_by_name() {
     let _web = start_web(&ns);
 
     // Explicit mode: the application addresses the sidecar itself.
-    let out = finish(ns.meshwork_run(&[
-        "--explicit",
-        "--config",
-        cfg,
-        "--",
-        "sh",
-        "-c",
-        "curl -sS -m 5 -H 'Host: web' http://$MESHWORK_OUTBOUND_ADDR/first",
-    ]));
+    let out = finish(
+        ns.meshwork_run(&[
+            "--explicit",
+            "--config",
+            cfg,
+            "--",
+            "sh",
+            "-c",
+            "curl -sS -m 5 -H 'Host: web' http://$MESHWORK_OUTBOUND_ADDR/first",
+        ]),
+        Duration::from_secs(60),
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out), "web /first");
     assert!(
@@ -381,28 +320,34 @@ fn run_first_request_succeeds_explicit_and_captured_by_name() {
 
     // Captured: an unmodified client calls the Service by name; the name
     // resolves (captured DNS) to the VIP, which only the sidecar serves.
-    let out = finish(ns.meshwork_run(&[
-        "--config",
-        cfg,
-        "--",
-        "curl",
-        "-sS",
-        "-m",
-        "5",
-        "http://web/first",
-    ]));
+    let out = finish(
+        ns.meshwork_run(&[
+            "--config",
+            cfg,
+            "--",
+            "curl",
+            "-sS",
+            "-m",
+            "5",
+            "http://web/first",
+        ]),
+        Duration::from_secs(60),
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out), "web /first");
-    let out = finish(ns.meshwork_run(&[
-        "--config",
-        cfg,
-        "--",
-        "curl",
-        "-sS",
-        "-m",
-        "5",
-        &format!("http://{WEB_VIP}/vip"),
-    ]));
+    let out = finish(
+        ns.meshwork_run(&[
+            "--config",
+            cfg,
+            "--",
+            "curl",
+            "-sS",
+            "-m",
+            "5",
+            &format!("http://{WEB_VIP}/vip"),
+        ]),
+        Duration::from_secs(60),
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out), "web /vip");
     assert!(!ns.nat_rules().contains("MESHWORK"));
@@ -586,26 +531,29 @@ fn run_without_root_says_so_and_uses_explicit_mode() {
     let dir = scratch("run-user");
     let cfg = mesh(&dir);
     let _web = start_web(&ns);
-    let out = finish({
-        ns.cmd(
-            "setpriv",
-            &[
-                "--reuid",
-                "65534",
-                "--regid",
-                "65534",
-                "--clear-groups",
-                BIN,
-                "run",
-                "--config",
-                cfg.to_str().unwrap(),
-                "--",
-                "sh",
-                "-c",
-                "curl -sS -m 5 -H 'Host: web' http://$MESHWORK_OUTBOUND_ADDR/user",
-            ],
-        )
-    });
+    let out = finish(
+        {
+            ns.cmd(
+                "setpriv",
+                &[
+                    "--reuid",
+                    "65534",
+                    "--regid",
+                    "65534",
+                    "--clear-groups",
+                    BIN,
+                    "run",
+                    "--config",
+                    cfg.to_str().unwrap(),
+                    "--",
+                    "sh",
+                    "-c",
+                    "curl -sS -m 5 -H 'Host: web' http://$MESHWORK_OUTBOUND_ADDR/user",
+                ],
+            )
+        },
+        Duration::from_secs(60),
+    );
     let err = stderr(&out);
     assert!(out.status.success(), "{err}");
     assert!(
