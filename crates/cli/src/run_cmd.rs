@@ -265,7 +265,7 @@ async fn supervise(args: Args) -> ExitCode {
                     } else {
                         format!(
                             "inbound TCP to {} -> {}",
-                            join(&args.app_port),
+                            iptables::join(&args.app_port),
                             args.inbound_addr.port()
                         )
                     },
@@ -720,14 +720,6 @@ fn code_for_signal(kind: SignalKind) -> ExitCode {
 fn fail(why: String) -> ExitCode {
     eprintln!("meshwork run: {why}");
     ExitCode::from(FAILED)
-}
-
-fn join(ports: &[u16]) -> String {
-    ports
-        .iter()
-        .map(u16::to_string)
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 fn humantime(d: Duration) -> String {

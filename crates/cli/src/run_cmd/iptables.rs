@@ -334,7 +334,8 @@ pub fn removal_commands(listing: &str) -> Vec<Vec<String>> {
     cmds
 }
 
-fn join(ports: &[u16]) -> String {
+/// `80,443`: a port list for iptables `multiport` and the sidecar's flags.
+pub(super) fn join(ports: &[u16]) -> String {
     ports
         .iter()
         .map(u16::to_string)
