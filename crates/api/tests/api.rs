@@ -3334,3 +3334,58 @@ mod capture {
         }
     }
 }
+
+/// `meshwork.dev/workload-state`: a starting workload is no endpoint, a
+/// draining one is sent as DRAINING; an unknown state is refused by name.
+#[test]
+fn workload_state_annotation_shapes_the_endpoints() {
+    let w = |name: &str, ip: &str, state: &str| {
+        let annotations = if state.is_empty() {
+            String::new()
+        } else {
+            format!(", annotations: {{meshwork.dev/workload-state: {state}}}")
+        };
+        format!("---\napiVersion: meshwork.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {name}{annotations}}}\nspec: {{service: a, address: {ip}}}\n")
+    };
+    let yaml = format!(
+        "{}{}{}{}{}",
+        http_svc("a"),
+        w("a-0", "10.0.0.1", ""),
+        w("a-1", "10.0.0.2", "starting"),
+        w("a-2", "10.0.0.3", "draining"),
+        w("a-3", "10.0.0.4", "serving"),
+    );
+    let x = xds(&yaml);
+    let cla = x.load_assignment("outbound|80||a.default").unwrap();
+    let mut got: Vec<(String, i32)> = cla
+        .endpoints
+        .iter()
+        .flat_map(|g| &g.lb_endpoints)
+        .map(|e| {
+            let Some(lb_endpoint::HostIdentifier::Endpoint(ep)) = &e.host_identifier else {
+                panic!()
+            };
+            (socket(&ep.address).0, e.health_status)
+        })
+        .collect();
+    got.sort();
+    let draining = envoy_types::pb::envoy::config::core::v3::HealthStatus::Draining as i32;
+    assert_eq!(
+        got,
+        [
+            ("10.0.0.1".to_string(), 0),
+            ("10.0.0.3".to_string(), draining),
+            ("10.0.0.4".to_string(), 0),
+        ]
+    );
+    let e = errors(&format!(
+        "{}{}",
+        http_svc("a"),
+        w("a-0", "10.0.0.1", "resting")
+    ))
+    .to_string();
+    assert!(
+        e.contains("meshwork.dev/workload-state") && e.contains("starting, serving, draining"),
+        "{e}"
+    );
+}

@@ -28,8 +28,14 @@
 //! bundle from `GET /api/v1/ca/bundle` (written to `root.pem`), and
 //! bootstraps its certificate as `meshwork proxy --token --ca-bundle` does.
 //!
-//! Non-goals: transparent capture (the apps call their sidecar explicitly),
-//! surviving the loss of its own control plane (it is in the same process).
+//! `--transparent` ([`transparent`], root only) runs the same mesh with each
+//! instance in a network namespace of its own under `meshwork run`, the apps
+//! calling each other by name through the capture, every hop mTLS; `meshwork
+//! demo-app` ([`standalone`], hidden) is how it starts each app.
+//!
+//! Non-goals: capture in the default mode (the apps call their sidecar
+//! explicitly), surviving the loss of its own control plane (it is in the
+//! same process).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -46,7 +52,12 @@ use crate::proxy_cmd::Registration;
 
 mod apps;
 mod mesh;
+mod netns;
+mod standalone;
 mod traffic;
+mod transparent;
+
+pub use standalone::{run as app, AppArgs};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -55,7 +66,7 @@ pub struct Args {
     control_port: u16,
     /// First port of the services: instance k uses this + 10k (app), +1 (sidecar outbound),
     /// +2 (inbound), +3 (admin). 0: any free ports.
-    #[arg(long, default_value_t = 16100)]
+    #[arg(long, default_value_t = 16100, conflicts_with = "transparent")]
     mesh_port: u16,
     /// Directory for the files the demo writes (mesh, split, access logs); default: a new temp dir.
     #[arg(long)]
@@ -75,6 +86,14 @@ pub struct Args {
     /// Log filter for the control plane and sidecars (stderr).
     #[arg(long, default_value = "warn")]
     log_level: String,
+    /// Each instance in a network namespace of its own under `meshwork run`: unmodified apps
+    /// call each other by name, every hop captured and mTLS (needs root).
+    #[arg(long)]
+    transparent: bool,
+    /// With --transparent: the virtual network's IPv4 subnet; this machine gets its first
+    /// address (the control plane), the instances the next ones.
+    #[arg(long, default_value = "10.77.93.0/24", requires = "transparent")]
+    subnet: netns::Subnet,
 }
 
 /// One service instance of the sample app (or the traffic's own sidecar).
@@ -151,12 +170,21 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if !(args.rps > 0.0 && args.rps <= 1000.0) {
         bail!("--rps must be between 0 and 1000");
     }
+    if args.transparent {
+        transparent::check_root()?;
+    }
     let log = proxy::logging::init(&args.log_level, false);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    if args.transparent {
+        return rt.block_on(async {
+            let dir = transparent::dir(&args)?;
+            transparent::run(&args, &dir).await
+        });
+    }
     rt.block_on(demo(args, log))
 }
 
@@ -365,7 +393,7 @@ async fn demo(args: Args, log: proxy::logging::LogHandle) -> anyhow::Result<Exit
         match r.spec.service {
             Some("frontend") => {
                 let out = wait_listener(&r.sidecar, r.spec.name, "outbound_http", deadline).await?;
-                apps::frontend(listener, out);
+                apps::frontend(listener, apps::Target::Sidecar(out));
             }
             Some("inventory") => apps::inventory(listener),
             _ => {
@@ -377,7 +405,7 @@ async fn demo(args: Args, log: proxy::logging::LogHandle) -> anyhow::Result<Exit
                     apps::Catalog {
                         version: r.spec.version.unwrap_or("v1"),
                         instance: r.spec.name.to_owned(),
-                        inventory,
+                        inventory: apps::Target::Sidecar(inventory),
                     },
                 );
             }
@@ -390,7 +418,7 @@ async fn demo(args: Args, log: proxy::logging::LogHandle) -> anyhow::Result<Exit
     let traffic_out = wait_listener(&traffic.sidecar, "traffic", "outbound_http", deadline).await?;
 
     // 4. Wait until a request reaches each version end to end.
-    let mut client = traffic::Client::new(traffic_out);
+    let mut client = traffic::Client::new(apps::Target::Sidecar(traffic_out));
     for pin in ["v1", "v2"] {
         loop {
             match client.get("/", Some(pin)).await {
@@ -419,7 +447,11 @@ async fn demo(args: Args, log: proxy::logging::LogHandle) -> anyhow::Result<Exit
 
     // 5. Traffic and the summary.
     let tally = traffic::Shared::default();
-    let load = tokio::spawn(traffic::run(traffic_out, args.rps, tally.clone()));
+    let load = tokio::spawn(traffic::run(
+        apps::Target::Sidecar(traffic_out),
+        args.rps,
+        tally.clone(),
+    ));
     let started = Instant::now();
     let stop = async {
         if args.seconds > 0 {

@@ -54,6 +54,9 @@ enum Command {
     Validate(validate::Args),
     /// Print the xDS resources the translator makes from mesh YAML files.
     Translate(validate::TranslateArgs),
+    /// One of the demo's sample apps, as `meshwork demo --transparent` runs it.
+    #[command(hide = true)]
+    DemoApp(demo::AppArgs),
     /// Explain whether a request from a source may reach a service, and which
     /// AuthorizationPolicy decided (exit 0 allowed, 1 denied, 2 error).
     Why(why::Args),
@@ -77,6 +80,7 @@ fn main() -> ExitCode {
         Command::Validate(args) => validate::run(args),
         Command::Translate(args) => validate::translate(args),
         Command::Why(args) => why::run(args),
+        Command::DemoApp(args) => demo::app(args),
     };
     match result {
         Ok(code) => code,

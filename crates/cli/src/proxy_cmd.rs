@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use proxy::accesslog::Target;
+use proxy::xds_client::WorkloadState;
 
 #[derive(Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("source").required(true).args(["config", "control"])))]
@@ -111,6 +112,11 @@ pub struct Args {
     /// --outbound-addr port. `meshwork run` sets it.
     #[arg(long)]
     capture: bool,
+    /// With --service and a control plane: the state the workload starts in. `starting` keeps it
+    /// out of its Service's endpoints until the admin `POST /healthcheck/ok` (`meshwork run` does
+    /// that once the application accepts); `POST /healthcheck/fail` announces `draining`.
+    #[arg(long, default_value = "serving", value_parser = parse_workload_state)]
+    workload_state: WorkloadState,
     /// Mesh DNS (UDP and TCP): answers mesh Service names with their VIPs and forwards the rest.
     /// `off` disables it. Default: 127.0.0.1:15053 with --capture, off otherwise.
     #[arg(long, value_parser = parse_dns_addr)]
@@ -125,6 +131,14 @@ pub struct Args {
     /// Mesh DNS: how long a forwarded query may take before SERVFAIL, in milliseconds.
     #[arg(long, default_value_t = 2000)]
     dns_timeout_ms: u64,
+}
+
+/// Time for a `draining` announcement to leave before the xDS stream stops.
+const ANNOUNCE_PAUSE: Duration = Duration::from_millis(100);
+
+/// `--workload-state`.
+fn parse_workload_state(s: &str) -> Result<WorkloadState, String> {
+    WorkloadState::parse(s).ok_or_else(|| format!("{s:?}: expected starting, serving or draining"))
 }
 
 /// `--dns-addr`: an address, or `off`.
@@ -273,9 +287,21 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 client.identity = Some(manager);
             }
         }
-        let proxy = proxy::Proxy::start(opts, log)
+        let mut proxy = proxy::Proxy::start(opts, log)
             .await
             .with_context(|| format!("starting the proxy from {what}"))?;
+        if proxy.workload_state() == WorkloadState::Starting {
+            match (args.service.is_some(), args.app_port) {
+                (true, Some(port)) => {
+                    let ip = args.address.unwrap_or(match args.inbound_addr.ip() {
+                        ip if ip.is_unspecified() => std::net::IpAddr::from([127, 0, 0, 1]),
+                        ip => ip,
+                    });
+                    proxy.serve_once_accepting(SocketAddr::new(ip, port));
+                }
+                _ => tracing::warn!("--workload-state starting without --service and --app-port: the workload stays starting until POST /healthcheck/ok"),
+            }
+        }
         for (name, addr) in proxy.listeners() {
             tracing::info!(listener = %name, %addr, "ready");
         }
@@ -284,6 +310,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         tracing::info!(admin = %proxy.admin_addr(), "proxy ready");
         wait_for_signal().await;
+        // Callers stop picking this workload before its listeners go (a
+        // control plane sends it as DRAINING at once, and forgets it when
+        // the stream ends instead of after a grace period).
+        if proxy.set_workload_state(None, WorkloadState::Draining) {
+            tokio::time::sleep(ANNOUNCE_PAUSE).await;
+        }
         tracing::info!(deadline = ?drain, "draining");
         let clean = proxy.shutdown(drain).await;
         if clean {
@@ -331,6 +363,7 @@ fn control_source(args: &Args) -> anyhow::Result<proxy::app::Source> {
                 },
             );
     }
+    let node = args.workload_state.on_node(&node);
     Ok(proxy::app::Source::Control {
         client: Box::new(proxy::xds_client::ClientOptions {
             servers: servers(&args.control),
@@ -446,22 +479,33 @@ fn identity_options(args: &Args) -> anyhow::Result<Option<proxy::identity::Optio
 
 /// `90s`, `30m`, `24h`, `2d` or plain seconds.
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_duration_or_zero(s)?;
+    if d.is_zero() {
+        return Err(format!("{:?}: must be positive", s.trim()));
+    }
+    Ok(d)
+}
+
+/// Like [`parse_duration`], zero included (`0s`: none).
+pub(crate) fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (n, unit) = s.split_at(split);
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("{s:?}: expected a number with a unit, like 90s, 30m or 24h"))?;
+    let n: u64 = n.parse().map_err(|_| {
+        format!("{s:?}: expected a number with a unit, like 500ms, 90s, 30m or 24h")
+    })?;
     let secs = match unit {
+        "ms" => return Ok(Duration::from_millis(n)),
         "" | "s" => n,
         "m" => n.saturating_mul(60),
         "h" => n.saturating_mul(3600),
         "d" => n.saturating_mul(86_400),
-        _ => return Err(format!("{s:?}: unknown unit {unit:?}; use s, m, h or d")),
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown unit {unit:?}; use ms, s, m, h or d"
+            ))
+        }
     };
-    if secs == 0 {
-        return Err(format!("{s:?}: must be positive"));
-    }
     Ok(Duration::from_secs(secs))
 }
 

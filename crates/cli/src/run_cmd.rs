@@ -10,14 +10,22 @@
 //!    ([`iptables`]) and the sidecar runs with `--capture`; otherwise it says
 //!    so and runs in explicit mode.
 //! 4. The application starts (stdio inherited) only now, so its first
-//!    request already goes through a ready sidecar.
+//!    request already goes through a ready sidecar. A workload registered
+//!    with a control plane (`--service` with `--app-port`) starts as
+//!    `starting` (`meshwork proxy --workload-state starting`): it is no
+//!    endpoint of its Service until the sidecar's probe finds the
+//!    application accepting, so no caller is sent to it before.
 //! 5. The application exits by itself: the sidecar is stopped (SIGTERM, it
 //!    drains), the rules removed, and `meshwork run` exits with the
 //!    application's code (128+N if a signal N killed it).
-//!    SIGTERM / SIGINT / SIGHUP: inbound is drained first (admin `POST
-//!    /drain_listeners?inboundonly`), the signal goes to the application,
-//!    outbound keeps working until it exits or `--drain-timeout` passes
-//!    (then SIGKILL), then the sidecar stops and the rules go.
+//!    SIGTERM / SIGINT / SIGHUP: a registered workload is announced as
+//!    draining (admin `POST /healthcheck/fail`: callers get it as DRAINING
+//!    and stop picking it) and `--drain-delay` passes; then inbound is
+//!    drained (admin `POST /drain_listeners?inboundonly`), the signal goes
+//!    to the application, outbound keeps working until it exits or
+//!    `--drain-timeout` passes (then SIGKILL), then the sidecar stops and
+//!    the rules go. That order is what makes a rolling restart lose no
+//!    request.
 //!
 //! The rules are removed on every way out, errors included (a drop guard);
 //! a run killed with SIGKILL leaves them, and the next run replaces them.
@@ -163,6 +171,10 @@ pub struct Args {
     /// On SIGTERM, how long the application gets to exit before it is killed.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     drain_timeout: Duration,
+    /// On SIGTERM, with --service and a control plane: how long after announcing the workload
+    /// as draining (callers stop picking it) the inbound listeners stop accepting.
+    #[arg(long, default_value = "3s", value_parser = crate::proxy_cmd::parse_duration_or_zero)]
+    drain_delay: Duration,
 
     /// The application and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "CMD")]
@@ -296,7 +308,25 @@ async fn supervise(args: Args) -> ExitCode {
     let status = match wait_app(&mut app, &mut proxy, &mut term, &mut int, &mut hup).await {
         Ended::Exited(status) => status,
         Ended::Signaled(name) => {
-            // Inbound first: no new requests for an application about to stop.
+            if registered(&args) {
+                // Callers first: the control plane sends this workload as
+                // DRAINING, and they stop picking it while it still accepts.
+                match admin_request(admin, "POST", "/healthcheck/fail").await {
+                    Ok((200, _)) => {
+                        eprintln!(
+                            "meshwork run: SIG{name}: announced the workload as draining; inbound stops in {} (--drain-delay)",
+                            humantime(args.drain_delay)
+                        );
+                        tokio::time::sleep(args.drain_delay).await;
+                    }
+                    Ok((status, body)) => eprintln!(
+                        "meshwork run: announcing the workload as draining: {status} {}",
+                        body.trim()
+                    ),
+                    Err(e) => eprintln!("meshwork run: announcing the workload as draining: {e}"),
+                }
+            }
+            // Inbound next: no new requests for an application about to stop.
             match admin_request(admin, "POST", "/drain_listeners?inboundonly").await {
                 Ok((200, _)) => {}
                 Ok((status, body)) => eprintln!(
@@ -335,6 +365,11 @@ async fn supervise(args: Args) -> ExitCode {
     };
     stop_proxy(&mut proxy).await;
     exit_code(status)
+}
+
+/// Whether the sidecar registers a workload with a control plane.
+fn registered(args: &Args) -> bool {
+    !args.control.is_empty() && args.service.is_some()
 }
 
 /// Capture if root and iptables can change the nat table; else why not.
@@ -395,6 +430,9 @@ fn proxy_args(args: &Args, capture: bool) -> Vec<OsString> {
             flag("namespace", (&args.namespace).into());
             if let Some(p) = args.app_port.first() {
                 flag("app-port", p.to_string().into());
+                // Out of the Service's endpoints until the application
+                // accepts (the sidecar probes it).
+                flag("workload-state", "starting".into());
             }
             if let Some(n) = &args.name {
                 flag("name", n.into());

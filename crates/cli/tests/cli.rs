@@ -12,6 +12,8 @@ use testkit::{Backend, H1Client};
 
 #[path = "cli/capture.rs"]
 mod capture;
+#[path = "cli/demo_transparent.rs"]
+mod demo_transparent;
 #[path = "cli/hosts.rs"]
 mod hosts;
 #[path = "cli/mesh_hosts.rs"]

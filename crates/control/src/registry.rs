@@ -13,6 +13,12 @@
 //!   and for a grace period (default 30 s, [`Registry::new`]) after the last
 //!   one ends, so a proxy that reconnects quickly keeps its endpoint. The
 //!   grace timer runs on `tokio::time` (tests pause and advance it).
+//! - The node's `state` metadata (`starting`, `serving`, `draining`) becomes
+//!   the Workload's [`api::resources::WORKLOAD_STATE_ANNOTATION`], which the
+//!   translator reads (a starting workload is no endpoint, a draining one is
+//!   `DRAINING`). A node that sends itself again on an open stream updates
+//!   its workload ([`Registry::update`]). A draining workload is removed as
+//!   soon as its last stream ends: it said it was leaving.
 //! - A node without a `service` metadata field (an Envoy, a proxyless gRPC
 //!   client) registers nothing: [`Registry::register`] returns `Ok(None)`.
 //! - Bad metadata (an unparsable address, a port out of range) is refused
@@ -168,6 +174,28 @@ impl Registry {
         })
     }
 
+    /// A stream's node announced itself again (its workload's state
+    /// changed): the workload becomes what `info` says. Nothing happens if
+    /// the node is not registered or announces no workload.
+    pub fn update(&self, info: &NodeInfo) {
+        let Some(w) = info.workload.clone() else {
+            return;
+        };
+        let mut inner = self.lock();
+        let Some(e) = inner.nodes.get_mut(&info.id) else {
+            return;
+        };
+        if e.workload == w {
+            return;
+        }
+        e.workload = w;
+        inner.revision += 1;
+        let revision = inner.revision;
+        drop(inner);
+        tracing::info!(node = %info.id, "workload updated by its node");
+        self.changes.send_replace(revision);
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding this lock cannot leave the map half-updated
         // (every update is a single insert/remove), so poison is harmless.
@@ -184,8 +212,14 @@ impl Registry {
             if e.streams > 0 {
                 return;
             }
-            e.generation
+            (e.generation, is_draining(&e.workload))
         };
+        let (generation, draining) = generation;
+        if draining {
+            // It said it was leaving: no grace period for a reconnect.
+            self.remove(node, generation);
+            return;
+        }
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             // No runtime (the process is shutting down): forget it now.
             self.remove(node, generation);
@@ -206,7 +240,7 @@ impl Registry {
             inner.revision += 1;
             let revision = inner.revision;
             drop(inner);
-            tracing::info!(node, "workload deregistered after its grace period");
+            tracing::info!(node, "workload deregistered");
             self.changes.send_replace(revision);
         }
     }
@@ -247,6 +281,21 @@ impl NodeInfo {
                 // Callers reach the workload through its sidecar's inbound
                 // listener, which forwards to the application; the sidecar's
                 // own inbound cluster still targets address:app_port.
+                match string_field(meta, "state").as_deref() {
+                    None | Some("serving") => {}
+                    Some(state @ ("starting" | "draining")) => {
+                        w.metadata.annotations.insert(
+                            api::resources::WORKLOAD_STATE_ANNOTATION.to_string(),
+                            state.to_string(),
+                        );
+                    }
+                    Some(other) => {
+                        return Err(err(
+                            "state",
+                            format!("{other:?}: expected starting, serving or draining"),
+                        ))
+                    }
+                }
                 if let Some(inbound) = inbound_addr.filter(|a| a.port() != 0) {
                     let ip = if inbound.ip().is_unspecified() {
                         w.spec.address
@@ -426,6 +475,13 @@ fn upstreams(
     ))
 }
 
+fn is_draining(w: &Workload) -> bool {
+    w.metadata
+        .annotations
+        .get(api::resources::WORKLOAD_STATE_ANNOTATION)
+        .is_some_and(|s| s == "draining")
+}
+
 fn string_field(s: &Struct, name: &str) -> Option<String> {
     match s.fields.get(name) {
         Some(Value {
@@ -595,6 +651,70 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(31)).await;
         assert!(reg.workloads().is_empty());
         assert!(rx.has_changed().unwrap(), "removal is announced");
+    }
+
+    fn web_node_in(id: &str, state: &str) -> NodeInfo {
+        let mut n = node(
+            id,
+            &[
+                ("service", s("web")),
+                ("namespace", s("shop")),
+                ("address", s("10.0.0.7")),
+            ],
+        );
+        n.metadata
+            .as_mut()
+            .unwrap()
+            .fields
+            .insert("state".to_string(), s(state));
+        NodeInfo::from_node(&n).unwrap()
+    }
+
+    fn state(reg: &Registry) -> Option<String> {
+        reg.workloads()[0]
+            .metadata
+            .annotations
+            .get(api::resources::WORKLOAD_STATE_ANNOTATION)
+            .cloned()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_announced_state_follows_the_node_and_a_draining_workload_leaves_at_once() {
+        let reg = Registry::new(Duration::from_secs(30));
+        let guard = reg
+            .register(&web_node_in("web-1.shop", "starting"))
+            .unwrap();
+        assert_eq!(state(&reg).as_deref(), Some("starting"));
+        let mut rx = reg.subscribe();
+        rx.borrow_and_update();
+        reg.update(&web_node_in("web-1.shop", "serving"));
+        assert_eq!(state(&reg), None, "serving needs no annotation");
+        assert!(rx.has_changed().unwrap(), "the change is announced");
+        rx.borrow_and_update();
+        reg.update(&web_node_in("web-1.shop", "serving"));
+        assert!(!rx.has_changed().unwrap(), "no change, no announcement");
+        reg.update(&web_node_in("web-1.shop", "draining"));
+        assert_eq!(state(&reg).as_deref(), Some("draining"));
+        // An unknown node is not registered by an update.
+        reg.update(&web_node_in("web-2.shop", "serving"));
+        assert_eq!(reg.workloads().len(), 1);
+        // It said it was leaving: no grace period.
+        drop(guard);
+        assert!(reg.workloads().is_empty());
+        let e = NodeInfo::from_node(&node(
+            "x.default",
+            &[
+                ("service", s("web")),
+                ("address", s("127.0.0.1")),
+                ("state", s("resting")),
+            ],
+        ))
+        .unwrap_err();
+        assert_eq!(e.field, "state");
+        assert!(
+            e.to_string().contains("starting, serving or draining"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -18,6 +18,8 @@
 //!   | GET | `/certs` | the workload certificate (SPIFFE id, serial, fingerprint, validity, renewals) and trust bundle, JSON |
 //!   | GET | `/logging` | the log filter in effect |
 //!   | POST | `/logging?level=L` or `?filter=DIRECTIVES` | changes it; 400 with the reason if invalid |
+//!   | POST | `/healthcheck/fail` | announces the workload as draining: a control plane marks its endpoints DRAINING, so callers stop picking it (Envoy's endpoint of the same name fails health checks for the same purpose) |
+//!   | POST | `/healthcheck/ok` | announces the workload as serving again (also ends `--workload-state starting`) |
 //!   | POST | `/drain_listeners` or `?inboundonly` | stops accepting on every listener (or only the inbound ones), lets open connections finish; answers once they no longer accept (Envoy's endpoint of the same name) |
 //!
 //!   Other paths get 404 with the list; other methods 405 with `Allow`.
@@ -50,6 +52,7 @@ use tokio::task::JoinSet;
 
 use crate::logging::LogHandle;
 use crate::metrics::Metrics;
+use crate::xds_client::WorkloadState;
 
 /// What the admin server shows about the proxy. Implemented by the proxy's
 /// composition root; tests use a fake.
@@ -79,6 +82,12 @@ pub trait AdminSource: Send + Sync + 'static {
     fn drain_listeners(self: Arc<Self>, _inbound_only: bool) -> DrainFuture {
         Box::pin(async { None })
     }
+    /// `POST /healthcheck/fail` and `/ok`: the state the node announces.
+    /// `Some(true)`: a control plane is told; `Some(false)`: recorded, but
+    /// there is no control plane (file mode); `None`: not supported.
+    fn set_workload_state(&self, _state: WorkloadState) -> Option<bool> {
+        None
+    }
 }
 
 /// What [`AdminSource::drain_listeners`] returns.
@@ -93,7 +102,7 @@ struct Admin {
 
 /// Path, allowed methods (GET implies HEAD), description: the index and the
 /// 404/405 answers come from this one table.
-const ENDPOINTS: [(&str, &[Method], &str); 11] = [
+const ENDPOINTS: [(&str, &[Method], &str); 13] = [
     ("/", &[Method::GET], "this list"),
     (
         "/ready",
@@ -127,6 +136,16 @@ const ENDPOINTS: [(&str, &[Method], &str); 11] = [
         "/logging",
         &[Method::POST],
         "?level=debug or ?filter=info,proxy=debug: change the log filter",
+    ),
+    (
+        "/healthcheck/fail",
+        &[Method::POST],
+        "announce the workload as draining: callers stop picking it",
+    ),
+    (
+        "/healthcheck/ok",
+        &[Method::POST],
+        "announce the workload as serving",
     ),
     (
         "/drain_listeners",
@@ -281,7 +300,26 @@ fn handle<B>(admin: &Admin, req: &Request<B>) -> Response<Full<Bytes>> {
             "requests from web pages (with an Origin header) may not change anything\n".into(),
         ),
         (&Method::POST, "/logging") => set_logging(admin, req.uri().query().unwrap_or("")),
+        (&Method::POST, "/healthcheck/fail") => set_workload_state(admin, WorkloadState::Draining),
+        (&Method::POST, "/healthcheck/ok") => set_workload_state(admin, WorkloadState::Serving),
         _ => not_found_or_not_allowed(path),
+    }
+}
+
+fn set_workload_state(admin: &Admin, state: WorkloadState) -> Response<Full<Bytes>> {
+    match admin.source.set_workload_state(state) {
+        Some(true) => text(
+            StatusCode::OK,
+            format!("{state}: announced to the control plane\n"),
+        ),
+        Some(false) => text(
+            StatusCode::OK,
+            format!("{state} (no control plane to announce it to: this proxy reads a file)\n"),
+        ),
+        None => text(
+            StatusCode::NOT_IMPLEMENTED,
+            "this proxy cannot announce its workload's state\n".into(),
+        ),
     }
 }
 

@@ -28,6 +28,7 @@ use crate::logging::LogHandle;
 use crate::metrics::Metrics;
 use crate::runtime::Runtime;
 use crate::shared::Shared;
+use crate::xds_client::WorkloadState;
 
 /// Where the config comes from.
 #[derive(Debug, Clone)]
@@ -120,6 +121,9 @@ struct Inner {
     data_rt: tokio::runtime::Handle,
     /// The mesh DNS server, fed the names of every installed config.
     dns: Option<crate::dns::DnsServer>,
+    /// What the node announces about its workload (admin `/healthcheck/*`);
+    /// the xDS client follows it.
+    workload_state: tokio::sync::watch::Sender<WorkloadState>,
 }
 
 impl Proxy {
@@ -150,6 +154,11 @@ impl Proxy {
             drained: Mutex::new(Drained::Nothing),
             data_rt: tokio::runtime::Handle::current(),
             dns,
+            workload_state: tokio::sync::watch::channel(match &opts.source {
+                Source::Control { client, .. } => WorkloadState::of_node(&client.node),
+                Source::File { .. } => WorkloadState::Serving,
+            })
+            .0,
         });
         if let Source::File { .. } = &opts.source {
             inner.reload(true).await?;
@@ -212,6 +221,7 @@ impl Proxy {
                 let (tx, rx) = tokio::sync::mpsc::channel(4);
                 tasks.push(tokio::spawn(crate::xds_client::run(
                     (**client).clone(),
+                    inner.workload_state.subscribe(),
                     tx,
                     trigger.watch(),
                 )));
@@ -259,6 +269,46 @@ impl Proxy {
         self.inner.ready.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// The state the node announces for its workload.
+    pub fn workload_state(&self) -> WorkloadState {
+        *self.inner.workload_state.borrow()
+    }
+
+    /// Announces `to` (when the state is `from`, or whatever it is with
+    /// `None`). True if it changed and a control plane is told.
+    pub fn set_workload_state(&self, from: Option<WorkloadState>, to: WorkloadState) -> bool {
+        self.inner.set_state(from, to)
+    }
+
+    /// While the workload is `starting`, tries a TCP connection to the
+    /// application at `app` every 200 ms; the first that succeeds
+    /// announces `serving`. (The sidecar probes, not `meshwork run`: under
+    /// capture only the proxy's own connections reach the application
+    /// directly, as the inbound cluster's do.)
+    pub fn serve_once_accepting(&mut self, app: SocketAddr) {
+        let inner = self.inner.clone();
+        self.tasks.push(tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let mut told = false;
+            while *inner.workload_state.borrow() == WorkloadState::Starting {
+                let ok = tokio::time::timeout(PROBE_EVERY, tokio::net::TcpStream::connect(app))
+                    .await
+                    .is_ok_and(|r| r.is_ok());
+                if ok {
+                    if inner.set_state(Some(WorkloadState::Starting), WorkloadState::Serving) {
+                        tracing::info!(%app, "the application accepts connections: announcing the workload as serving");
+                    }
+                    return;
+                }
+                if !told && started.elapsed() > PROBE_PATIENCE {
+                    told = true;
+                    tracing::warn!(%app, "the application does not accept connections yet; the workload stays out of its Service's endpoints until it does");
+                }
+                tokio::time::sleep(PROBE_EVERY).await;
+            }
+        }));
+    }
+
     /// Graceful shutdown: stop accepting, let in-flight requests finish (idle
     /// keep-alive connections are closed), exit by `deadline`. Returns whether
     /// everything finished in time.
@@ -285,7 +335,23 @@ impl Proxy {
     }
 }
 
+/// How often a `starting` workload's application is probed.
+const PROBE_EVERY: Duration = Duration::from_millis(200);
+/// After this long without an answer, the probe says so (once).
+const PROBE_PATIENCE: Duration = Duration::from_secs(10);
+
 impl Inner {
+    fn set_state(&self, from: Option<WorkloadState>, to: WorkloadState) -> bool {
+        let changed = self.workload_state.send_if_modified(|now| {
+            if *now == to || from.is_some_and(|f| f != *now) {
+                return false;
+            }
+            *now = to;
+            true
+        });
+        changed && matches!(self.opts.source, Source::Control { .. })
+    }
+
     async fn reload(&self, initial: bool) -> Result<(), Error> {
         let Source::File { path, .. } = &self.opts.source else {
             return Ok(());
@@ -516,6 +582,19 @@ impl AdminSource for Inner {
         if let Some(m) = self.identity_manager() {
             m.render_metrics(out);
         }
+        let now = *self.workload_state.borrow();
+        out.push_str("# HELP meshwork_workload_state The state this sidecar announces for its workload (1: the current one).\n# TYPE meshwork_workload_state gauge\n");
+        for s in WorkloadState::ALL {
+            out.push_str(&format!(
+                "meshwork_workload_state{{state=\"{s}\"}} {}\n",
+                u8::from(s == now)
+            ));
+        }
+    }
+
+    fn set_workload_state(&self, state: WorkloadState) -> Option<bool> {
+        self.set_state(None, state);
+        Some(matches!(self.opts.source, Source::Control { .. }))
     }
 
     fn drain_listeners(self: Arc<Self>, inbound_only: bool) -> admin::DrainFuture {

@@ -6,13 +6,17 @@
 //! connections see them; open ones finish with what they had); a new address
 //! is bound before anything else changes, so a config that cannot be bound is
 //! refused as a whole; a removed listener stops accepting and drains.
+//! A listener with `additional_addresses` has one socket (and accept loop)
+//! per address, all serving the same chains; each address is kept, bound or
+//! drained on its own. An additional IPv6 address the host cannot bind (no
+//! IPv6) is skipped with a warning instead of refusing the config.
 //!
 //! Transparent capture: a `use_original_dst` listener reads each accepted
 //! connection's original destination (`SO_ORIGINAL_DST`, set by an iptables
 //! REDIRECT). Addressed to the listener itself (explicit mode, or no
 //! redirect): its own chains. Addressed elsewhere: the chains of the
 //! `bind_to_port: false` listener at that address (exact ip:port, then
-//! `0.0.0.0:port`), served exactly as if it had accepted the connection;
+//! `0.0.0.0:port` or `[::]:port`), served exactly as if it had accepted the connection;
 //! no such listener: the listener's captured default chain (passthrough to
 //! the original destination, or a blackhole).
 
@@ -80,15 +84,41 @@ struct Handoff {
 /// Sockets bound for an update that is not committed yet.
 #[derive(Debug)]
 pub struct Bound {
-    fresh: Vec<(String, Arc<Listener>, TcpListener)>,
+    fresh: Vec<Fresh>,
+}
+
+/// The new sockets of one listener.
+#[derive(Debug)]
+struct Fresh {
+    name: String,
+    config: Arc<Listener>,
+    /// Configured address and its socket.
+    sockets: Vec<(SocketAddr, TcpListener)>,
+    /// Additional addresses that cannot be bound here (no IPv6).
+    skipped: Vec<SocketAddr>,
+}
+
+/// A bound listener: one accept loop per address, sharing the chains.
+#[derive(Debug)]
+struct Running {
+    config: Arc<ArcSwap<Listener>>,
+    sockets: Vec<Socket>,
+    /// Additional addresses skipped when they were bound (no IPv6): not
+    /// retried, and not warned about again, while the config keeps them.
+    skipped: Vec<SocketAddr>,
 }
 
 #[derive(Debug)]
-struct Running {
+struct Socket {
     configured: SocketAddr,
     bound: SocketAddr,
-    config: Arc<ArcSwap<Listener>>,
     stop: drain::Trigger,
+}
+
+impl Running {
+    fn has(&self, addr: SocketAddr) -> bool {
+        self.sockets.iter().any(|s| s.configured == addr) || self.skipped.contains(&addr)
+    }
 }
 
 impl ListenerSet {
@@ -101,23 +131,49 @@ impl ListenerSet {
         }
     }
 
-    /// Step one of an update: binds every new or moved listener of
-    /// `wanted`. On error nothing has changed; on success nothing has changed
-    /// yet either, until [`ListenerSet::commit`].
+    /// Step one of an update: binds every new address of `wanted`'s bound
+    /// listeners. On error nothing has changed; on success nothing has
+    /// changed yet either, until [`ListenerSet::commit`].
+    ///
+    /// An additional IPv6 address that cannot be bound because the host has
+    /// no IPv6 is skipped with a warning (a capture listener's `[::1]` twin
+    /// must not keep an IPv4-only host from starting); every other failure
+    /// refuses the update.
     pub fn bind_new(&self, wanted: &HashMap<String, Arc<Listener>>) -> Result<Bound, BindError> {
         let mut fresh = Vec::new();
         for (name, l) in wanted.iter().filter(|(_, l)| l.bind_to_port) {
-            let keep = self
-                .running
-                .get(name)
-                .is_some_and(|r| r.configured == l.address);
-            if !keep {
-                let socket = bind(l.address).map_err(|source| BindError {
-                    name: name.clone(),
-                    address: l.address,
-                    source,
-                })?;
-                fresh.push((name.clone(), l.clone(), socket));
+            let running = self.running.get(name);
+            let new = |addr: &SocketAddr| !running.is_some_and(|r| r.has(*addr));
+            let mut f = Fresh {
+                name: name.clone(),
+                config: l.clone(),
+                sockets: Vec::new(),
+                skipped: Vec::new(),
+            };
+            let error = |address, source| BindError {
+                name: name.clone(),
+                address,
+                source,
+            };
+            if new(&l.address) {
+                // Beside an IPv4 address of its own, `[::]` must leave IPv4 to it.
+                let v6_only =
+                    l.address.is_ipv6() && l.additional_addresses.iter().any(SocketAddr::is_ipv4);
+                let socket = bind(l.address, v6_only).map_err(|e| error(l.address, e))?;
+                f.sockets.push((l.address, socket));
+            }
+            for &addr in l.additional_addresses.iter().filter(|a| new(a)) {
+                match bind(addr, addr.is_ipv6()) {
+                    Ok(socket) => f.sockets.push((addr, socket)),
+                    Err(e) if addr.is_ipv6() && no_ipv6(&e) => {
+                        tracing::warn!(listener = %name, address = %addr, error = %e, "IPv6 is not available on this host: not listening on this additional address (IPv6 connections redirected to it are refused)");
+                        f.skipped.push(addr);
+                    }
+                    Err(e) => return Err(error(addr, e)),
+                }
+            }
+            if !f.sockets.is_empty() || !f.skipped.is_empty() {
+                fresh.push(f);
             }
         }
         Ok(Bound { fresh })
@@ -125,24 +181,22 @@ impl ListenerSet {
 
     /// Step two: makes the running listeners match `wanted`, starting the
     /// sockets `bound` holds, swapping the chains of listeners that stay and
-    /// draining the ones that are gone or moved.
+    /// draining the ones (and the addresses) that are gone.
     pub fn commit(&mut self, wanted: &HashMap<String, Arc<Listener>>, bound: Bound) {
         let Bound { fresh } = bound;
-        // Stop listeners that are gone or moved.
+        // Stop listeners that are gone or no longer bound.
         let stale: Vec<String> = self
             .running
-            .iter()
-            .filter(|(name, r)| {
-                wanted
-                    .get(*name)
-                    .is_none_or(|l| l.address != r.configured || !l.bind_to_port)
-            })
-            .map(|(name, _)| name.clone())
+            .keys()
+            .filter(|name| wanted.get(*name).is_none_or(|l| !l.bind_to_port))
+            .cloned()
             .collect();
         for name in stale {
             if let Some(r) = self.running.remove(&name) {
-                tracing::info!(listener = %name, address = %r.bound, "listener removed; draining");
-                tokio::spawn(r.stop.drain(LISTENER_DRAIN));
+                for s in r.sockets {
+                    tracing::info!(listener = %name, address = %s.bound, "listener removed; draining");
+                    tokio::spawn(s.stop.drain(LISTENER_DRAIN));
+                }
             }
         }
         // Hand-over targets first, so a capture listener started below
@@ -150,9 +204,10 @@ impl ListenerSet {
         let unbound: Unbound = wanted
             .iter()
             .filter(|(_, l)| !l.bind_to_port)
-            .map(|(name, l)| {
+            .flat_map(|(name, l)| l.addresses().map(move |a| (a, name, l)))
+            .map(|(address, name, l)| {
                 (
-                    l.address,
+                    address,
                     Handoff {
                         name: name.clone(),
                         config: l.clone(),
@@ -162,48 +217,70 @@ impl ListenerSet {
             })
             .collect();
         self.unbound.store(Arc::new(unbound));
-        // Update the chains of the ones that stay.
+        // Update the chains of the ones that stay; drain their moved addresses.
         for (name, l) in wanted.iter().filter(|(_, l)| l.bind_to_port) {
-            if let Some(r) = self.running.get(name) {
+            if let Some(r) = self.running.get_mut(name) {
                 r.config.store(l.clone());
+                let (keep, gone): (Vec<Socket>, Vec<Socket>) = std::mem::take(&mut r.sockets)
+                    .into_iter()
+                    .partition(|s| l.addresses().any(|a| a == s.configured));
+                r.sockets = keep;
+                r.skipped.retain(|a| l.additional_addresses.contains(a));
+                for s in gone {
+                    tracing::info!(listener = %name, address = %s.bound, "address removed; draining");
+                    tokio::spawn(s.stop.drain(LISTENER_DRAIN));
+                }
             }
         }
-        for (name, l, socket) in fresh {
-            let bound = socket.local_addr().unwrap_or(l.address);
-            tracing::info!(listener = %name, address = %bound, "listening");
-            let config = Arc::new(ArcSwap::new(l.clone()));
-            let (stop, watch) = drain::channel();
-            let series = self.shared.metrics.listener(&name);
-            tokio::spawn(accept_loop(
-                self.shared.clone(),
-                name.clone(),
-                socket,
-                config.clone(),
-                Stops {
-                    stop: watch,
-                    global: self.global.clone(),
-                },
-                series,
-                self.unbound.clone(),
-            ));
-            self.running.insert(
-                name,
-                Running {
-                    configured: l.address,
+        for f in fresh {
+            let series = self.shared.metrics.listener(&f.name);
+            let r = self
+                .running
+                .entry(f.name.clone())
+                .or_insert_with(|| Running {
+                    config: Arc::new(ArcSwap::new(f.config.clone())),
+                    sockets: Vec::new(),
+                    skipped: Vec::new(),
+                });
+            r.skipped.extend(f.skipped);
+            for (configured, socket) in f.sockets {
+                let bound = socket.local_addr().unwrap_or(configured);
+                tracing::info!(listener = %f.name, address = %bound, "listening");
+                let (stop, watch) = drain::channel();
+                tokio::spawn(accept_loop(
+                    self.shared.clone(),
+                    f.name.clone(),
+                    socket,
+                    r.config.clone(),
+                    Stops {
+                        stop: watch,
+                        global: self.global.clone(),
+                    },
+                    series.clone(),
+                    self.unbound.clone(),
+                ));
+                r.sockets.push(Socket {
+                    configured,
                     bound,
-                    config,
                     stop,
-                },
-            );
+                });
+            }
         }
     }
 
-    /// Name and bound address of every listener.
+    /// Name and bound address of every listener (of its `address`; the
+    /// additional addresses are logged when bound).
     pub fn bound(&self) -> Vec<(String, SocketAddr)> {
         let mut v: Vec<_> = self
             .running
             .iter()
-            .map(|(n, r)| (n.clone(), r.bound))
+            .filter_map(|(n, r)| {
+                let primary = r.config.load().address;
+                r.sockets
+                    .iter()
+                    .find(|s| s.configured == primary)
+                    .map(|s| (n.clone(), s.bound))
+            })
             .collect();
         v.sort();
         v
@@ -212,16 +289,41 @@ impl ListenerSet {
     /// Stops accepting everywhere (the global drain tells connections).
     pub fn stop_accepting(&mut self) {
         for (_, r) in self.running.drain() {
-            r.stop.signal();
+            for s in r.sockets {
+                s.stop.signal();
+            }
         }
     }
 }
 
-fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let std = std::net::TcpListener::bind(addr)?;
+/// Binds a listening socket; `v6_only`: IPv6 connections only, so an IPv4
+/// socket of the same port can sit beside it (`[::]` next to `0.0.0.0`).
+fn bind(addr: SocketAddr, v6_only: bool) -> io::Result<TcpListener> {
+    let std = if v6_only {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let s = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
+        s.set_only_v6(true)?;
+        // As std's bind does: restarting must not wait for TIME_WAIT.
+        s.set_reuse_address(true)?;
+        s.bind(&addr.into())?;
+        s.listen(1024)?;
+        std::net::TcpListener::from(s)
+    } else {
+        std::net::TcpListener::bind(addr)?
+    };
     std.set_nonblocking(true)?;
     TcpListener::from_std(std)
 }
+
+/// Whether a bind failed because the host has no IPv6: no IPv6 in the
+/// kernel (EAFNOSUPPORT), or disabled / no such address here
+/// (EADDRNOTAVAIL: `::1` is gone when `disable_ipv6` is set).
+fn no_ipv6(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::AddrNotAvailable || e.raw_os_error() == Some(EAFNOSUPPORT)
+}
+
+/// Linux's EAFNOSUPPORT (std has no `ErrorKind` for it).
+const EAFNOSUPPORT: i32 = 97;
 
 /// The drain signals of a listener: its own and the proxy's.
 struct Stops {
@@ -575,5 +677,44 @@ impl Connection {
 fn log_end(listener: &str, r: Result<(), hyper::Error>) {
     if let Err(e) = r {
         tracing::debug!(listener, error = %e, "downstream connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// `[::]` bound IPv6-only sits beside `0.0.0.0` on the same port (the
+    /// inbound listener and its IPv6 twin); each takes its own family.
+    #[tokio::test]
+    async fn an_ipv6_only_twin_binds_beside_ipv4() {
+        let v4 = bind("0.0.0.0:0".parse().unwrap(), false).unwrap();
+        let port = v4.local_addr().unwrap().port();
+        let v6 = match bind(SocketAddr::new("::".parse().unwrap(), port), true) {
+            Ok(s) => s,
+            Err(e) if no_ipv6(&e) => {
+                eprintln!("skipped: no IPv6 here ({e})");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        let c6 = TcpStream::connect(SocketAddr::new("::1".parse().unwrap(), port));
+        let (c6, a6) = tokio::join!(c6, v6.accept());
+        let (s6, peer6) = a6.unwrap();
+        assert!(peer6.is_ipv6() && s6.local_addr().unwrap().is_ipv6());
+        drop(c6.unwrap());
+        let c4 = TcpStream::connect(SocketAddr::new("127.0.0.1".parse().unwrap(), port));
+        let (c4, a4) = tokio::join!(c4, v4.accept());
+        assert!(a4.unwrap().1.is_ipv4());
+        drop(c4.unwrap());
+    }
+
+    #[test]
+    fn no_ipv6_means_address_not_available_or_family_not_supported() {
+        assert!(no_ipv6(&io::Error::from(io::ErrorKind::AddrNotAvailable)));
+        assert!(no_ipv6(&io::Error::from_raw_os_error(EAFNOSUPPORT)));
+        assert!(!no_ipv6(&io::Error::from(io::ErrorKind::AddrInUse)));
+        assert!(!no_ipv6(&io::Error::from(io::ErrorKind::PermissionDenied)));
     }
 }

@@ -18,6 +18,15 @@
 //! with the reason (old bundle kept) when unparseable. Without one, the
 //! stream is plaintext, as to a control plane run with `--plaintext-xds`.
 //!
+//! The workload's state ([`WorkloadState`], node metadata `state`) is part
+//! of the node: it goes with the first request of every stream, and when it
+//! changes (the admin `POST /healthcheck/fail` or `/ok`) the client sends
+//! the node again at once, in a request whose nonce answers no response (so
+//! a server ignores it as a request, per the xDS protocol, and reads only the
+//! node). meshwork's control plane then takes a `starting` workload out of
+//! its Service's endpoints and sends a `draining` one as DRAINING, so callers
+//! stop picking it before it stops accepting.
+//!
 //! Non-goals: delta xDS (the server speaks it; this client uses SotW, which
 //! is simpler and just as correct at a sidecar's scale), SDS for other
 //! secrets (the proxy's own certificate never leaves it; `default` resolves
@@ -35,10 +44,10 @@ use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{secret, Secret};
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
-use envoy_types::pb::google::protobuf::Any;
+use envoy_types::pb::google::protobuf::{value::Kind, Any, Value};
 use envoy_types::pb::google::rpc::Status;
 use prost::Message;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::xds::Update;
 use crate::drain;
@@ -50,6 +59,75 @@ pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.Cluster
 pub const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 /// The secret holding the trust bundle (Istio's name).
 pub const ROOTCA: &str = "ROOTCA";
+
+/// Nonce of the requests that only carry a new node: never issued by a
+/// server, so no response is acknowledged by them.
+const NODE_ONLY_NONCE: &str = "meshwork-node-update";
+
+/// What the sidecar says about the workload it fronts (node metadata
+/// `state`), so the control plane routes to it only when it should.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WorkloadState {
+    /// The application is not accepting yet: not an endpoint.
+    Starting,
+    /// In its Service's endpoints.
+    #[default]
+    Serving,
+    /// Leaving: callers stop picking it (EDS `DRAINING`).
+    Draining,
+}
+
+impl WorkloadState {
+    pub const ALL: [WorkloadState; 3] = [Self::Starting, Self::Serving, Self::Draining];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Serving => "serving",
+            Self::Draining => "draining",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|w| w.as_str() == s)
+    }
+
+    /// The state a node's metadata announces (`state`; absent: serving).
+    pub fn of_node(node: &Node) -> WorkloadState {
+        node.metadata
+            .as_ref()
+            .and_then(|m| m.fields.get(STATE_FIELD))
+            .and_then(|v| match &v.kind {
+                Some(Kind::StringValue(s)) => WorkloadState::parse(s),
+                _ => None,
+            })
+            .unwrap_or_default()
+    }
+
+    /// `node` announcing this state.
+    pub fn on_node(self, node: &Node) -> Node {
+        let mut node = node.clone();
+        node.metadata
+            .get_or_insert_with(Default::default)
+            .fields
+            .insert(
+                STATE_FIELD.to_owned(),
+                Value {
+                    kind: Some(Kind::StringValue(self.as_str().to_owned())),
+                },
+            );
+        node
+    }
+}
+
+impl std::fmt::Display for WorkloadState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The node metadata field of [`WorkloadState`].
+pub const STATE_FIELD: &str = "state";
 
 /// What the app answers for an update.
 pub type Verdict = Result<Needs, String>;
@@ -90,8 +168,14 @@ enum StreamEnd {
     AppGone,
 }
 
-/// Runs until `stop` is signaled: connect, stream, reconnect.
-pub async fn run(opts: ClientOptions, updates: mpsc::Sender<Request>, stop: drain::Watch) {
+/// Runs until `stop` is signaled: connect, stream, reconnect. `workload`
+/// is the state the node announces (see the module docs).
+pub async fn run(
+    opts: ClientOptions,
+    mut workload: watch::Receiver<WorkloadState>,
+    updates: mpsc::Sender<Request>,
+    stop: drain::Watch,
+) {
     let mut backoff = Duration::from_millis(100);
     let mut state = State::default();
     for attempt in 0usize.. {
@@ -102,7 +186,7 @@ pub async fn run(opts: ClientOptions, updates: mpsc::Sender<Request>, stop: drai
         let server = &opts.servers[attempt % opts.servers.len()];
         let outcome = tokio::select! {
             () = stop.signaled() => return,
-            r = stream(&opts, server, &updates, &mut state) => r,
+            r = stream(&opts, server, &updates, &mut state, &mut workload) => r,
         };
         match outcome {
             Err(StreamEnd::AppGone) => return,
@@ -157,6 +241,7 @@ async fn stream(
     server: &str,
     updates: &mpsc::Sender<Request>,
     state: &mut State,
+    workload: &mut watch::Receiver<WorkloadState>,
 ) -> Result<(), StreamEnd> {
     let uri = match &opts.identity {
         Some(_) => crate::identity::client::tls_uri(server),
@@ -186,6 +271,8 @@ async fn stream(
     tracing::info!(%server, tls = opts.identity.is_some(), "connected to the control plane");
     state.connected_once = true;
 
+    // The first request carries the state of now; later changes follow.
+    let node = workload.borrow_and_update().on_node(&opts.node);
     let request = |type_url: &'static str,
                    names: Vec<String>,
                    version: String,
@@ -193,7 +280,7 @@ async fn stream(
                    error: Option<Status>,
                    first: bool| DiscoveryRequest {
         version_info: version,
-        node: first.then(|| opts.node.clone()),
+        node: first.then(|| node.clone()),
         resource_names: names,
         type_url: type_url.to_owned(),
         response_nonce: nonce,
@@ -260,7 +347,27 @@ async fn stream(
         .await?;
     }
 
-    while let Some(resp) = responses.message().await? {
+    loop {
+        let resp = tokio::select! {
+            msg = responses.message() => match msg? {
+                Some(resp) => resp,
+                None => break,
+            },
+            // Err: the proxy is going away; the branch is then disabled.
+            Ok(()) = workload.changed() => {
+                let now = *workload.borrow_and_update();
+                tracing::info!(state = %now, "announcing the workload's state to the control plane");
+                send(DiscoveryRequest {
+                    node: Some(now.on_node(&opts.node)),
+                    type_url: CLUSTER.to_owned(),
+                    version_info: version(state, CLUSTER),
+                    response_nonce: NODE_ONLY_NONCE.to_owned(),
+                    ..Default::default()
+                })
+                .await?;
+                continue;
+            }
+        };
         if resp.type_url == SECRET {
             if let Some(identity) = &opts.identity {
                 let verdict = root_bundle(&resp).and_then(|pem| identity.on_bundle(&pem));

@@ -37,6 +37,14 @@ pub const GATEWAY_V1ALPHA2: &str = "gateway.networking.k8s.io/v1alpha2";
 /// Annotation a sidecar puts on the Workload it registers: `ip:port` of its
 /// inbound listener, where callers' proxies send this workload's traffic.
 pub const SIDECAR_INBOUND_ANNOTATION: &str = "meshwork.dev/sidecar-inbound";
+/// Annotation of a Workload that is not (or no longer) taking new traffic:
+/// `starting` (left out of its Service's endpoints) or `draining` (sent as
+/// EDS `DRAINING`: callers stop picking it). Absent or `serving`: an
+/// endpoint like any other. Sidecars set it through their node metadata
+/// (`state`); a static Workload may carry it too.
+pub const WORKLOAD_STATE_ANNOTATION: &str = "meshwork.dev/workload-state";
+/// The values [`WORKLOAD_STATE_ANNOTATION`] may take.
+pub const WORKLOAD_STATES: [&str; 3] = ["starting", "serving", "draining"];
 
 pub const DEFAULT_NAMESPACE: &str = "default";
 

@@ -18,21 +18,34 @@
 //!   (`service: name.namespace`) and under which names
 //!   (`hostnames`), which the proxy's mesh DNS answers from.
 //!
-//! Non-goals: IPv6 VIPs; inbound capture needs nothing here (redirected
-//! inbound connections reach the inbound listener like explicit ones).
+//! - IPv6: ip6tables REDIRECTs locally generated IPv6 connections to
+//!   `[::1]:<port>` and incoming ones to an address of the incoming
+//!   interface, which an IPv4 socket never sees. So the outbound and the
+//!   inbound listener each get the IPv6 twin of their IPv4 address as an
+//!   `additional_addresses` entry ([`ipv6_twin`]: `127.0.0.1` -> `::1`,
+//!   `0.0.0.0` -> `::`; Istio's dual-stack listeners do the same). A proxy
+//!   that cannot bind it (IPv6 disabled on the host) warns and serves IPv4.
+//!
+//! Non-goals: IPv6 VIPs (mesh DNS answers A records only; IPv6 destinations
+//! outside the mesh pass through or are refused like IPv4 ones); inbound
+//! capture needs no chains here (redirected inbound connections reach the
+//! inbound listener like explicit ones).
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use envoy_types::pb::envoy::config::cluster::v3::cluster::{
     ClusterDiscoveryType, DiscoveryType, LbPolicy,
 };
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::Metadata;
-use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, Listener};
+use envoy_types::pb::envoy::config::listener::v3::{
+    AdditionalAddress, Filter, FilterChain, Listener,
+};
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::google::protobuf::{value, BoolValue, ListValue, Struct, Value};
 
+use super::clusters::socket_address;
 use super::util::{pb_duration, u32v};
 use super::{listeners, names};
 use crate::mesh::Mesh;
@@ -106,6 +119,31 @@ pub(crate) fn capture_listener(mesh: &Mesh, l: &mut Listener, port: u16) {
         )],
         ..Default::default()
     });
+}
+
+/// The IPv6 address where ip6tables delivers what `addr` (an IPv4 listener
+/// address) receives over IPv4: loopback for loopback (outbound REDIRECT
+/// goes to `::1`), any for any (inbound REDIRECT goes to an address of the
+/// incoming interface). `None` for IPv6 addresses (they already are) and
+/// for specific IPv4 addresses (no IPv6 counterpart to guess).
+pub fn ipv6_twin(addr: SocketAddr) -> Option<SocketAddr> {
+    let ip = match addr.ip() {
+        IpAddr::V4(v4) if v4.is_loopback() => Ipv6Addr::LOCALHOST,
+        IpAddr::V4(v4) if v4.is_unspecified() => Ipv6Addr::UNSPECIFIED,
+        _ => return None,
+    };
+    Some(SocketAddr::new(IpAddr::V6(ip), addr.port()))
+}
+
+/// Adds the [`ipv6_twin`] of `l`'s address `addr`, if it has one, to its
+/// `additional_addresses`.
+pub(crate) fn add_ipv6_twin(l: &mut Listener, addr: SocketAddr) {
+    if let Some(twin) = ipv6_twin(addr) {
+        l.additional_addresses.push(AdditionalAddress {
+            address: Some(socket_address(twin.ip(), u32::from(twin.port()))),
+            ..Default::default()
+        });
+    }
 }
 
 /// `<vip>_<port>`.
@@ -183,4 +221,99 @@ pub(crate) fn add_vip_domains(mesh: &Mesh, rc: &mut RouteConfiguration) {
 /// The tcp_proxy filter of a TCP VIP listener: the explicit listener's.
 pub(crate) fn tcp_vip_listener(name: &str, addr: SocketAddr, filter: Filter) -> Listener {
     listeners::plain(name, addr, vec![filter])
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::translate::{names, translate, ProxyContext};
+    use envoy_types::pb::envoy::config::core::v3::{address, socket_address};
+
+    const MESH: &str = "\
+apiVersion: meshwork.dev/v1alpha1
+kind: Service
+metadata: {name: web}
+spec:
+  vip: 240.240.7.1
+  ports: [{name: http, port: 80, appProtocol: http}]
+---
+apiVersion: meshwork.dev/v1alpha1
+kind: Workload
+metadata: {name: web-0}
+spec: {service: web, address: 10.0.0.7, ports: {http: 8080}}
+";
+
+    fn mesh() -> Mesh {
+        crate::validate(crate::load_str("mesh.yaml", MESH).unwrap()).unwrap()
+    }
+
+    fn ctx(outbound: &str, inbound: &str, capture: bool) -> ProxyContext {
+        ProxyContext {
+            outbound_addr: outbound.parse().unwrap(),
+            inbound_addr: inbound.parse().unwrap(),
+            workload: Some(("default".into(), "web-0".into())),
+            capture,
+            ..Default::default()
+        }
+    }
+
+    /// `ip:port` of each additional address.
+    fn additional(l: &Listener) -> Vec<String> {
+        l.additional_addresses
+            .iter()
+            .map(|a| {
+                let Some(address::Address::SocketAddress(sa)) =
+                    a.address.as_ref().and_then(|a| a.address.as_ref())
+                else {
+                    panic!("{a:?}")
+                };
+                assert!(a.socket_options.is_none() && a.tcp_keepalive.is_none());
+                let Some(socket_address::PortSpecifier::PortValue(p)) = sa.port_specifier else {
+                    panic!("{sa:?}")
+                };
+                SocketAddr::new(sa.address.parse().unwrap(), p as u16).to_string()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn ipv6_twins_of_loopback_and_any_only() {
+        let twin = |a: &str| ipv6_twin(a.parse().unwrap()).map(|t| t.to_string());
+        assert_eq!(twin("127.0.0.1:15001").as_deref(), Some("[::1]:15001"));
+        assert_eq!(twin("127.0.0.2:15001").as_deref(), Some("[::1]:15001"));
+        assert_eq!(twin("0.0.0.0:15006").as_deref(), Some("[::]:15006"));
+        assert_eq!(twin("10.0.0.7:15006"), None);
+        assert_eq!(twin("[::1]:15001"), None);
+        assert_eq!(twin("[::]:15001"), None);
+    }
+
+    #[test]
+    fn capture_listeners_also_listen_on_ipv6() {
+        let x = translate(&mesh(), &ctx("127.0.0.1:15001", "0.0.0.0:15006", true));
+        let out = x.listener(names::OUTBOUND_HTTP).unwrap();
+        assert_eq!(additional(out), ["[::1]:15001"]);
+        let inbound = x.listener(names::INBOUND).unwrap();
+        assert_eq!(additional(inbound), ["[::]:15006"]);
+        // VIP listeners are IPv4 only (no IPv6 VIPs).
+        assert!(x
+            .listeners
+            .iter()
+            .filter(|l| l.name != names::OUTBOUND_HTTP && l.name != names::INBOUND)
+            .all(|l| l.additional_addresses.is_empty()));
+    }
+
+    #[test]
+    fn no_ipv6_twin_for_ipv6_or_specific_addresses_or_explicit_mode() {
+        let x = translate(&mesh(), &ctx("[::]:15001", "10.0.0.7:15006", true));
+        assert!(x
+            .listeners
+            .iter()
+            .all(|l| l.additional_addresses.is_empty()));
+        let x = translate(&mesh(), &ctx("127.0.0.1:15001", "0.0.0.0:15006", false));
+        assert!(x
+            .listeners
+            .iter()
+            .all(|l| l.additional_addresses.is_empty()));
+    }
 }

@@ -9,8 +9,8 @@ use envoy_types::pb::envoy::config::cluster::v3::{
     Cluster,
 };
 use envoy_types::pb::envoy::config::core::v3::{
-    address, socket_address, Address, HttpProtocolOptions as CommonHttpOptions, Locality, Metadata,
-    SocketAddress,
+    address, socket_address, Address, HealthStatus, HttpProtocolOptions as CommonHttpOptions,
+    Locality, Metadata, SocketAddress,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
     lb_endpoint, ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints,
@@ -32,7 +32,7 @@ use crate::mesh::Mesh;
 use crate::resources::{
     AppProtocol, LbAlgorithm, Locality as WorkloadLocality, LocalityFailover, Service, ServicePort,
     Workload, DEFAULT_CHOICE_COUNT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HTTP_IDLE_TIMEOUT,
-    DEFAULT_MAGLEV_TABLE, DEFAULT_MAX_RING, DEFAULT_MIN_RING,
+    DEFAULT_MAGLEV_TABLE, DEFAULT_MAX_RING, DEFAULT_MIN_RING, WORKLOAD_STATE_ANNOTATION,
 };
 use crate::source::Sourced;
 
@@ -226,6 +226,10 @@ pub(crate) fn load_assignment(
     let ns = &svc.metadata.namespace;
     let mut groups: BTreeMap<(String, String), Vec<&Sourced<Workload>>> = BTreeMap::new();
     for w in mesh.workloads_of(ns, &svc.metadata.name) {
+        // Not accepting yet: not an endpoint.
+        if workload_state(&w.value) == Some("starting") {
+            continue;
+        }
         let l = w.value.spec.locality.clone().unwrap_or_default();
         groups.entry((l.region, l.zone)).or_default().push(w);
     }
@@ -253,6 +257,9 @@ pub(crate) fn load_assignment(
                         let mut e = lb_endpoint(ip, port, w.value.spec.weight);
                         if mtls && super::mtls::has_sidecar(&w.value) {
                             e.metadata = Some(super::mtls::endpoint_metadata());
+                        }
+                        if workload_state(&w.value) == Some("draining") {
+                            e.health_status = HealthStatus::Draining as i32;
                         }
                         e
                     })
@@ -317,6 +324,14 @@ fn locality(w: &Workload) -> Locality {
         zone: l.zone,
         ..Default::default()
     }
+}
+
+/// The [`WORKLOAD_STATE_ANNOTATION`] of a workload, if any.
+fn workload_state(w: &Workload) -> Option<&str> {
+    w.metadata
+        .annotations
+        .get(WORKLOAD_STATE_ANNOTATION)
+        .map(String::as_str)
 }
 
 fn lb_endpoint(ip: IpAddr, port: u32, weight: u32) -> LbEndpoint {

@@ -77,7 +77,10 @@ pub struct ProxyContext {
     /// [`CAPTURE_METADATA`]): the outbound listener dispatches by original
     /// destination to per-Service VIP listeners, and passes through (or
     /// blackholes) the rest. See `capture`. Ignored when `outbound_addr`
-    /// has port 0. `false`: explicit mode, output unchanged.
+    /// has port 0. The outbound and inbound listeners also get the IPv6
+    /// twin of an IPv4 loopback or any address (`[::1]`, `[::]`) as an
+    /// `additional_addresses` entry, where ip6tables redirects IPv6
+    /// (see [`capture::ipv6_twin`]). `false`: explicit mode, output unchanged.
     pub capture: bool,
 }
 
@@ -219,6 +222,7 @@ pub fn translate(mesh: &Mesh, ctx: &ProxyContext) -> Xds {
     );
     if let Some(port) = capture_port {
         capture::capture_listener(mesh, &mut outbound_listener, port);
+        capture::add_ipv6_twin(&mut outbound_listener, ctx.outbound_addr);
         xds.clusters.extend(capture::clusters());
     }
     xds.listeners.push(outbound_listener);
@@ -414,30 +418,31 @@ fn inbound(
         rbac.http.extend(rate_limit);
         xds.routes.push(rc);
     }
-    if let Some(m) = mtls {
-        xds.listeners.push(listeners::inbound_mtls(
+    let mut listener = if let Some(m) = mtls {
+        listeners::inbound_mtls(
             m,
             ctx.inbound_addr,
             ctx.detect_timeout,
             has_http.then_some(rbac.http),
             tcp_chain,
-        ));
+        )
     } else if has_http {
-        xds.listeners.push(listeners::detecting(
+        listeners::detecting(
             names::INBOUND,
             ctx.inbound_addr,
             ctx.detect_timeout,
             names::INBOUND,
             rbac.http,
             tcp_chain,
-        ));
+        )
     } else {
-        xds.listeners.push(listeners::plain(
-            names::INBOUND,
-            ctx.inbound_addr,
-            tcp_chain,
-        ));
+        listeners::plain(names::INBOUND, ctx.inbound_addr, tcp_chain)
+    };
+    // Captured IPv6 inbound connections are redirected to an IPv6 address.
+    if ctx.capture {
+        capture::add_ipv6_twin(&mut listener, ctx.inbound_addr);
     }
+    xds.listeners.push(listener);
 }
 
 /// Hash policies for routes to port `port` (by name) of Service `svc` when

@@ -327,6 +327,24 @@ fn check_workload(mesh: &Mesh, w: &Sourced<Workload>, errors: &mut Errors) {
     let mut ck = Ck::new(w, label_of(Kind::Workload, &wl.metadata), errors);
     let base = FieldPath::root().key("spec");
     ck.range(&base.key("weight"), wl.spec.weight.into(), 1, 128);
+    if let Some(state) = wl
+        .metadata
+        .annotations
+        .get(crate::resources::WORKLOAD_STATE_ANNOTATION)
+    {
+        if !crate::resources::WORKLOAD_STATES.contains(&state.as_str()) {
+            ck.err(
+                &FieldPath::root()
+                    .key("metadata")
+                    .key("annotations")
+                    .key(crate::resources::WORKLOAD_STATE_ANNOTATION),
+                format!(
+                    "{state:?} is not a workload state: use one of {}",
+                    crate::resources::WORKLOAD_STATES.join(", ")
+                ),
+            );
+        }
+    }
     if wl.spec.address.is_unspecified() {
         ck.err(
             &base.key("address"),

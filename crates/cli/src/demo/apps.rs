@@ -1,5 +1,8 @@
 //! The demo's sample application: three services that know nothing about
-//! the mesh except the local address of their own sidecar.
+//! the mesh except where to send their calls ([`Target`]): the local address
+//! of their own sidecar (explicit demo), or the callee's name and port
+//! (transparent demo: resolved and connected to as is, the capture does the
+//! rest).
 //!
 //! - `frontend` (HTTP/1.1): `GET /` or `GET /product/<n>` calls `catalog`
 //!   over gRPC through its sidecar and answers with what the catalog said,
@@ -20,6 +23,7 @@
 //! Non-goals: TLS (the sidecars will do it), gRPC compression, streaming.
 
 use std::convert::Infallible;
+use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -84,15 +88,73 @@ pub(super) struct Item {
     pub(super) instance: String,
 }
 
+/// Where an app sends its calls.
+#[derive(Debug, Clone)]
+pub(super) enum Target {
+    /// A fixed address: the caller's sidecar (explicit mode).
+    Sidecar(SocketAddr),
+    /// `host:port`, resolved by the system resolver for every new
+    /// connection (transparent mode: mesh DNS answers, capture routes).
+    Name(String),
+}
+
+impl Target {
+    /// A new TCP connection to the target (no timeout of its own).
+    pub(super) async fn connect(&self) -> Result<TcpStream, String> {
+        match self {
+            Target::Sidecar(addr) => TcpStream::connect(addr)
+                .await
+                .map_err(|e| format!("cannot connect to the sidecar {addr}: {e}")),
+            Target::Name(name) => {
+                let addrs: Vec<SocketAddr> = tokio::net::lookup_host(name.as_str())
+                    .await
+                    .map_err(|e| format!("cannot resolve {name}: {e}"))?
+                    .collect();
+                let mut last = format!("{name} resolved to no address");
+                for addr in addrs {
+                    match TcpStream::connect(addr).await {
+                        Ok(s) => return Ok(s),
+                        Err(e) => last = format!("cannot connect to {name} ({addr}): {e}"),
+                    }
+                }
+                Err(last)
+            }
+        }
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Sidecar(addr) => write!(f, "the sidecar {addr}"),
+            Target::Name(name) => f.write_str(name),
+        }
+    }
+}
+
+impl std::str::FromStr for Target {
+    type Err = String;
+
+    /// `host:port` (a name is kept to be resolved per connection).
+    fn from_str(s: &str) -> Result<Target, String> {
+        match s.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                Ok(Target::Name(s.to_owned()))
+            }
+            _ => Err(format!("{s:?}: expected host:port, e.g. catalog:50051")),
+        }
+    }
+}
+
 type GrpcBody =
     WithTrailers<Full<Bytes>, std::future::Ready<Option<Result<HeaderMap, Infallible>>>>;
 
 // ------------------------------------------------------------------ frontend
 
-/// Serves `frontend` on `listener`; catalog calls go to `sidecar` (its
-/// sidecar's outbound HTTP listener).
-pub(super) fn frontend(listener: TcpListener, sidecar: SocketAddr) {
-    let client = Arc::new(GrpcClient::new(sidecar, format!("catalog:{CATALOG_PORT}")));
+/// Serves `frontend` on `listener`; catalog calls go to `catalog` (its
+/// sidecar's outbound HTTP listener, or `catalog:50051`).
+pub(super) fn frontend(listener: TcpListener, catalog: Target) {
+    let client = Arc::new(GrpcClient::new(catalog, format!("catalog:{CATALOG_PORT}")));
     serve(listener, move |stream| {
         let client = client.clone();
         async move {
@@ -168,19 +230,19 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     r
 }
 
-/// A gRPC client over one HTTP/2 connection to the local sidecar,
-/// reconnected when it breaks.
+/// A gRPC client over one HTTP/2 connection to its target, reconnected
+/// when it breaks.
 pub(super) struct GrpcClient {
-    sidecar: SocketAddr,
+    target: Target,
     authority: String,
     conn: Mutex<Option<hyper::client::conn::http2::SendRequest<Full<Bytes>>>>,
     skus: std::sync::atomic::AtomicU32,
 }
 
 impl GrpcClient {
-    pub(super) fn new(sidecar: SocketAddr, authority: String) -> GrpcClient {
+    pub(super) fn new(target: Target, authority: String) -> GrpcClient {
         GrpcClient {
-            sidecar,
+            target,
             authority,
             conn: Mutex::new(None),
             skus: std::sync::atomic::AtomicU32::new(0),
@@ -196,15 +258,14 @@ impl GrpcClient {
         if let Some(s) = conn.as_ref().filter(|s| !s.is_closed()) {
             return Ok(s.clone());
         }
-        let stream = tokio::time::timeout(CALL_TIMEOUT, TcpStream::connect(self.sidecar))
+        let stream = tokio::time::timeout(CALL_TIMEOUT, self.target.connect())
             .await
-            .map_err(|_| format!("connecting to the sidecar {} timed out", self.sidecar))?
-            .map_err(|e| format!("cannot connect to the sidecar {}: {e}", self.sidecar))?;
+            .map_err(|_| format!("connecting to {} timed out", self.target))??;
         let _ = stream.set_nodelay(true);
         let (sender, connection) =
             hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
                 .await
-                .map_err(|e| format!("HTTP/2 handshake with the sidecar failed: {e}"))?;
+                .map_err(|e| format!("HTTP/2 handshake with {} failed: {e}", self.target))?;
         tokio::spawn(connection);
         *conn = Some(sender.clone());
         Ok(sender)
@@ -292,8 +353,8 @@ pub(super) struct Catalog {
     /// `v1` or `v2`.
     pub(super) version: &'static str,
     pub(super) instance: String,
-    /// Its sidecar's TCP listener for `inventory`.
-    pub(super) inventory: SocketAddr,
+    /// Its sidecar's TCP listener for `inventory`, or `inventory:7000`.
+    pub(super) inventory: Target,
 }
 
 /// Serves the catalog's gRPC service (h2c) on `listener`.
@@ -327,7 +388,7 @@ async fn catalog_request(req: Request<hyper::body::Incoming>, me: &Catalog) -> R
         Ok(r) => r.sku,
         Err(e) => return grpc_answer(None, 3, &e),
     };
-    let stock = match stock(me.inventory, sku).await {
+    let stock = match stock(&me.inventory, sku).await {
         Ok(n) => n,
         Err(e) => return grpc_answer(None, 14, &format!("inventory: {e}")),
     };
@@ -381,12 +442,10 @@ fn grpc_answer(message: Option<Bytes>, code: u8, text: &str) -> Response<GrpcBod
     r
 }
 
-/// Asks inventory (through the sidecar at `addr`) how many of `sku` are left.
-async fn stock(addr: SocketAddr, sku: u32) -> Result<u32, String> {
+/// Asks inventory (at `target`) how many of `sku` are left.
+async fn stock(target: &Target, sku: u32) -> Result<u32, String> {
     let exchange = async {
-        let mut s = TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("cannot connect to the sidecar {addr}: {e}"))?;
+        let mut s = target.connect().await?;
         s.write_all(format!("STOCK {sku}\n").as_bytes())
             .await
             .map_err(|e| format!("sending: {e}"))?;

@@ -1,6 +1,8 @@
 //! The demo's resources: what `meshwork demo` applies to its control plane.
 //!
-//! Contract: two files. [`MESH`] holds the Mesh settings (mTLS), the
+//! Contract: two files. [`MESH`] (or [`mesh_strict`] for the transparent
+//! demo, where every hop, the traffic generator's included, is in the mesh)
+//! holds the Mesh settings (mTLS), the
 //! Services, the frontend's HTTPRoute and a TrafficPolicy; [`split`] the GRPCRoute that splits
 //! `catalog` between `catalog-v1` and `catalog-v2`, which the demo writes
 //! next to its run for the user to edit and `meshwork apply` again. Both are
@@ -12,6 +14,8 @@
 pub(super) const FRONTEND_PORT: u16 = 8080;
 /// Port of the `catalog` Services (gRPC).
 pub(super) const CATALOG_PORT: u16 = 50051;
+/// Port of the `inventory` Service (TCP).
+pub(super) const INVENTORY_PORT: u16 = 7000;
 /// Name of a catalog sidecar's TCP listener for `inventory`.
 pub(super) const INVENTORY_LISTENER: &str = "outbound_tcp|7000|inventory.default";
 
@@ -90,6 +94,19 @@ spec:
   outlierDetection: {consecutive5xx: 5, interval: 5s, baseEjectionTime: 15s}
 "#;
 
+/// [`MESH`] with `mtls: strict`: a sidecar refuses plaintext, so every hop
+/// is mutual TLS (the transparent demo: the traffic generator has a sidecar
+/// too).
+pub(super) fn mesh_strict() -> String {
+    MESH.replace(
+        "# certificate for its service account. Permissive: the demo's traffic\n\
+         # generator, outside the mesh, still reaches the frontend in plaintext.\n",
+        "# certificate for its service account. Strict: every hop is mutual TLS;\n\
+         # a sidecar refuses plaintext (the traffic generator has a sidecar too).\n",
+    )
+    .replace("mtls: {mode: permissive}", "mtls: {mode: strict}")
+}
+
 /// The GRPCRoute splitting `catalog` `v1`/`v2` percent.
 pub(super) fn split(v1: u32, v2: u32) -> String {
     format!(
@@ -128,5 +145,11 @@ mod tests {
         all.extend(api::load_str("catalog-split.yaml", &split(90, 10)).unwrap());
         let mesh = api::validate(all).unwrap();
         assert!(mesh.service("default", "inventory").is_some());
+
+        let strict = mesh_strict();
+        assert!(strict.contains("mtls: {mode: strict}") && strict.contains("Strict: every hop"));
+        let mut all = api::load_str("mesh.yaml", &strict).unwrap();
+        all.extend(api::load_str("catalog-split.yaml", &split(90, 10)).unwrap());
+        api::validate(all).unwrap();
     }
 }

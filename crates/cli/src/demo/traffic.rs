@@ -1,5 +1,5 @@
-//! The demo's traffic: a steady stream of requests to `frontend` through
-//! the `traffic` sidecar, counted by the catalog version and instance that
+//! The demo's traffic: a steady stream of requests to `frontend` (through
+//! the `traffic` sidecar, or by name when captured), counted by the catalog version and instance that
 //! answered, summed up in one line every few seconds.
 //!
 //! Contract: one request every `1/rps` seconds on one keep-alive HTTP/1.1
@@ -11,19 +11,16 @@
 //! `/metrics` have the histograms).
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::apps::{Target, PIN_HEADER};
+use super::mesh::FRONTEND_PORT;
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty, Limited};
 use hyper::client::conn::http1::SendRequest;
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
-
-use super::apps::PIN_HEADER;
-use super::mesh::FRONTEND_PORT;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -41,9 +38,10 @@ pub(super) struct Tally {
 
 pub(super) type Shared = Arc<Mutex<Tally>>;
 
-/// A client of `frontend` through a sidecar's outbound HTTP listener.
+/// A client of `frontend`: through a sidecar's outbound HTTP listener, or
+/// `frontend:8080` by name.
 pub(super) struct Client {
-    sidecar: SocketAddr,
+    target: Target,
     conn: Option<SendRequest<Empty<Bytes>>>,
 }
 
@@ -55,11 +53,8 @@ pub(super) struct Answer {
 }
 
 impl Client {
-    pub(super) fn new(sidecar: SocketAddr) -> Client {
-        Client {
-            sidecar,
-            conn: None,
-        }
+    pub(super) fn new(target: Target) -> Client {
+        Client { target, conn: None }
     }
 
     /// `GET path` on `frontend`, with `x-catalog-version: pin` if given.
@@ -77,13 +72,11 @@ impl Client {
         let sender = match self.conn.take() {
             Some(s) if !s.is_closed() => self.conn.insert(s),
             _ => {
-                let stream = TcpStream::connect(self.sidecar)
-                    .await
-                    .map_err(|e| format!("cannot connect to the sidecar {}: {e}", self.sidecar))?;
+                let stream = self.target.connect().await?;
                 let _ = stream.set_nodelay(true);
                 let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
                     .await
-                    .map_err(|e| format!("HTTP handshake with the sidecar failed: {e}"))?;
+                    .map_err(|e| format!("HTTP handshake with {} failed: {e}", self.target))?;
                 tokio::spawn(conn);
                 self.conn.insert(sender)
             }
@@ -91,7 +84,7 @@ impl Client {
         sender
             .ready()
             .await
-            .map_err(|e| format!("connection to the sidecar broke: {e}"))?;
+            .map_err(|e| format!("connection to {} broke: {e}", self.target))?;
         let mut req = Request::get(path).header("host", format!("frontend:{FRONTEND_PORT}"));
         if let Some(v) = pin {
             req = req.header(PIN_HEADER, v);
@@ -132,8 +125,8 @@ impl Client {
 }
 
 /// Sends requests at `rps` forever, counting into `tally`.
-pub(super) async fn run(sidecar: SocketAddr, rps: f64, tally: Shared) {
-    let mut client = Client::new(sidecar);
+pub(super) async fn run(target: Target, rps: f64, tally: Shared) {
+    let mut client = Client::new(target);
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rps));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

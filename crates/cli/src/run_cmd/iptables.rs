@@ -4,11 +4,21 @@
 //! Three chains, one per purpose, each jumped to from a built-in chain:
 //! - `MESHWORK_OUTPUT` (from `OUTPUT`, TCP): the application's outbound
 //!   connections go to the sidecar's outbound capture port, except the
-//!   proxy's own (its gid), loopback destinations, excluded ports and CIDRs.
+//!   proxy's own (its gid), loopback destinations (and IPv6 link-local
+//!   ones), excluded ports and CIDRs.
 //! - `MESHWORK_INBOUND` (from `PREROUTING`, TCP): connections to the
 //!   application's ports go to the sidecar's inbound port.
 //! - `MESHWORK_DNS` (from `OUTPUT`, UDP and TCP port 53, IPv4): queries go to
 //!   the sidecar's DNS server, except the proxy's own (its forwarding).
+//!
+//! IPv6 (`ip6tables`) gets the same chains but DNS: REDIRECT sends outbound
+//! connections to `[::1]:<outbound port>` and inbound ones to an IPv6
+//! address of the incoming interface, which the sidecar's listeners take on
+//! their IPv6 twins (`[::1]`, `[::]`: `additional_addresses`, see
+//! `api::translate::capture`). Excluded CIDRs go to the rules of their own
+//! family. Link-local destinations (`fe80::/10`) are not captured: their
+//! original destination comes back without the interface (scope) a
+//! passthrough connect needs.
 //!
 //! The rules are plain data ([`install_commands`], [`removal_commands`]),
 //! applied with `iptables` / `ip6tables`. Installing first removes whatever
@@ -19,7 +29,8 @@
 //! Non-goals: nftables-native rules (iptables-nft covers nft hosts), the
 //! mangle/TPROXY mode (REDIRECT is enough when the application need not see
 //! the original source address), IPv6 DNS capture (the DNS server listens on
-//! IPv4).
+//! IPv4 and answers A records only; queries to an IPv6 resolver go out as
+//! they are).
 
 use std::fmt;
 use std::net::IpAddr;
@@ -92,6 +103,14 @@ impl Family {
         match self {
             Self::V4 => "127.0.0.0/8",
             Self::V6 => "::1/128",
+        }
+    }
+
+    /// Destinations never captured besides loopback (see the module docs).
+    fn uncaptured(self) -> &'static [&'static str] {
+        match self {
+            Self::V4 => &[],
+            Self::V6 => &["fe80::/10"],
         }
     }
 
@@ -243,6 +262,9 @@ pub fn install_commands(plan: &Plan, family: Family) -> Vec<Vec<String>> {
         "RETURN",
     ]);
     add(&["-A", OUTPUT, "-d", family.loopback(), "-j", "RETURN"]);
+    for cidr in family.uncaptured() {
+        add(&["-A", OUTPUT, "-d", cidr, "-j", "RETURN"]);
+    }
     for ports in plan.exclude_ports.chunks(MULTIPORT_MAX) {
         let list = join(ports);
         add(&[
@@ -417,10 +439,20 @@ mod tests {
     #[test]
     fn ipv6_rules_have_their_own_loopback_and_cidrs_and_no_dns() {
         let got = lines(&install_commands(&plan(), Family::V6));
-        assert!(got.iter().all(|l| !l.contains("MESHWORK_DNS")), "{got:#?}");
-        assert!(got.contains(&"-A MESHWORK_OUTPUT -d ::1/128 -j RETURN".to_owned()));
-        assert!(got.contains(&"-A MESHWORK_OUTPUT -d fd00::/8 -j RETURN".to_owned()));
-        assert!(!got.iter().any(|l| l.contains("10.0.0.0/8")), "{got:#?}");
+        let want = [
+            "-N MESHWORK_OUTPUT",
+            "-A MESHWORK_OUTPUT -m owner --gid-owner 1337 -j RETURN",
+            "-A MESHWORK_OUTPUT -d ::1/128 -j RETURN",
+            "-A MESHWORK_OUTPUT -d fe80::/10 -j RETURN",
+            "-A MESHWORK_OUTPUT -p tcp -m multiport --dports 22,5432 -j RETURN",
+            "-A MESHWORK_OUTPUT -d fd00::/8 -j RETURN",
+            "-A MESHWORK_OUTPUT -p tcp -j REDIRECT --to-ports 15001",
+            "-N MESHWORK_INBOUND",
+            "-A MESHWORK_INBOUND -p tcp -m multiport --dports 8080 -j REDIRECT --to-ports 15006",
+            "-A OUTPUT -p tcp -j MESHWORK_OUTPUT",
+            "-A PREROUTING -p tcp -j MESHWORK_INBOUND",
+        ];
+        assert_eq!(got, want);
     }
 
     #[test]

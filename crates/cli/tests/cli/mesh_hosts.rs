@@ -37,12 +37,13 @@ struct Hosts {
 }
 
 impl Hosts {
-    fn create() -> Hosts {
+    /// `tag` keeps the hosts of tests running at once apart.
+    fn create(tag: &str) -> Hosts {
         let pid = std::process::id();
         let hosts = Hosts {
             names: ["cp", "srv", "grpc", "cli"]
                 .iter()
-                .map(|h| format!("mwmh{h}{pid}"))
+                .map(|h| format!("mw{tag}{h}{pid}"))
                 .collect(),
         };
         for name in &hosts.names {
@@ -275,12 +276,12 @@ sys.exit(1)
 "#;
 
 /// `meshwork run ARGS -- APP` on `ns` with a join token for
-/// `service_account` (a Service's workload when `service` is given).
+/// `service_account` (workload `(name, service, address, port)` when given).
 fn meshwork_run(
     ns: &str,
     cp: &ControlPlane,
     service_account: &str,
-    service: Option<(&str, &str, &str)>,
+    service: Option<(&str, &str, &str, &str)>,
     app: &[&str],
 ) -> Command {
     let token = cp.token(service_account);
@@ -297,14 +298,12 @@ fn meshwork_run(
         "--log-level",
         "warn",
     ];
-    let name;
-    if let Some((service, address, port)) = service {
-        name = format!("{service}-0");
+    if let Some((name, service, address, port)) = service {
         a.extend_from_slice(&[
             "--service",
             service,
             "--name",
-            &name,
+            name,
             "--address",
             address,
             "--app-port",
@@ -362,7 +361,7 @@ fn unmodified_clients_call_services_by_name_across_hosts_over_mtls_only() {
     let python = testkit::python();
     let python = python.to_str().unwrap();
     let dir = scratch("mesh-hosts");
-    let hosts = Hosts::create();
+    let hosts = Hosts::create("mh");
     let cp = ControlPlane::start(hosts.cp(), &dir);
     let mesh = dir.join("mesh.yaml");
     std::fs::write(&mesh, MESH).unwrap();
@@ -384,14 +383,14 @@ fn unmodified_clients_call_services_by_name_across_hosts_over_mtls_only() {
         hosts.server(),
         &cp,
         "catalog",
-        Some(("catalog", SERVER_IP, APP_PORT)),
+        Some(("catalog-0", "catalog", SERVER_IP, APP_PORT)),
         &["python3", "-c", CATALOG],
     ));
     let _health = spawn(meshwork_run(
         hosts.grpc(),
         &cp,
         "health",
-        Some(("health", GRPC_IP, GRPC_PORT)),
+        Some(("health-0", "health", GRPC_IP, GRPC_PORT)),
         &[python, "-c", HEALTH_SERVER],
     ));
     wait_for_workload(
@@ -494,6 +493,189 @@ fn unmodified_clients_call_services_by_name_across_hosts_over_mtls_only() {
     }
     let m = metrics(hosts.server());
     assert_eq!(refused(&m), before + 2, "{m}");
+    drop(hosts);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An instance of `catalog` for the rolling restart: answers every GET with
+/// its name (`argv[1]`); dies at once on SIGTERM, as many applications do.
+const ID_SERVER: &str = r#"
+import http.server, sys
+me = sys.argv[1].encode()
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("content-length", str(len(me)))
+        self.end_headers()
+        self.wfile.write(me)
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(("0.0.0.0", 8080), H).serve_forever()
+"#;
+
+/// Steady load on `http://catalog:8080/` by name, from 4 keep-alive
+/// clients, until the file `argv[1]` exists. It first waits (uncounted)
+/// until both instances answered, then creates `argv[2]`. Prints `ok NAME
+/// COUNT` per instance, `failed N`, and the first failures.
+const LOAD: &str = r#"
+import http.client, os, sys, threading, time
+stop, started = sys.argv[1], sys.argv[2]
+def get(conn):
+    conn.request("GET", "/")
+    r = conn.getresponse()
+    return r.status, r.read().decode()
+seen, deadline = set(), time.time() + 60
+while len(seen) < 2 and time.time() < deadline:
+    try:
+        c = http.client.HTTPConnection("catalog", 8080, timeout=5)
+        status, body = get(c)
+        c.close()
+        if status == 200:
+            seen.add(body)
+    except Exception:
+        pass
+    time.sleep(0.05)
+if len(seen) < 2:
+    print("warm-up: only %s answered" % sorted(seen), file=sys.stderr)
+    sys.exit(3)
+open(started, "w").close()
+ok, fails, lock = {}, [], threading.Lock()
+def worker():
+    conn = None
+    while not os.path.exists(stop):
+        try:
+            if conn is None:
+                conn = http.client.HTTPConnection("catalog", 8080, timeout=5)
+            status, body = get(conn)
+            with lock:
+                if status == 200:
+                    ok[body] = ok.get(body, 0) + 1
+                else:
+                    fails.append("%d %s" % (status, body[:200]))
+        except Exception as e:
+            with lock:
+                fails.append(repr(e))
+            conn = None
+        time.sleep(0.005)
+threads = [threading.Thread(target=worker) for _ in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+for name in sorted(ok):
+    print("ok %s %d" % (name, ok[name]))
+print("failed %d" % len(fails))
+for f in fails[:10]:
+    print("failure: %s" % f)
+"#;
+
+const CATALOG_MESH: &str = "apiVersion: meshwork.dev/v1alpha1\nkind: Mesh\nmetadata: {name: default}\nspec:\n  mtls: {mode: strict}\n---\n\
+apiVersion: meshwork.dev/v1alpha1\nkind: Service\nmetadata: {name: catalog}\nspec:\n  serviceAccount: catalog\n  ports: [{name: http, port: 8080, appProtocol: http}]\n";
+
+/// A rolling restart of both instances of `catalog`, one after the other,
+/// under steady load from a client calling it by name: `meshwork run`
+/// announces each instance as draining (its callers stop picking it), only
+/// then stops its inbound side and the application, and a new instance is
+/// an endpoint only once its application accepts. Not one request fails.
+#[test]
+fn a_rolling_restart_under_load_fails_no_request() {
+    if !is_root() {
+        eprintln!("skipped: needs root for network namespaces and iptables (CI runs as root)");
+        return;
+    }
+    let dir = scratch("rolling");
+    let hosts = Hosts::create("rr");
+    let cp = ControlPlane::start(hosts.cp(), &dir);
+    let mesh = dir.join("mesh.yaml");
+    std::fs::write(&mesh, CATALOG_MESH).unwrap();
+    cp.admin(&["apply", "-f", mesh.to_str().unwrap()]);
+    std::fs::write(dir.join("root.pem"), cp.admin(&["ca", "bundle"])).unwrap();
+
+    let instances = [
+        (hosts.server(), SERVER_IP, "catalog-a"),
+        (hosts.grpc(), GRPC_IP, "catalog-b"),
+    ];
+    let start = |(ns, ip, name): (&str, &str, &str)| {
+        Killed(
+            meshwork_run(
+                ns,
+                &cp,
+                "catalog",
+                Some((name, "catalog", ip, APP_PORT)),
+                &["python3", "-c", ID_SERVER, name],
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+        )
+    };
+    let mut running: Vec<Killed> = instances.iter().map(|i| start(*i)).collect();
+
+    let stop = dir.join("stop");
+    let started = dir.join("started");
+    let report = dir.join("load.out");
+    let mut load = Killed(
+        meshwork_run(
+            hosts.client(),
+            &cp,
+            "frontend",
+            None,
+            &[
+                "python3",
+                "-c",
+                LOAD,
+                stop.to_str().unwrap(),
+                started.to_str().unwrap(),
+            ],
+        )
+        .stdout(std::fs::File::create(&report).unwrap())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap(),
+    );
+    wait_until(
+        "the load to reach both instances",
+        Duration::from_secs(90),
+        || started.exists(),
+    );
+
+    for (i, &(ns, _, name)) in instances.iter().enumerate() {
+        // What an orchestrator does: SIGTERM, wait, start the new version.
+        let old = &mut running[i];
+        run("kill", &["-TERM", &old.0.id().to_string()]);
+        let status = wait(&mut old.0, Duration::from_secs(60));
+        eprintln!("{name}: the old instance's `meshwork run` exited: {status}");
+        running[i] = start(instances[i]);
+        wait_until(
+            &format!("{name}'s new instance to serve the client"),
+            Duration::from_secs(60),
+            || called_by_frontend(&metrics(ns)),
+        );
+    }
+    std::fs::write(&stop, "").unwrap();
+    let status = wait(&mut load.0, Duration::from_secs(60));
+    let out = std::fs::read_to_string(&report).unwrap();
+    assert!(status.success(), "the load client failed: {status}\n{out}");
+    let count = |prefix: &str| -> u64 {
+        out.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        count("failed "),
+        0,
+        "requests failed during the rolling restart:\n{out}"
+    );
+    for name in ["catalog-a", "catalog-b"] {
+        assert!(
+            count(&format!("ok {name} ")) > 0,
+            "{name} never answered:\n{out}"
+        );
+    }
+    eprintln!("rolling restart under load:\n{out}");
+    drop(running);
     drop(hosts);
     let _ = std::fs::remove_dir_all(&dir);
 }

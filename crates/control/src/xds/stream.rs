@@ -76,6 +76,8 @@ struct Conn {
     types: [TypeState; KINDS],
     proxyless: bool,
     nonce: u64,
+    /// The node's metadata `state` as last announced.
+    state: Option<String>,
     _registration: Option<Registration>,
 }
 
@@ -251,6 +253,15 @@ fn certs_dir_of(node: &Node) -> Option<String> {
     }
 }
 
+/// The node's metadata `state` (what a sidecar says of its workload).
+fn state_of(node: &Node) -> Option<String> {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    match node.metadata.as_ref()?.fields.get("state")?.kind.as_ref()? {
+        Kind::StringValue(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
 /// Node metadata `meshwork.capture: true` (`meshwork proxy --capture`):
 /// the translator emits the transparent-capture listeners.
 fn capture_of(node: &Node) -> bool {
@@ -288,7 +299,12 @@ fn handle(
         )));
     };
     let c = match conn {
-        Some(c) => c,
+        Some(c) => {
+            if let Some(node) = &req.node {
+                c.renode(node)?;
+            }
+            c
+        }
         None => conn.insert(Conn::open(shared, mode, req.node.as_ref())?),
     };
     Ok(match mode {
@@ -352,8 +368,32 @@ impl Conn {
             types: Default::default(),
             proxyless: false,
             nonce: 0,
+            state: state_of(node),
             _registration: registration,
         })
+    }
+
+    /// A later request carrying the node again: if its workload state
+    /// changed (a sidecar announcing `draining`, or `serving` once its
+    /// application accepts), the registration follows. Envoy sends the node
+    /// on every request; only the `state` field is compared, so that costs
+    /// a map lookup.
+    fn renode(&mut self, node: &Node) -> Result<(), Status> {
+        let state = state_of(node);
+        if state == self.state || self._registration.is_none() {
+            return Ok(());
+        }
+        let info = NodeInfo::from_node(node)
+            .map_err(|e| Status::invalid_argument(format!("cannot update the workload: {e}")))?;
+        if info.id != self.record().id {
+            return Err(Status::invalid_argument(
+                "node.id changed within a stream: open a new stream to be another node",
+            ));
+        }
+        tracing::info!(node = %info.id, state = state.as_deref().unwrap_or("serving"), "workload state announced");
+        self.shared.registry.update(&info);
+        self.state = state;
+        Ok(())
     }
 
     fn record(&self) -> MutexGuard<'_, ProxyRecord> {

@@ -874,6 +874,108 @@ async fn a_connected_proxy_registers_its_workload_until_the_grace_period_ends() 
     assert_eq!(endpoint_count(&update), 1);
 }
 
+/// The endpoints in an EDS response, as `(address, health_status)`.
+fn endpoints_of(
+    r: &envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse,
+) -> Vec<(String, i32)> {
+    use envoy_types::pb::envoy::config::core::v3::{address, socket_address};
+    use envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
+    let mut out = Vec::new();
+    for a in &r.resources {
+        let cla = ClusterLoadAssignment::decode(a.value.as_slice()).unwrap();
+        for e in cla.endpoints.iter().flat_map(|g| &g.lb_endpoints) {
+            let Some(HostIdentifier::Endpoint(ep)) = &e.host_identifier else {
+                panic!("endpoint without an address")
+            };
+            let Some(address::Address::SocketAddress(sa)) =
+                ep.address.as_ref().and_then(|a| a.address.as_ref())
+            else {
+                panic!("not a socket address")
+            };
+            let Some(socket_address::PortSpecifier::PortValue(port)) = sa.port_specifier else {
+                panic!("no port")
+            };
+            out.push((format!("{}:{port}", sa.address), e.health_status));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn a_sidecar_announces_starting_serving_and_draining_on_its_open_stream() {
+    use envoy_types::pb::envoy::config::core::v3::HealthStatus;
+    // A long grace period: the draining workload must leave without it.
+    let cp = Cp::start_with_grace(&two_services(1001, 1002), Duration::from_secs(300)).await;
+    let (_otx, mut observer) =
+        subscribe(&cp, node("observer"), EDS, &["outbound|80||web.default"]).await;
+    let first = observer.message().await.unwrap().unwrap();
+    let static_only = endpoints_of(&first);
+    assert_eq!(static_only.len(), 1);
+
+    let sidecar = |state: &str| {
+        let mut n = node("web-1.default");
+        n.metadata = Some(Struct {
+            fields: [
+                ("service", sv("web")),
+                ("namespace", sv("default")),
+                ("address", sv("127.0.0.2")),
+                ("app_port", sv("8080")),
+                ("state", sv(state)),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+        });
+        n
+    };
+    // Starting: registered (its own config is translated) but no endpoint.
+    let (stx, mut cds) = subscribe(&cp, sidecar("starting"), CDS, &[]).await;
+    let _ = cds.message().await.unwrap().unwrap();
+    cp.status_until("starting sidecar listed", |s| {
+        s.as_array()
+            .is_some_and(|a| a.iter().any(|p| p["id"] == "web-1.default"))
+    })
+    .await;
+    // The node again, on the same stream, with a nonce that answers nothing.
+    let announce = |state: &str| DiscoveryRequest {
+        node: Some(sidecar(state)),
+        type_url: CDS.to_string(),
+        response_nonce: "meshwork-node-update".to_string(),
+        ..Default::default()
+    };
+    stx.send(announce("serving")).await.unwrap();
+    let serving = endpoints_of(&observer.message().await.unwrap().unwrap());
+    assert_eq!(serving.len(), 2, "{serving:?}");
+    assert!(serving.iter().all(|(_, h)| *h == 0), "{serving:?}");
+
+    stx.send(announce("draining")).await.unwrap();
+    let draining = endpoints_of(&observer.message().await.unwrap().unwrap());
+    assert_eq!(
+        draining
+            .iter()
+            .filter(|(_, h)| *h == HealthStatus::Draining as i32)
+            .map(|(a, _)| a.as_str())
+            .collect::<Vec<_>>(),
+        ["127.0.0.2:8080"],
+        "{draining:?}"
+    );
+    // An unknown state ends the stream with the field named.
+    stx.send(announce("resting")).await.unwrap();
+    let e = loop {
+        // Config pushed before the refusal comes first.
+        match cds.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended without an error"),
+            Err(e) => break e,
+        }
+    };
+    assert!(e.message().contains("state"), "{e}");
+    // The stream is gone and it was draining: withdrawn at once.
+    let gone = endpoints_of(&observer.message().await.unwrap().unwrap());
+    assert_eq!(gone, static_only);
+}
+
 #[tokio::test]
 async fn shutdown_ends_open_streams_and_serve_returns() {
     let (_tx, rx) = watch::channel(mesh(&two_services(1001, 1002)));

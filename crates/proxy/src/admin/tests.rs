@@ -20,6 +20,8 @@ struct FakeSource {
     ready: AtomicBool,
     /// The last `drain_listeners` call's `inbound_only`.
     drained: std::sync::Mutex<Option<bool>>,
+    /// The last state announced through `/healthcheck/*`.
+    state: std::sync::Mutex<Option<crate::xds_client::WorkloadState>>,
 }
 
 impl AdminSource for FakeSource {
@@ -46,6 +48,11 @@ impl AdminSource for FakeSource {
             vec!["inbound".to_owned(), "outbound_http".to_owned()]
         };
         Box::pin(async move { Some(names) })
+    }
+
+    fn set_workload_state(&self, state: crate::xds_client::WorkloadState) -> Option<bool> {
+        *self.state.lock().unwrap() = Some(state);
+        Some(true)
     }
 }
 
@@ -327,6 +334,40 @@ fn percent_decoding() {
     assert_eq!(percent_decode("%4"), None);
     assert_eq!(percent_decode("%gg"), None);
     assert_eq!(percent_decode("%ff"), None);
+}
+
+#[tokio::test]
+async fn healthcheck_fail_and_ok_announce_the_workload_state() {
+    use crate::xds_client::WorkloadState;
+    let s = start().await;
+    let r = request(s.addr, "POST", "/healthcheck/fail").await;
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "draining: announced to the control plane\n")
+    );
+    assert_eq!(
+        *s.source.state.lock().unwrap(),
+        Some(WorkloadState::Draining)
+    );
+    let r = request(s.addr, "POST", "/healthcheck/ok").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        *s.source.state.lock().unwrap(),
+        Some(WorkloadState::Serving)
+    );
+    let r = request(s.addr, "GET", "/healthcheck/fail").await;
+    assert_eq!((r.status, r.header("allow")), (405, Some("POST")));
+    // Not from a web page.
+    let text = raw(
+        s.addr,
+        b"POST /healthcheck/fail HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: http://evil.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(text.starts_with("HTTP/1.1 403"), "{text}");
+    assert_eq!(
+        *s.source.state.lock().unwrap(),
+        Some(WorkloadState::Serving)
+    );
 }
 
 #[tokio::test]

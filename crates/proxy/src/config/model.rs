@@ -42,6 +42,13 @@ pub struct Versions {
 pub struct Listener {
     pub name: String,
     pub address: SocketAddr,
+    /// `additional_addresses`: more sockets serving the same chains (a
+    /// capture listener's IPv6 twin, `[::1]` or `[::]`). An IPv6 one is
+    /// bound IPv6-only (Envoy's default), so it sits beside an IPv4
+    /// `address` of the same port. One that cannot be bound because the
+    /// host has no IPv6 is skipped with a warning; any other bind error
+    /// refuses the config like one on `address`.
+    pub additional_addresses: Vec<SocketAddr>,
     /// `listener_filters: [envoy.filters.listener.http_inspector]` with
     /// `listener_filters_timeout`: sniff HTTP/1.1 vs h2c for at most this long.
     /// `None`: no detection; the first filter chain applies to every connection.
@@ -67,7 +74,9 @@ pub struct Listener {
     /// ORIGINAL_DST cluster, or `BlackHoleCluster`). `None`: closed.
     pub captured_default: Option<TcpProxy>,
     /// `bind_to_port` (default true). `false`: no socket; the listener only
-    /// receives connections handed over by a `use_original_dst` listener.
+    /// receives connections handed over by a `use_original_dst` listener
+    /// (whose original destination is `address` or one of
+    /// `additional_addresses`).
     pub bind_to_port: bool,
     /// `metadata.filter_metadata["meshwork"]`: the Service a VIP listener
     /// stands for.
@@ -87,6 +96,11 @@ pub struct ListenerService {
 }
 
 impl Listener {
+    /// `address`, then `additional_addresses`.
+    pub fn addresses(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        std::iter::once(self.address).chain(self.additional_addresses.iter().copied())
+    }
+
     /// mTLS only: plaintext connections are refused (and counted).
     pub fn is_strict_mtls(&self) -> bool {
         self.tls.is_some() && self.http.is_none() && self.tcp.is_none()

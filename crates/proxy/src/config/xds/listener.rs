@@ -85,7 +85,6 @@ pub(super) fn listener(l: &lpb::Listener, env: &super::Env) -> Res<Option<model:
         return Ok(None);
     }
     deny!(
-        additional_addresses,
         fcds_config,
         filter_chain_matcher,
         deprecated_v1,
@@ -100,6 +99,21 @@ pub(super) fn listener(l: &lpb::Listener, env: &super::Env) -> Res<Option<model:
         listener_specifier,
     );
     let address = socket_address(address).at("address")?;
+    let additional_addresses = additional_addresses
+        .iter()
+        .enumerate()
+        .map(|(i, a)| additional_address(a, address).at(format!("additional_addresses[{i}]")))
+        .collect::<Res<Vec<_>>>()?;
+    // Port 0 (any free port) may repeat, as in Envoy.
+    if let Some(i) = (1..additional_addresses.len()).find(|&i| {
+        additional_addresses[i].port() != 0
+            && additional_addresses[..i].contains(&additional_addresses[i])
+    }) {
+        return Err(FieldError::new(
+            format!("additional_addresses[{i}]"),
+            format!("{} is listed twice", additional_addresses[i]),
+        ));
+    }
     let use_original_dst = use_original_dst.as_ref().is_some_and(|b| b.value);
     let bind_to_port = bind_to_port.as_ref().is_none_or(|b| b.value);
     if use_original_dst && !bind_to_port {
@@ -113,6 +127,22 @@ pub(super) fn listener(l: &lpb::Listener, env: &super::Env) -> Res<Option<model:
             "address",
             "a use_original_dst listener needs a fixed port (its chains match destination_port)",
         ));
+    }
+    if use_original_dst {
+        if let Some((i, a)) = additional_addresses
+            .iter()
+            .enumerate()
+            .find(|(_, a)| a.port() != address.port())
+        {
+            return Err(FieldError::new(
+                format!("additional_addresses[{i}]"),
+                format!(
+                    "port {} differs from the address's {} (a use_original_dst listener's chains match its one destination_port)",
+                    a.port(),
+                    address.port()
+                ),
+            ));
+        }
     }
     let service = match metadata {
         Some(m) => listener_metadata(m).at("metadata")?,
@@ -345,6 +375,7 @@ pub(super) fn listener(l: &lpb::Listener, env: &super::Env) -> Res<Option<model:
     Ok(Some(model::Listener {
         name: name.clone(),
         address,
+        additional_addresses,
         detect_timeout,
         http,
         tcp,
@@ -354,6 +385,28 @@ pub(super) fn listener(l: &lpb::Listener, env: &super::Env) -> Res<Option<model:
         bind_to_port,
         service,
     }))
+}
+
+/// One `additional_addresses` entry: a TCP socket address other than the
+/// listener's `address`, without socket option overrides.
+fn additional_address(
+    a: &lpb::AdditionalAddress,
+    primary: std::net::SocketAddr,
+) -> Res<std::net::SocketAddr> {
+    let lpb::AdditionalAddress {
+        address,
+        socket_options,
+        tcp_keepalive,
+    } = a;
+    deny!(socket_options, tcp_keepalive);
+    let addr = socket_address(address).at("address")?;
+    if addr == primary && addr.port() != 0 {
+        return Err(FieldError::new(
+            "address",
+            format!("{addr} is already the listener's address"),
+        ));
+    }
+    Ok(addr)
 }
 
 /// `filter_chain_match.destination_port`: only on a `use_original_dst`

@@ -515,6 +515,37 @@ fn api_listeners_are_skipped_like_envoy_does() {
     assert!(snap.listeners.contains_key("outbound_http"));
 }
 
+fn additional(ip: &str, port: u32) -> lpb::AdditionalAddress {
+    lpb::AdditionalAddress {
+        address: Some(sock(ip, port)),
+        ..Default::default()
+    }
+}
+
+/// A capture listener's IPv6 twin: same chains, its own socket (the set
+/// binds every address; see `listener.rs`).
+#[test]
+fn additional_addresses_are_kept_in_order() {
+    let mut l = outbound_http();
+    l.additional_addresses = vec![additional("::1", 15001), additional("10.0.0.1", 15001)];
+    let snap = listeners_only(vec![l]).unwrap();
+    let l = &snap.listeners["outbound_http"];
+    assert_eq!(l.address, "127.0.0.1:15001".parse().unwrap());
+    assert_eq!(
+        l.additional_addresses,
+        [
+            "[::1]:15001".parse::<SocketAddr>().unwrap(),
+            "10.0.0.1:15001".parse().unwrap()
+        ]
+    );
+    assert_eq!(l.addresses().count(), 3);
+    // Port 0 (any free port) may repeat, as in Envoy.
+    let mut l = outbound_http();
+    l.address = Some(sock("127.0.0.1", 0));
+    l.additional_addresses = vec![additional("127.0.0.1", 0), additional("::1", 0)];
+    assert!(listeners_only(vec![l]).is_ok());
+}
+
 #[test]
 fn plain_http_listener_without_detection() {
     let l = lpb::Listener {
@@ -562,6 +593,38 @@ fn listener_nacks_name_the_field() {
             |l| l.use_original_dst = Some(pbuf::BoolValue { value: true }),
         ),
         ("address: required", |l| l.address = None),
+        (
+            "additional_addresses[0].address: 127.0.0.1:15001 is already the listener's address",
+            |l| l.additional_addresses = vec![additional("127.0.0.1", 15001)],
+        ),
+        (
+            "additional_addresses[1]: [::1]:15001 is listed twice",
+            |l| {
+                l.additional_addresses =
+                    vec![additional("::1", 15001), additional("::1", 15001)]
+            },
+        ),
+        (
+            "additional_addresses[0].address.socket_address.address: not an IP address",
+            |l| l.additional_addresses = vec![additional("localhost", 15001)],
+        ),
+        ("additional_addresses[0].socket_options: unsupported field", |l| {
+            let mut a = additional("::1", 15001);
+            a.socket_options = Some(Default::default());
+            l.additional_addresses = vec![a];
+        }),
+        (
+            "additional_addresses[0]: port 15002 differs from the address's 15001",
+            |l| {
+                l.use_original_dst = Some(pbuf::BoolValue { value: true });
+                l.filter_chains[0]
+                    .filter_chain_match
+                    .as_mut()
+                    .unwrap()
+                    .destination_port = Some(u32v(15001));
+                l.additional_addresses = vec![additional("::1", 15002)];
+            },
+        ),
         ("address.socket_address.address: not an IP address: \"localhost\"", |l| {
             l.address = Some(sock("localhost", 80))
         }),
