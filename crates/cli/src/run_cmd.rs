@@ -28,7 +28,9 @@
 //!    request.
 //!
 //! The rules are removed on every way out, errors included (a drop guard);
-//! a run killed with SIGKILL leaves them, and the next run replaces them.
+//! a run killed with SIGKILL leaves them, and the next run replaces them;
+//! its sidecar (`--exit-with-parent`) notices and exits, so the rules left
+//! behind fail closed.
 //! `meshwork run` itself failing (the sidecar never got ready, rules could
 //! not be installed) exits 125; an application that cannot be started, 127
 //! (not found) or 126.
@@ -479,6 +481,8 @@ fn proxy_args(args: &Args, capture: bool) -> Vec<OsString> {
     flag("log-level", (&args.log_level).into());
     flag("access-log", (&args.access_log).into());
     flag("drain-timeout-secs", PROXY_DRAIN_SECS.to_string().into());
+    // A `meshwork run` killed with SIGKILL cannot stop its sidecar.
+    a.push("--exit-with-parent".into());
     if capture {
         a.push("--capture".into());
         let dns = if args.capture_dns {

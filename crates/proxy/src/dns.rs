@@ -9,6 +9,14 @@
 //! destination.
 //!
 //! Contract:
+//! - UDP and TCP on one address (`--dns-addr`), and on its IPv6 twin
+//!   ([`api::capture::ipv6_twin`]: `[::1]` for `127.0.0.1`, `[::]` for
+//!   `0.0.0.0`) at the same port, bound IPv6-only: ip6tables REDIRECT
+//!   delivers queries sent to an IPv6 nameserver (`nameserver ::1`,
+//!   `fd00::53`) to `[::1]`. A host without IPv6 (the bind fails with
+//!   EADDRNOTAVAIL or EAFNOSUPPORT) gets one warning naming the address and
+//!   IPv4 only, as the capture listeners' twins do. Answers go back over the
+//!   family and socket the query came in on.
 //! - Names come from the VIP listeners of the active config (their
 //!   `metadata.filter_metadata.meshwork` `{service: "name.namespace",
 //!   hostnames: [...]}`), via [`DnsServer::set_names`] on every config
@@ -43,6 +51,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
@@ -338,6 +347,7 @@ impl State {
 pub struct DnsServer {
     state: Arc<State>,
     addr: SocketAddr,
+    ipv6_addr: Option<SocketAddr>,
     domain: String,
     namespace: String,
     tasks: Vec<JoinHandle<()>>,
@@ -357,18 +367,15 @@ pub enum StartError {
 }
 
 impl DnsServer {
-    /// Binds UDP and TCP on `opts.addr` (with port 0: one free port for
-    /// both) and starts serving an empty table.
+    /// Binds UDP and TCP on `opts.addr` and on its IPv6 twin, if any (with
+    /// port 0: one free port for all), and starts serving an empty table.
     pub async fn start(opts: DnsOptions, metrics: Arc<Metrics>) -> Result<DnsServer, StartError> {
-        let (udp, tcp) = bind_pair(opts.addr).await?;
-        let addr = udp.local_addr().map_err(|source| StartError::Bind {
-            proto: "udp",
-            addr: opts.addr,
-            source,
-        })?;
+        let sockets = bind_all(opts.addr).await?;
+        let (addr, ipv6_addr) = (sockets.addr, sockets.twin);
         let own = |a: SocketAddr| {
-            a == addr
-                || (a.port() == addr.port() && addr.ip().is_unspecified() && a.ip().is_loopback())
+            std::iter::once(addr).chain(ipv6_addr).any(|b| {
+                a == b || (a.port() == b.port() && b.ip().is_unspecified() && a.ip().is_loopback())
+            })
         };
         if own(opts.upstream) {
             return Err(StartError::Loop(opts.upstream));
@@ -382,14 +389,18 @@ impl DnsServer {
             metrics,
             forwards: Arc::new(Semaphore::new(MAX_FORWARDS)),
         });
-        tracing::info!(address = %addr, upstream = %opts.upstream, domain = %opts.domain, "DNS listening (udp, tcp)");
-        let tasks = vec![
-            tokio::spawn(serve_udp(Arc::new(udp), state.clone())),
-            tokio::spawn(serve_tcp(tcp, state.clone())),
-        ];
+        for a in std::iter::once(addr).chain(ipv6_addr) {
+            tracing::info!(address = %a, upstream = %opts.upstream, domain = %opts.domain, "DNS listening (udp, tcp)");
+        }
+        let mut tasks = Vec::new();
+        for (udp, tcp) in sockets.pairs {
+            tasks.push(tokio::spawn(serve_udp(Arc::new(udp), state.clone())));
+            tasks.push(tokio::spawn(serve_tcp(tcp, state.clone())));
+        }
         Ok(DnsServer {
             state,
             addr,
+            ipv6_addr,
             domain: opts.domain,
             namespace: opts.namespace,
             tasks,
@@ -399,6 +410,12 @@ impl DnsServer {
     /// The bound address (UDP and TCP).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The bound IPv6 twin of [`local_addr`](Self::local_addr) (same port),
+    /// if it has one and the host has IPv6.
+    pub fn ipv6_addr(&self) -> Option<SocketAddr> {
+        self.ipv6_addr
     }
 
     /// Replaces the mesh names (on every config change).
@@ -426,6 +443,106 @@ impl Drop for DnsServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The server's sockets: a UDP and TCP pair on the configured address, and
+/// one on its IPv6 twin when there is one and the host has IPv6.
+struct Sockets {
+    pairs: Vec<(UdpSocket, TcpListener)>,
+    /// The bound address of the first pair.
+    addr: SocketAddr,
+    /// The bound twin, if any.
+    twin: Option<SocketAddr>,
+}
+
+/// Binds `addr` and its IPv6 twin at the same port (see the module docs).
+/// With port 0 the twin's port may be taken: then a few tries with another
+/// port.
+async fn bind_all(addr: SocketAddr) -> Result<Sockets, StartError> {
+    let twin_of = api::capture::ipv6_twin(addr);
+    let mut last = None;
+    for _ in 0..8 {
+        let (udp, tcp) = bind_pair(addr).await?;
+        let bound = udp.local_addr().map_err(|source| StartError::Bind {
+            proto: "udp",
+            addr,
+            source,
+        })?;
+        let one = |udp, tcp| Sockets {
+            pairs: vec![(udp, tcp)],
+            addr: bound,
+            twin: None,
+        };
+        let Some(twin) = twin_of.map(|t| SocketAddr::new(t.ip(), bound.port())) else {
+            return Ok(one(udp, tcp));
+        };
+        match bind_v6_only(twin) {
+            Ok(pair) => {
+                return Ok(Sockets {
+                    pairs: vec![(udp, tcp), pair],
+                    addr: bound,
+                    twin: Some(twin),
+                })
+            }
+            Err((_, e)) if no_ipv6(&e) => {
+                tracing::warn!(address = %twin, error = %e, "IPv6 is not available on this host: mesh DNS is not listening on this address (IPv4 only)");
+                return Ok(one(udp, tcp));
+            }
+            Err((proto, e)) if addr.port() == 0 && e.kind() == io::ErrorKind::AddrInUse => {
+                last = Some((proto, e));
+            }
+            Err((proto, source)) => {
+                return Err(StartError::Bind {
+                    proto,
+                    addr: twin,
+                    source,
+                })
+            }
+        }
+    }
+    let (proto, source) = last.unwrap_or(("tcp", io::Error::other("no free port")));
+    Err(StartError::Bind {
+        proto,
+        addr,
+        source,
+    })
+}
+
+/// A UDP and a TCP socket on IPv6 address `addr` that take IPv6 only, so
+/// they sit beside the IPv4 pair of the same port (`[::]` next to
+/// `0.0.0.0`). The error says which protocol failed.
+fn bind_v6_only(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), (&'static str, io::Error)> {
+    let udp = udp_v6_only(addr).map_err(|e| ("udp", e))?;
+    let tcp = tcp_v6_only(addr).map_err(|e| ("tcp", e))?;
+    Ok((udp, tcp))
+}
+
+fn udp_v6_only(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let s = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_only_v6(true)?;
+    s.bind(&addr.into())?;
+    s.set_nonblocking(true)?;
+    UdpSocket::from_std(s.into())
+}
+
+fn tcp_v6_only(addr: SocketAddr) -> io::Result<TcpListener> {
+    let s = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
+    s.set_only_v6(true)?;
+    // As std's bind does: restarting must not wait for TIME_WAIT.
+    s.set_reuse_address(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    s.set_nonblocking(true)?;
+    TcpListener::from_std(s.into())
+}
+
+/// Whether a bind failed because the host has no IPv6: none in the kernel
+/// (EAFNOSUPPORT), or disabled (EADDRNOTAVAIL: `::1` is gone when
+/// `disable_ipv6` is set). The listeners' policy (`listener.rs`).
+fn no_ipv6(e: &io::Error) -> bool {
+    /// Linux's EAFNOSUPPORT (std has no `ErrorKind` for it).
+    const EAFNOSUPPORT: i32 = 97;
+    e.kind() == io::ErrorKind::AddrNotAvailable || e.raw_os_error() == Some(EAFNOSUPPORT)
 }
 
 /// A UDP and a TCP socket on the same address; with port 0, a port free

@@ -8,17 +8,18 @@
 //!   ones), excluded ports and CIDRs.
 //! - `MESHWORK_INBOUND` (from `PREROUTING`, TCP): connections to the
 //!   application's ports go to the sidecar's inbound port.
-//! - `MESHWORK_DNS` (from `OUTPUT`, UDP and TCP port 53, IPv4): queries go to
+//! - `MESHWORK_DNS` (from `OUTPUT`, UDP and TCP port 53): queries go to
 //!   the sidecar's DNS server, except the proxy's own (its forwarding).
 //!
-//! IPv6 (`ip6tables`) gets the same chains but DNS: REDIRECT sends outbound
-//! connections to `[::1]:<outbound port>` and inbound ones to an IPv6
-//! address of the incoming interface, which the sidecar's listeners take on
-//! their IPv6 twins (`[::1]`, `[::]`: `additional_addresses`, see
-//! `api::translate::capture`). Excluded CIDRs go to the rules of their own
-//! family. Link-local destinations (`fe80::/10`) are not captured: their
-//! original destination comes back without the interface (scope) a
-//! passthrough connect needs.
+//! IPv6 (`ip6tables`) gets the same chains: REDIRECT sends outbound
+//! connections to `[::1]:<outbound port>`, DNS queries to an IPv6
+//! nameserver to `[::1]:<DNS port>`, and inbound connections to an IPv6
+//! address of the incoming interface, which the sidecar takes on its IPv6
+//! twins (`[::1]`, `[::]`: the listeners' `additional_addresses`, see
+//! `api::translate::capture`, and the DNS server's own, see `proxy::dns`).
+//! Excluded CIDRs go to the rules of their own family. Link-local
+//! destinations (`fe80::/10`) are not captured: their original destination
+//! comes back without the interface (scope) a passthrough connect needs.
 //!
 //! The rules are plain data ([`install_commands`], [`removal_commands`]),
 //! applied with `iptables` / `ip6tables`. Installing first removes whatever
@@ -28,9 +29,7 @@
 //!
 //! Non-goals: nftables-native rules (iptables-nft covers nft hosts), the
 //! mangle/TPROXY mode (REDIRECT is enough when the application need not see
-//! the original source address), IPv6 DNS capture (the DNS server listens on
-//! IPv4 and answers A records only; queries to an IPv6 resolver go out as
-//! they are).
+//! the original source address).
 
 use std::fmt;
 use std::net::IpAddr;
@@ -215,10 +214,7 @@ pub fn install_commands(plan: &Plan, family: Family) -> Vec<Vec<String>> {
     let gid = plan.proxy_gid.to_string();
     let out_port = plan.outbound_port.to_string();
     let in_port = plan.inbound_port.to_string();
-    let dns_port = plan
-        .dns_port
-        .filter(|_| family == Family::V4)
-        .map(|p| p.to_string());
+    let dns_port = plan.dns_port.map(|p| p.to_string());
 
     if let Some(dns_port) = &dns_port {
         add(&["-N", DNS]);
@@ -437,9 +433,13 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_rules_have_their_own_loopback_and_cidrs_and_no_dns() {
+    fn ipv6_rules_have_their_own_loopback_and_cidrs_and_capture_dns_too() {
         let got = lines(&install_commands(&plan(), Family::V6));
         let want = [
+            "-N MESHWORK_DNS",
+            "-A MESHWORK_DNS -m owner --gid-owner 1337 -j RETURN",
+            "-A MESHWORK_DNS -p udp --dport 53 -j REDIRECT --to-ports 15053",
+            "-A MESHWORK_DNS -p tcp --dport 53 -j REDIRECT --to-ports 15053",
             "-N MESHWORK_OUTPUT",
             "-A MESHWORK_OUTPUT -m owner --gid-owner 1337 -j RETURN",
             "-A MESHWORK_OUTPUT -d ::1/128 -j RETURN",
@@ -449,6 +449,8 @@ mod tests {
             "-A MESHWORK_OUTPUT -p tcp -j REDIRECT --to-ports 15001",
             "-N MESHWORK_INBOUND",
             "-A MESHWORK_INBOUND -p tcp -m multiport --dports 8080 -j REDIRECT --to-ports 15006",
+            "-A OUTPUT -p udp --dport 53 -j MESHWORK_DNS",
+            "-A OUTPUT -p tcp --dport 53 -j MESHWORK_DNS",
             "-A OUTPUT -p tcp -j MESHWORK_OUTPUT",
             "-A PREROUTING -p tcp -j MESHWORK_INBOUND",
         ];
@@ -461,6 +463,8 @@ mod tests {
         p.app_ports.clear();
         p.dns_port = None;
         p.exclude_ports = (1..=20).collect();
+        let v6 = lines(&install_commands(&p, Family::V6));
+        assert!(v6.iter().all(|l| !l.contains("DNS")), "{v6:#?}");
         let got = lines(&install_commands(&p, Family::V4));
         assert!(got
             .iter()

@@ -3,7 +3,7 @@
 //! is the application's, the capture rules exist while it runs and are gone
 //! after (also after a failed start), stale chains are replaced, the first
 //! request succeeds (explicit mode, and by name through capture and mesh
-//! DNS), SIGTERM drains inbound while outbound keeps working, and without
+//! DNS, also when the resolver is an IPv6 nameserver), SIGTERM drains inbound while outbound keeps working, and without
 //! root it falls back to explicit mode.
 //!
 //! Needs root (network namespaces, iptables); skipped with a message
@@ -353,6 +353,65 @@ fn run_first_request_succeeds_explicit_and_captured_by_name() {
     assert!(!ns.nat_rules().contains("MESHWORK"));
 }
 
+/// DNS to an IPv6 nameserver is captured too (ip6tables `MESHWORK_DNS`,
+/// the DNS server's `[::1]` twin): `dig` to an arbitrary IPv6 address, over
+/// UDP and TCP, and to `::1`, gets the Service VIP from the sidecar, and an
+/// application whose resolv.conf names only an IPv6 nameserver reaches the
+/// Service by name.
+#[test]
+fn run_captures_dns_sent_to_ipv6_nameservers() {
+    require_root!();
+    let ns = Netns::create("dns6");
+    let usable = ns
+        .cmd("ip6tables", &["-t", "nat", "-S", "OUTPUT"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !usable {
+        eprintln!("skipped: no usable ip6tables nat table here");
+        return;
+    }
+    // A route to the (nonexistent) IPv6 nameserver: without one the query
+    // fails before the nat hook sees it. `nodad`: usable at once.
+    ns.ip(&["addr", "add", "fd00:53::1/64", "dev", "mw0", "nodad"]);
+    std::fs::write(ns.etc.join("resolv.conf"), "nameserver fd00:53::53\n").unwrap();
+    let dir = scratch("run-dns6");
+    let cfg = mesh(&dir);
+    let _web = start_web(&ns);
+    let rules = dir.join("rules6");
+    let job = format!(
+        "ip6tables -t nat -S > {rules}
+         d='dig +short +time=2 +tries=1'
+         echo udp $($d @fd00:53::53 web.default.svc.cluster.local A)
+         echo tcp $($d +tcp @fd00:53::53 web.default.svc.cluster.local A)
+         echo lo $($d @::1 web A)
+         echo aaaa $(dig +time=2 +tries=1 @fd00:53::53 web AAAA | grep -o 'status: [A-Z]*')
+         curl -sS -m 5 http://web/dns6",
+        rules = rules.display()
+    );
+    let out = finish(
+        ns.meshwork_run(&["--config", cfg.to_str().unwrap(), "--", "sh", "-c", &job]),
+        Duration::from_secs(60),
+    );
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(
+        stdout(&out),
+        format!("udp {WEB_VIP}\ntcp {WEB_VIP}\nlo {WEB_VIP}\naaaa status: NOERROR\nweb /dns6"),
+        "{err}"
+    );
+    let during = std::fs::read_to_string(&rules).unwrap();
+    for want in [
+        "-A MESHWORK_DNS -m owner --gid-owner 1337 -j RETURN",
+        "-A MESHWORK_DNS -p udp -m udp --dport 53 -j REDIRECT --to-ports 15053",
+        "-A MESHWORK_DNS -p tcp -m tcp --dport 53 -j REDIRECT --to-ports 15053",
+        "-A OUTPUT -p udp -m udp --dport 53 -j MESHWORK_DNS",
+    ] {
+        assert!(during.contains(want), "missing {want:?} in:\n{during}");
+    }
+    let after = ns.nat_rules();
+    assert!(!after.contains("MESHWORK"), "rules left behind:\n{after}");
+}
+
 /// On SIGTERM it records it, waits a second (outbound must still work) and
 /// calls again, then exits 3.
 const DRAINING_APP: &str = r#"
@@ -516,6 +575,78 @@ fn run_sighup_removes_the_rules_and_exits_129() {
     assert_eq!(status.code(), Some(129), "{status:?}");
     let after = ns.nat_rules();
     assert!(!after.contains("MESHWORK"), "rules left behind:\n{after}");
+}
+
+/// Pids of the live children of `parent` whose command line contains `needle`.
+fn children_of(parent: u32, needle: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        // `pid (comm) state ppid ...`: comm may hold spaces, so after the last ')'.
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if ppid == Some(parent) && String::from_utf8_lossy(&cmdline).contains(needle) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+#[test]
+fn run_killed_with_sigkill_takes_its_sidecar_along_and_fails_closed() {
+    require_root!();
+    let ns = Netns::create("kill");
+    let dir = scratch("run-kill");
+    let cfg = mesh(&dir);
+    let cfg = cfg.to_str().unwrap();
+    let started = dir.join("started");
+    let job = format!("touch {:?}; exec sleep 60", started.to_str().unwrap());
+    let mut child = Killed(
+        ns.meshwork_run(&["--config", cfg, "--", "sh", "-c", &job])
+            .spawn()
+            .unwrap(),
+    );
+    wait_until("the app to start", Duration::from_secs(30), || {
+        started.exists()
+    });
+    let run_pid = child.0.id();
+    let sidecars = children_of(run_pid, "proxy");
+    assert_eq!(sidecars.len(), 1, "one sidecar child: {sidecars:?}");
+    let sidecar = sidecars[0];
+    run("kill", &["-KILL", &run_pid.to_string()]);
+    let _ = wait(&mut child.0, Duration::from_secs(10));
+    // The orphaned sidecar notices (--exit-with-parent) and exits.
+    wait_until(
+        "the orphaned sidecar to exit",
+        Duration::from_secs(30),
+        || !Path::new(&format!("/proc/{sidecar}")).exists() || zombie(sidecar),
+    );
+    // The rules stay: the application's traffic is refused, not let out
+    // of the mesh unseen; the next `meshwork run` replaces them.
+    assert!(
+        ns.nat_rules().contains("MESHWORK_OUTPUT"),
+        "{}",
+        ns.nat_rules()
+    );
+}
+
+/// A process that exited but was not reaped yet (its parent is init now).
+fn zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, r)| r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
 }
 
 #[test]

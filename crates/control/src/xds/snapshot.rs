@@ -226,7 +226,8 @@ pub(crate) struct Base {
 struct ScopeIndex {
     /// `outbound|<port>||<service>.<namespace>` clusters, by service.
     clusters: HashMap<String, Vec<String>>,
-    /// `outbound_tcp|<port>|<service>.<namespace>` listeners, by service.
+    /// `outbound_tcp|<port>|<service>.<namespace>` listeners, and a capture
+    /// proxy's `<vip>_<port>` listeners, by service.
     tcp_listeners: HashMap<String, Vec<String>>,
     /// Listeners every proxy gets (`outbound_http`, ...).
     common_listeners: Vec<String>,
@@ -708,15 +709,18 @@ impl ScopeIndex {
             }
         }
         for (name, v) in &resources[TypeKind::Listener.index()] {
-            match name
+            let tcp = name
                 .strip_prefix("outbound_tcp|")
                 .and_then(|rest| rest.split_once('|'))
-            {
-                Some((_, svc)) => ix
-                    .tcp_listeners
-                    .entry(svc.to_string())
-                    .or_default()
-                    .push(name.clone()),
+                .map(|(_, svc)| svc.to_string());
+            // A capture proxy's `<vip>_<port>` listeners belong to the
+            // Service their metadata names.
+            let vip = || match v.res() {
+                Some(Res::Listener(l)) => vip_service(l),
+                _ => None,
+            };
+            match tcp.or_else(vip) {
+                Some(svc) => ix.tcp_listeners.entry(svc).or_default().push(name.clone()),
                 None => ix.common_listeners.push(name.clone()),
             }
             if let Some(Res::Listener(l)) = v.res() {
@@ -827,6 +831,17 @@ fn scoped(base: &Base, scope: &BTreeSet<String>) -> ([HashSet<String>; KINDS], O
     allowed[TypeKind::Endpoints.index()] = clusters.clone();
     allowed[TypeKind::Cluster.index()] = clusters;
     (allowed, route)
+}
+
+/// The Service (`name.namespace`) of a capture VIP listener: its
+/// `metadata.filter_metadata.meshwork.service` (see `api::translate::capture`).
+fn vip_service(l: &Listener) -> Option<String> {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    let meta = l.metadata.as_ref()?.filter_metadata.get("meshwork")?;
+    match meta.fields.get("service")?.kind.as_ref()? {
+        Kind::StringValue(s) => Some(s.clone()),
+        _ => None,
+    }
 }
 
 /// Clusters a `tcp_proxy` listener sends to.
@@ -995,6 +1010,46 @@ spec:
         assert!(all
             .all(TypeKind::Listener, false)
             .contains_key("outbound_tcp|5432|db.default"));
+    }
+
+    #[test]
+    fn scope_keeps_only_the_called_services_vip_listeners_under_capture() {
+        let m = mesh(MESH);
+        let ctx = ProxyContext {
+            workload: Some(("default".into(), "web-0".into())),
+            capture: true,
+            ..Default::default()
+        };
+        let base = Arc::new(Base::build(&m, &base_context(&ctx), None));
+        let services = |s: &Snapshot| -> Vec<String> {
+            let mut v: Vec<String> = s
+                .all(TypeKind::Listener, false)
+                .values()
+                .filter_map(|l| match l.res() {
+                    Some(Res::Listener(l)) => vip_service(l),
+                    _ => None,
+                })
+                .collect();
+            v.sort();
+            v
+        };
+        let all = Snapshot::build(&m, &ctx, None, base.clone(), None);
+        assert_eq!(
+            services(&all),
+            ["db.default", "web-v2.default", "web.default"],
+            "unscoped: a VIP listener per service port"
+        );
+        let scope: BTreeSet<String> = ["db.default".to_string()].into();
+        let s = Snapshot::build(&m, &ctx, Some(&scope), base, None);
+        assert_eq!(services(&s), ["db.default"]);
+        let clusters = s.all(TypeKind::Cluster, false);
+        assert!(
+            clusters.contains_key("outbound|5432||db.default")
+                && clusters.contains_key(api::capture::PASSTHROUGH_CLUSTER),
+            "{:?}",
+            names(&clusters)
+        );
+        assert!(!clusters.contains_key("outbound|80||web.default"));
     }
 
     #[test]

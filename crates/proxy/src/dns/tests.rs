@@ -4,6 +4,7 @@
 
 use super::wire::{self, Header, Name, TYPE_A, TYPE_AAAA};
 use super::*;
+use std::net::Ipv6Addr;
 
 const CATALOG: Ipv4Addr = Ipv4Addr::new(240, 240, 1, 1);
 const CART: Ipv4Addr = Ipv4Addr::new(240, 240, 2, 2);
@@ -208,7 +209,7 @@ fn q(id: u16, name: &str, qtype: u16) -> Vec<u8> {
 
 /// Sends `msg` over UDP; `None` when nothing comes back within 2 s.
 async fn udp(server: SocketAddr, msg: &[u8]) -> Option<Vec<u8>> {
-    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let sock = UdpSocket::bind(client_addr(server)).await.unwrap();
     sock.send_to(msg, server).await.unwrap();
     let mut buf = vec![0u8; 65_535];
     let (n, _) = tokio::time::timeout(Duration::from_secs(2), sock.recv_from(&mut buf))
@@ -216,6 +217,20 @@ async fn udp(server: SocketAddr, msg: &[u8]) -> Option<Vec<u8>> {
         .ok()?
         .unwrap();
     Some(buf[..n].to_vec())
+}
+
+/// A loopback client address of `server`'s family.
+fn client_addr(server: SocketAddr) -> SocketAddr {
+    if server.is_ipv4() {
+        "127.0.0.1:0".parse().unwrap()
+    } else {
+        "[::1]:0".parse().unwrap()
+    }
+}
+
+/// Whether this host has IPv6 loopback (a container may not).
+fn has_ipv6() -> bool {
+    std::net::UdpSocket::bind("[::1]:0").is_ok()
 }
 
 async fn tcp(server: SocketAddr, msgs: &[Vec<u8>]) -> Vec<Vec<u8>> {
@@ -426,4 +441,149 @@ async fn an_upstream_that_is_the_server_itself_is_refused() {
     )
     .await;
     assert!(matches!(r, Err(StartError::Loop(a)) if a == addr), "{r:?}");
+}
+
+/// `127.0.0.1` also serves `[::1]` at the same port (where ip6tables
+/// REDIRECT sends queries to IPv6 nameservers), IPv6-only: mesh names,
+/// forwarding, and answers back to the IPv6 client, over UDP and TCP.
+#[tokio::test]
+async fn the_ipv6_loopback_twin_answers_and_forwards_for_ipv6_clients() {
+    if !has_ipv6() {
+        eprintln!("skipped: no IPv6 loopback here");
+        return;
+    }
+    let up = upstream().await;
+    let (s, metrics) = server(up.addr).await;
+    let v4 = s.local_addr();
+    let v6 = s.ipv6_addr().expect("an IPv6 twin");
+    assert_eq!(v6, SocketAddr::new(Ipv6Addr::LOCALHOST.into(), v4.port()));
+
+    let r = udp(v6, &q(40, "catalog.default.svc.cluster.local", TYPE_A))
+        .await
+        .unwrap();
+    assert_eq!((rcode(&r), addrs(&r)), (0, vec![CATALOG]));
+    let r = udp(v6, &q(41, "catalog", TYPE_AAAA)).await.unwrap();
+    assert_eq!((rcode(&r), Header::parse(&r).unwrap().ancount), (0, 0));
+    // Forwarded (the upstream is IPv4), the answer back to the IPv6 client.
+    let r = udp(v6, &q(42, "example.com", TYPE_A)).await.unwrap();
+    assert_eq!(
+        (Header::parse(&r).unwrap().id, addrs(&r)),
+        (42, vec![UP_UDP])
+    );
+    let rs = tcp(
+        v6,
+        &[q(43, "cart.shop", TYPE_A), q(44, "example.com", TYPE_A)],
+    )
+    .await;
+    assert_eq!(addrs(&rs[0]), vec![CART]);
+    assert_eq!(addrs(&rs[1]), vec![UP_TCP]);
+    assert_eq!(metrics.dns_queries(DnsResult::Mesh), 3);
+    assert_eq!(metrics.dns_queries(DnsResult::Forwarded), 2);
+
+    // IPv6-only: the IPv4 sockets of the port are separate and still answer.
+    let r = udp(v4, &q(45, "catalog", TYPE_A)).await.unwrap();
+    assert_eq!(addrs(&r), vec![CATALOG]);
+    // `0.0.0.0` gets `[::]`.
+    let any = DnsServer::start(
+        DnsOptions {
+            addr: "0.0.0.0:0".parse().unwrap(),
+            ..options(up.addr)
+        },
+        Arc::new(Metrics::new()),
+    )
+    .await
+    .unwrap();
+    any.set_names(entries());
+    let twin = any.ipv6_addr().expect("[::] beside 0.0.0.0");
+    assert!(twin.ip().is_unspecified() && twin.is_ipv6());
+    assert_eq!(twin.port(), any.local_addr().port());
+    let r = udp(
+        SocketAddr::new(Ipv6Addr::LOCALHOST.into(), twin.port()),
+        &q(46, "catalog", TYPE_A),
+    )
+    .await
+    .unwrap();
+    assert_eq!(addrs(&r), vec![CATALOG]);
+}
+
+#[tokio::test]
+async fn an_ipv6_address_is_its_own_and_has_no_twin() {
+    if !has_ipv6() {
+        eprintln!("skipped: no IPv6 loopback here");
+        return;
+    }
+    let up = upstream().await;
+    let addr = "[::1]:0".parse().unwrap();
+    let s = DnsServer::start(
+        DnsOptions {
+            addr,
+            ..options(up.addr)
+        },
+        Arc::new(Metrics::new()),
+    )
+    .await
+    .unwrap();
+    assert!(s.local_addr().is_ipv6());
+    assert_eq!(s.ipv6_addr(), None);
+    s.set_names(entries());
+    let r = udp(s.local_addr(), &q(47, "cart.shop", TYPE_A))
+        .await
+        .unwrap();
+    assert_eq!(addrs(&r), vec![CART]);
+}
+
+#[tokio::test]
+async fn an_upstream_on_the_ipv6_twin_is_refused() {
+    if !has_ipv6() {
+        eprintln!("skipped: no IPv6 loopback here");
+        return;
+    }
+    let port = free_port_everywhere();
+    let r = DnsServer::start(
+        DnsOptions {
+            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+            upstream: SocketAddr::from((Ipv6Addr::LOCALHOST, port)),
+            ..options("192.0.2.1:53".parse().unwrap())
+        },
+        Arc::new(Metrics::new()),
+    )
+    .await;
+    assert!(
+        matches!(r, Err(StartError::Loop(a)) if a.is_ipv6() && a.port() == port),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn no_ipv6_means_address_not_available_or_family_not_supported() {
+    assert!(no_ipv6(&io::Error::from(io::ErrorKind::AddrNotAvailable)));
+    assert!(no_ipv6(&io::Error::from_raw_os_error(97)));
+    assert!(!no_ipv6(&io::Error::from(io::ErrorKind::AddrInUse)));
+    assert!(!no_ipv6(&io::Error::from(io::ErrorKind::PermissionDenied)));
+}
+
+/// Options of a test server with `upstream`.
+fn options(upstream: SocketAddr) -> DnsOptions {
+    DnsOptions {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        domain: "cluster.local".into(),
+        namespace: "default".into(),
+        upstream,
+        search: vec![],
+        timeout: Duration::from_millis(300),
+    }
+}
+
+/// A port free on UDP and TCP, IPv4 and IPv6, just now.
+fn free_port_everywhere() -> u16 {
+    loop {
+        let u4 = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = u4.local_addr().unwrap().port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::UdpSocket::bind(("::1", port)).is_ok()
+            && std::net::TcpListener::bind(("::1", port)).is_ok()
+        {
+            return port;
+        }
+    }
 }

@@ -225,3 +225,54 @@ async fn dig_resolves_mesh_names_over_udp_and_tcp() {
     assert!(full.contains("ANSWER: 0"), "{full}");
     proxy.shutdown(Duration::from_secs(1)).await;
 }
+
+/// The DNS server on `127.0.0.1` also answers on `[::1]` at the same port
+/// (where ip6tables sends queries to IPv6 nameservers): `dig` over IPv6,
+/// UDP and TCP, mesh names and forwarded ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dig_over_ipv6_reaches_the_ipv6_loopback_twin() {
+    if std::net::UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("skipped: no IPv6 loopback here");
+        return;
+    }
+    let (up, _up_task) = upstream().await;
+    let yaml = mesh(true);
+    let catalog = vip(&yaml, "default", "catalog");
+    let (proxy, _file) = start(&yaml, up).await;
+    let port = proxy.dns_addr().unwrap().port();
+    let dig = |extra: &[&str]| {
+        let mut args: Vec<String> = ["@::1", "-p", &port.to_string(), "+time=2", "+tries=1"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        tokio::task::spawn_blocking(move || {
+            let out = std::process::Command::new("dig")
+                .args(&args)
+                .output()
+                .unwrap_or_else(|e| {
+                    panic!("cannot run dig ({e}): install dnsutils, or run ./scripts/test.sh")
+                });
+            assert!(out.status.success(), "dig {args:?}: {out:?}");
+            String::from_utf8(out.stdout).unwrap()
+        })
+    };
+    for transport in ["+notcp", "+tcp"] {
+        let short = dig(&[
+            transport,
+            "+short",
+            "catalog.default.svc.cluster.local",
+            "A",
+        ])
+        .await
+        .unwrap();
+        assert_eq!(short.trim(), catalog.to_string(), "{transport}");
+        let short = dig(&[transport, "+short", "example.com"]).await.unwrap();
+        assert_eq!(short.trim(), UPSTREAM_ANSWER.to_string(), "{transport}");
+        let full = dig(&[transport, "catalog", "AAAA"]).await.unwrap();
+        assert!(full.contains("status: NOERROR"), "{full}");
+        assert!(full.contains("ANSWER: 0"), "{full}");
+        assert!(full.contains("SERVER: ::1#"), "{full}");
+    }
+    proxy.shutdown(Duration::from_secs(1)).await;
+}
