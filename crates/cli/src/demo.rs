@@ -18,6 +18,12 @@
 //! The catalog split is written to a file beside the run; `meshwork apply`
 //! of an edited copy changes the live split.
 //!
+//! Files: in `--dir`, or else in a new directory of the temp dir, made for
+//! the run (never reused), with an unguessable name and mode 0700, so no
+//! other local user can prepare it or read it ([`dir`]); secrets (the admin
+//! token) are new files of mode 0600 that never follow a symlink
+//! ([`write_secret`]).
+//!
 //! Ports: `--control-port P` gives the API P and xDS P+1; `--mesh-port M`
 //! gives instance k (in the order printed) M+10k (application), +1
 //! (sidecar outbound), +2 (inbound), +3 (admin). 0: the OS picks every port.
@@ -38,7 +44,7 @@
 //! same process).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -181,7 +187,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .context("starting the async runtime")?;
     if args.transparent {
         return rt.block_on(async {
-            let dir = transparent::dir(&args)?;
+            let dir = dir(&args)?;
             transparent::run(&args, &dir).await
         });
     }
@@ -200,10 +206,7 @@ async fn demo(args: Args, log: proxy::logging::LogHandle) -> anyhow::Result<Exit
     };
 
     // Files beside the run.
-    let dir = args.dir.clone().unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("meshwork-demo-{}", std::process::id()))
-    });
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = dir(&args)?;
 
     // 1. The control plane: CA on, xDS over TLS only; every sidecar joins
     //    with a join token, as `meshwork proxy --token` does.
@@ -630,17 +633,139 @@ async fn api_call(
     Ok(body)
 }
 
-/// Writes `text` to a new file only its owner can read.
-fn write_secret(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+/// The directory the demo writes its files into: `--dir` (created if
+/// missing), or else a new one under the temp dir that did not exist before,
+/// with an unpredictable name and mode 0700, so no other local user can
+/// have prepared it (symlinks, files of theirs) nor read what is in it.
+fn dir(args: &Args) -> anyhow::Result<PathBuf> {
+    match &args.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+            Ok(d.clone())
+        }
+        None => {
+            let prefix = format!("meshwork-demo-{}-", std::process::id());
+            fresh_dir(&std::env::temp_dir(), || {
+                format!("{prefix}{}", random_hex())
+            })
+        }
+    }
+}
+
+/// How many names [`fresh_dir`] tries before it gives up.
+const FRESH_DIR_TRIES: usize = 16;
+
+/// Creates `parent/<name()>`, a directory that did not exist, mode 0700
+/// (not `create_dir_all`: an existing one, maybe someone else's, is never
+/// reused); another name on `AlreadyExists`.
+fn fresh_dir(parent: &Path, mut name: impl FnMut() -> String) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    let mut last = None;
+    for _ in 0..FRESH_DIR_TRIES {
+        let dir = parent.join(name());
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(dir),
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "creating the demo's directory {} (pick one with --dir DIR)",
+                        dir.display()
+                    )
+                })
+            }
+        }
+    }
+    bail!(
+        "could not create a new directory for the demo in {}: {FRESH_DIR_TRIES} names were \
+         taken (last {}); pick one with --dir DIR",
+        parent.display(),
+        last.map(|d| d.display().to_string()).unwrap_or_default()
+    )
+}
+
+/// 64 random bits in hex, for a name no other user can guess: std's
+/// `RandomState` keys come from the OS's random source (this crate does not
+/// depend on a random number crate).
+fn random_hex() -> String {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    h.write_u128(now);
+    format!("{:016x}", h.finish())
+}
+
+/// This process's effective user id (`/proc/self/status`).
+fn euid() -> Option<u32> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("Uid:"))?
+        .split_whitespace()
+        .nth(2)?
+        .parse()
+        .ok()
+}
+
+/// Writes `text` to a new file only its owner can read (mode 0600).
+///
+/// The file is created with `O_EXCL` (`create_new`), so an existing file or
+/// symlink is never opened nor followed. In a `--dir` of the user's, an
+/// existing file of ours at `path` (an earlier run's) is replaced; a symlink
+/// or a file owned by another user is refused: someone else could read, or
+/// redirect, the secret.
+fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
     use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
+    use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+    match std::fs::symlink_metadata(path) {
+        Ok(m) => {
+            if m.file_type().is_symlink() {
+                bail!(
+                    "refusing to write a secret to {}: it is a symbolic link (someone could \
+                     redirect the secret through it); remove it, or pick another --dir",
+                    path.display()
+                );
+            }
+            let me = euid();
+            if me != Some(m.uid()) {
+                bail!(
+                    "refusing to write a secret to {}: it already exists and belongs to user \
+                     {}{}, who could read it; remove it, or pick another --dir",
+                    path.display(),
+                    m.uid(),
+                    me.map(|u| format!(", not to this process's user {u}"))
+                        .unwrap_or_default()
+                );
+            }
+            if !m.is_file() {
+                bail!(
+                    "refusing to write a secret to {}: it exists and is not a regular file; \
+                     remove it, or pick another --dir",
+                    path.display()
+                );
+            }
+            // Ours, from an earlier run: made anew below (mode 0600, even
+            // if it had another).
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing the old {}", path.display()))?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("checking {}", path.display())),
+    }
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
+        .with_context(|| {
+            format!(
+                "creating {} (it must not exist: is another run using this --dir?)",
+                path.display()
+            )
+        })?;
     writeln!(f, "{text}").with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
@@ -753,4 +878,138 @@ try: change the split (e.g. weights 50 and 50), apply it, and watch the lines be
             "Ctrl-C stops it.".to_owned()
         },
     );
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+
+    use clap::FromArgMatches as _;
+
+    use super::*;
+
+    /// A directory of its own for one test, removed on drop.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(what: &str) -> Scratch {
+            let d = std::env::temp_dir().join(format!(
+                "meshwork-demo-test-{what}-{}-{}",
+                std::process::id(),
+                random_hex()
+            ));
+            std::fs::create_dir(&d).unwrap();
+            Scratch(d)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn args(argv: &[&str]) -> Args {
+        let cmd = <Args as clap::Args>::augment_args(clap::Command::new("demo"));
+        let m = cmd
+            .try_get_matches_from(std::iter::once("demo").chain(argv.iter().copied()))
+            .unwrap();
+        Args::from_arg_matches(&m).unwrap()
+    }
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn the_default_dir_is_new_private_and_unguessable() {
+        let a = dir(&args(&[])).unwrap();
+        let b = dir(&args(&[])).unwrap();
+        let _cleanup = (Scratch(a.clone()), Scratch(b.clone()));
+        assert_ne!(a, b);
+        for d in [&a, &b] {
+            let name = d.file_name().unwrap().to_string_lossy().into_owned();
+            let random = name
+                .strip_prefix(&format!("meshwork-demo-{}-", std::process::id()))
+                .unwrap_or_else(|| panic!("{name}"));
+            assert_eq!(random.len(), 16, "{name}");
+            assert_eq!(d.parent(), Some(std::env::temp_dir().as_path()));
+            assert_eq!(mode(d), 0o700, "{}", d.display());
+            assert_eq!(std::fs::read_dir(d).unwrap().count(), 0);
+        }
+    }
+
+    #[test]
+    fn a_fresh_dir_never_reuses_an_existing_one() {
+        let base = Scratch::new("fresh");
+        // Someone prepared the first name, with a symlink in it.
+        let taken = base.0.join("taken");
+        std::fs::create_dir(&taken).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", taken.join("admin.token")).unwrap();
+        let mut names = ["taken", "new"].into_iter();
+        let d = fresh_dir(&base.0, || names.next().unwrap().to_owned()).unwrap();
+        assert_eq!(d, base.0.join("new"));
+        assert_eq!(mode(&d), 0o700);
+        assert_eq!(std::fs::read_dir(&d).unwrap().count(), 0);
+
+        // Every name taken: an error naming --dir, not a reused directory.
+        let e = fresh_dir(&base.0, || "taken".to_owned()).unwrap_err();
+        assert!(format!("{e:#}").contains("--dir DIR"), "{e:#}");
+    }
+
+    #[test]
+    fn a_secret_is_a_new_file_only_its_owner_reads() {
+        let d = Scratch::new("secret");
+        let p = d.0.join("admin.token");
+        write_secret(&p, "s3cret").unwrap();
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "s3cret\n");
+        assert_eq!(mode(&p), 0o600);
+        // An earlier run's file of ours, even world-readable, is made anew.
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_secret(&p, "again").unwrap();
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "again\n");
+        assert_eq!(mode(&p), 0o600);
+    }
+
+    #[test]
+    fn a_secret_is_never_written_through_a_symlink() {
+        let d = Scratch::new("symlink");
+        let victim = d.0.join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        let p = d.0.join("admin.token");
+        std::os::unix::fs::symlink(&victim, &p).unwrap();
+        let e = format!("{:#}", write_secret(&p, "s3cret").unwrap_err());
+        assert!(
+            e.contains(&p.display().to_string()) && e.contains("symbolic link"),
+            "{e}"
+        );
+        assert!(e.contains("remove it, or pick another --dir"), "{e}");
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        // A dangling one too (it would create the file where it points).
+        let dangling = d.0.join("dangling.token");
+        std::os::unix::fs::symlink(d.0.join("elsewhere"), &dangling).unwrap();
+        assert!(write_secret(&dangling, "s3cret").is_err());
+        assert!(!d.0.join("elsewhere").exists());
+    }
+
+    #[test]
+    fn a_secret_is_never_written_into_another_users_file() {
+        if euid() != Some(0) {
+            eprintln!("skipped: needs root to make a file of another user");
+            return;
+        }
+        let d = Scratch::new("owner");
+        let p = d.0.join("admin.token");
+        std::fs::write(&p, "theirs").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::os::unix::fs::chown(&p, Some(65534), Some(65534)).unwrap();
+        let e = format!("{:#}", write_secret(&p, "s3cret").unwrap_err());
+        assert!(
+            e.contains(&p.display().to_string()) && e.contains("belongs to user 65534"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "theirs");
+        assert_eq!(std::fs::metadata(&p).unwrap().uid(), 65534);
+    }
 }

@@ -117,13 +117,14 @@ pub struct Args {
     /// that once the application accepts); `POST /healthcheck/fail` announces `draining`.
     #[arg(long, default_value = "serving", value_parser = parse_workload_state)]
     workload_state: WorkloadState,
-    /// Drain and exit when the parent process goes away (`meshwork run` passes it, so a
-    /// `meshwork run` killed with SIGKILL does not leave its sidecar running).
+    /// Managed by the parent process (`meshwork run` passes it): stop on SIGINT or when the
+    /// parent goes away (a `meshwork run` killed with SIGKILL does not leave its sidecar
+    /// running); SIGTERM from others is ignored, the parent orders the stop.
     #[arg(long)]
     exit_with_parent: bool,
     /// Mesh DNS (UDP and TCP): answers mesh Service names with their VIPs and forwards the rest.
     /// `off` disables it. Default: 127.0.0.1:15053 with --capture, off otherwise. 127.0.0.1
-    /// (0.0.0.0) also serves on [::1] ([::]) at the same port, where the host has IPv6.
+    /// (0.0.0.0) also serves on `[::1]` (`[::]`) at the same port, where the host has IPv6.
     #[arg(long, value_parser = parse_dns_addr)]
     dns_addr: Option<DnsAddr>,
     /// Mesh DNS: the cluster domain of `name.namespace.svc.<domain>`.
@@ -315,10 +316,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         tracing::info!(admin = %proxy.admin_addr(), "proxy ready");
         if args.exit_with_parent {
-            tokio::select! {
-                () = wait_for_signal() => {}
-                () = parent_gone() => {}
-            }
+            wait_for_parent_stop().await;
         } else {
             wait_for_signal().await;
         }
@@ -495,6 +493,12 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     if d.is_zero() {
         return Err(format!("{:?}: must be positive", s.trim()));
     }
+    if d.subsec_nanos() != 0 {
+        return Err(format!(
+            "{:?}: whole seconds only here, like 90s, 30m or 24h",
+            s.trim()
+        ));
+    }
     Ok(d)
 }
 
@@ -633,6 +637,39 @@ pub(crate) fn servers(addrs: &[String]) -> Vec<String> {
         .collect()
 }
 
+/// A sidecar managed by its parent (`--exit-with-parent`, `meshwork run`)
+/// stops on SIGINT (what the parent sends once the application is done) or
+/// when the parent goes away. SIGTERM from anyone else (a service manager
+/// signalling the whole control group) is logged and ignored: the parent
+/// orders the stop, so outbound keeps working while the application drains.
+async fn wait_for_parent_stop() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(t), Ok(i)) => (t, i),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!(error = %e, "cannot watch signals; stopping only when the parent goes away");
+            return parent_gone().await;
+        }
+    };
+    let parent = std::os::unix::process::parent_id();
+    // One future for the whole wait: it remembers the parent it started with.
+    let gone = parent_gone();
+    tokio::pin!(gone);
+    loop {
+        tokio::select! {
+            _ = int.recv() => return,
+            () = &mut gone => return,
+            _ = term.recv() => tracing::warn!(
+                parent,
+                "SIGTERM ignored: this sidecar stops when its parent (meshwork run) says so, after the application; signal the parent (or send SIGINT here)"
+            ),
+        }
+    }
+}
+
 /// Resolves once this process's parent is no longer the one it started
 /// with (the parent died and it was reparented), checked every second.
 async fn parent_gone() {
@@ -662,5 +699,38 @@ pub(crate) async fn wait_for_signal() {
             tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the proxy");
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_units_and_only_some_flags_take_zero_or_milliseconds() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
+        assert_eq!(parse_duration("2000ms"), Ok(Duration::from_secs(2)));
+        assert!(parse_duration("0s").unwrap_err().contains("positive"));
+        assert!(parse_duration("500ms")
+            .unwrap_err()
+            .contains("whole seconds"));
+        assert!(parse_duration("5x").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("s")
+            .unwrap_err()
+            .contains("expected a number"));
+        assert_eq!(parse_duration_or_zero("0s"), Ok(Duration::ZERO));
+        assert_eq!(
+            parse_duration_or_zero("250ms"),
+            Ok(Duration::from_millis(250))
+        );
+        assert_eq!(
+            parse_workload_state("draining"),
+            Ok(WorkloadState::Draining)
+        );
+        assert!(parse_workload_state("up")
+            .unwrap_err()
+            .contains("starting, serving or draining"));
     }
 }

@@ -649,12 +649,14 @@ async fn stop_app(
         .unwrap_or_else(|_| ExitStatus::from_raw(FAILED as i32 * 256))
 }
 
-/// SIGTERM to the sidecar (it drains), SIGKILL if it takes too long.
+/// SIGINT to the sidecar (it drains), SIGKILL if it takes too long.
 async fn stop_proxy(proxy: &mut Child) {
     if matches!(proxy.try_wait(), Ok(Some(_))) {
         return;
     }
-    send_signal(proxy, "TERM");
+    // SIGINT: the sidecar (`--exit-with-parent`) ignores SIGTERM from a
+    // service manager signalling everyone; this is the parent's stop.
+    send_signal(proxy, "INT");
     let limit = Duration::from_secs(PROXY_DRAIN_SECS) + PROXY_STOP_GRACE;
     if tokio::time::timeout(limit, proxy.wait()).await.is_err() {
         eprintln!(

@@ -17,7 +17,7 @@
 //!   the Workload's [`api::resources::WORKLOAD_STATE_ANNOTATION`], which the
 //!   translator reads (a starting workload is no endpoint, a draining one is
 //!   `DRAINING`). A node that sends itself again on an open stream updates
-//!   its workload ([`Registry::update`]). A draining workload is removed as
+//!   its workload ([`Registration::update`]). A draining workload is removed as
 //!   soon as its last stream ends: it said it was leaving.
 //! - A node without a `service` metadata field (an Envoy, a proxyless gRPC
 //!   client) registers nothing: [`Registry::register`] returns `Ok(None)`.
@@ -105,6 +105,9 @@ struct Entry {
 pub struct Registration {
     registry: Arc<Registry>,
     node: String,
+    /// The generation this stream registered: only the newest stream of a
+    /// node may change its workload ([`Registration::update`]).
+    generation: u64,
 }
 
 impl Registry {
@@ -171,13 +174,17 @@ impl Registry {
         Some(Registration {
             registry: self.clone(),
             node: info.id.clone(),
+            generation: revision,
         })
     }
 
     /// A stream's node announced itself again (its workload's state
-    /// changed): the workload becomes what `info` says. Nothing happens if
-    /// the node is not registered or announces no workload.
-    pub fn update(&self, info: &NodeInfo) {
+    /// changed): the workload becomes what `info` says, if `generation` is
+    /// still the node's newest registration (an older stream of the same
+    /// node, e.g. a replaced instance still draining under the same name,
+    /// must not overwrite the new one). Nothing happens if the node is not
+    /// registered or announces no workload.
+    fn update(&self, info: &NodeInfo, generation: u64) {
         let Some(w) = info.workload.clone() else {
             return;
         };
@@ -185,6 +192,10 @@ impl Registry {
         let Some(e) = inner.nodes.get_mut(&info.id) else {
             return;
         };
+        if e.generation != generation {
+            tracing::info!(node = %info.id, "a newer stream of this node owns its workload: update ignored");
+            return;
+        }
         if e.workload == w {
             return;
         }
@@ -242,6 +253,17 @@ impl Registry {
             drop(inner);
             tracing::info!(node, "workload deregistered");
             self.changes.send_replace(revision);
+        }
+    }
+}
+
+impl Registration {
+    /// This stream's node announced itself again (its workload's state
+    /// changed): the workload becomes what `info` says, if this stream is
+    /// still the node's newest registration.
+    pub fn update(&self, info: &NodeInfo) {
+        if info.id == self.node {
+            self.registry.update(info, self.generation);
         }
     }
 }
@@ -687,17 +709,28 @@ mod tests {
         assert_eq!(state(&reg).as_deref(), Some("starting"));
         let mut rx = reg.subscribe();
         rx.borrow_and_update();
-        reg.update(&web_node_in("web-1.shop", "serving"));
+        guard.update(&web_node_in("web-1.shop", "serving"));
         assert_eq!(state(&reg), None, "serving needs no annotation");
         assert!(rx.has_changed().unwrap(), "the change is announced");
         rx.borrow_and_update();
-        reg.update(&web_node_in("web-1.shop", "serving"));
+        guard.update(&web_node_in("web-1.shop", "serving"));
         assert!(!rx.has_changed().unwrap(), "no change, no announcement");
-        reg.update(&web_node_in("web-1.shop", "draining"));
-        assert_eq!(state(&reg).as_deref(), Some("draining"));
-        // An unknown node is not registered by an update.
-        reg.update(&web_node_in("web-2.shop", "serving"));
+        // A second stream of the same node (the replacement, same name)
+        // owns the workload now: the old stream's announcement is ignored.
+        let newer = reg.register(&web_node_in("web-1.shop", "serving")).unwrap();
+        guard.update(&web_node_in("web-1.shop", "draining"));
+        assert_eq!(state(&reg), None, "the older stream cannot drain it");
+        drop(newer);
+        tokio::time::sleep(Duration::from_secs(31)).await;
+        assert_eq!(reg.workloads().len(), 1, "the old stream is still open");
+        // Another node's announcement through this stream does nothing.
+        guard.update(&web_node_in("web-2.shop", "serving"));
         assert_eq!(reg.workloads().len(), 1);
+        // The old stream ends too; a new one comes within the grace period.
+        drop(guard);
+        let guard = reg.register(&web_node_in("web-1.shop", "serving")).unwrap();
+        guard.update(&web_node_in("web-1.shop", "draining"));
+        assert_eq!(state(&reg).as_deref(), Some("draining"));
         // It said it was leaving: no grace period.
         drop(guard);
         assert!(reg.workloads().is_empty());

@@ -9,7 +9,7 @@
 //!   | method | path | answer |
 //!   |---|---|---|
 //!   | GET | `/` | this list, as text |
-//!   | GET | `/ready` | 200 `ready` / 503 `not ready` |
+//!   | GET | `/ready` | 200 `ready` / 503 `not ready`, or 503 `draining` after `POST /healthcheck/fail` |
 //!   | GET | `/live` | 200 `live` |
 //!   | GET | `/metrics` | Prometheus text 0.0.4 |
 //!   | GET | `/config_dump` | the config in use, JSON |
@@ -83,10 +83,16 @@ pub trait AdminSource: Send + Sync + 'static {
         Box::pin(async { None })
     }
     /// `POST /healthcheck/fail` and `/ok`: the state the node announces.
-    /// `Some(true)`: a control plane is told; `Some(false)`: recorded, but
-    /// there is no control plane (file mode); `None`: not supported.
+    /// `Some(true)`: a control plane is told (on the open xDS stream, or
+    /// when it reconnects); `Some(false)`: recorded, but nothing to tell
+    /// (no control plane, or no workload registered); `None`: not supported.
     fn set_workload_state(&self, _state: WorkloadState) -> Option<bool> {
         None
+    }
+    /// After `POST /healthcheck/fail`: `/ready` answers 503 `draining`, as
+    /// Envoy's does once its health checks are failed.
+    fn draining(&self) -> bool {
+        false
     }
 }
 
@@ -257,7 +263,9 @@ fn handle<B>(admin: &Admin, req: &Request<B>) -> Response<Full<Bytes>> {
     match (method, path) {
         (&Method::GET, "/") => text(StatusCode::OK, index()),
         (&Method::GET, "/ready") => {
-            if admin.source.ready() {
+            if admin.source.draining() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into())
+            } else if admin.source.ready() {
                 text(StatusCode::OK, "ready\n".into())
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into())
@@ -310,11 +318,11 @@ fn set_workload_state(admin: &Admin, state: WorkloadState) -> Response<Full<Byte
     match admin.source.set_workload_state(state) {
         Some(true) => text(
             StatusCode::OK,
-            format!("{state}: announced to the control plane\n"),
+            format!("{state}: announced to the control plane (on the open xDS stream, or when it reconnects)\n"),
         ),
         Some(false) => text(
             StatusCode::OK,
-            format!("{state} (no control plane to announce it to: this proxy reads a file)\n"),
+            format!("{state}: recorded, but nothing to announce (no control plane, or no --service registered)\n"),
         ),
         None => text(
             StatusCode::NOT_IMPLEMENTED,

@@ -341,6 +341,19 @@ const PROBE_EVERY: Duration = Duration::from_millis(200);
 const PROBE_PATIENCE: Duration = Duration::from_secs(10);
 
 impl Inner {
+    /// Fed by a control plane, with a workload in its node (`--service`):
+    /// there is someone to announce the workload's state to.
+    fn registers_a_workload(&self) -> bool {
+        match &self.opts.source {
+            Source::Control { client, .. } => client
+                .node
+                .metadata
+                .as_ref()
+                .is_some_and(|m| m.fields.contains_key("service")),
+            Source::File { .. } => false,
+        }
+    }
+
     fn set_state(&self, from: Option<WorkloadState>, to: WorkloadState) -> bool {
         let changed = self.workload_state.send_if_modified(|now| {
             if *now == to || from.is_some_and(|f| f != *now) {
@@ -349,7 +362,7 @@ impl Inner {
             *now = to;
             true
         });
-        changed && matches!(self.opts.source, Source::Control { .. })
+        changed && self.registers_a_workload()
     }
 
     async fn reload(&self, initial: bool) -> Result<(), Error> {
@@ -594,7 +607,11 @@ impl AdminSource for Inner {
 
     fn set_workload_state(&self, state: WorkloadState) -> Option<bool> {
         self.set_state(None, state);
-        Some(matches!(self.opts.source, Source::Control { .. }))
+        Some(self.registers_a_workload())
+    }
+
+    fn draining(&self) -> bool {
+        *self.workload_state.borrow() == WorkloadState::Draining
     }
 
     fn drain_listeners(self: Arc<Self>, inbound_only: bool) -> admin::DrainFuture {

@@ -8,8 +8,10 @@
 //! refused as a whole; a removed listener stops accepting and drains.
 //! A listener with `additional_addresses` has one socket (and accept loop)
 //! per address, all serving the same chains; each address is kept, bound or
-//! drained on its own. An additional IPv6 address the host cannot bind (no
-//! IPv6) is skipped with a warning instead of refusing the config.
+//! drained on its own. An additional `[::1]` or `[::]` (a capture listener's
+//! IPv6 twin) that the host cannot bind because it has no IPv6 is skipped
+//! with a warning instead of refusing the config; any other address that
+//! cannot be bound refuses it, as Envoy does.
 //!
 //! Transparent capture: a `use_original_dst` listener reads each accepted
 //! connection's original destination (`SO_ORIGINAL_DST`, set by an iptables
@@ -116,8 +118,15 @@ struct Socket {
 }
 
 impl Running {
-    fn has(&self, addr: SocketAddr) -> bool {
-        self.sockets.iter().any(|s| s.configured == addr) || self.skipped.contains(&addr)
+    /// Whether `addr` has a socket here.
+    fn listens(&self, addr: SocketAddr) -> bool {
+        self.sockets.iter().any(|s| s.configured == addr)
+    }
+
+    /// Whether `addr`, as an additional address, needs no new socket: it
+    /// has one, or it was skipped (no IPv6).
+    fn has_additional(&self, addr: SocketAddr) -> bool {
+        self.listens(addr) || self.skipped.contains(&addr)
     }
 }
 
@@ -135,15 +144,16 @@ impl ListenerSet {
     /// listeners. On error nothing has changed; on success nothing has
     /// changed yet either, until [`ListenerSet::commit`].
     ///
-    /// An additional IPv6 address that cannot be bound because the host has
-    /// no IPv6 is skipped with a warning (a capture listener's `[::1]` twin
-    /// must not keep an IPv4-only host from starting); every other failure
-    /// refuses the update.
+    /// An additional `[::1]` or `[::]` that cannot be bound because the
+    /// host has no IPv6 is skipped with a warning (a capture listener's IPv6
+    /// twin must not keep an IPv4-only host from starting); every other
+    /// failure refuses the update, a specific IPv6 address that is not here
+    /// included. A primary `address` is bound unless it has a socket
+    /// already, even if it was skipped as an additional address before.
     pub fn bind_new(&self, wanted: &HashMap<String, Arc<Listener>>) -> Result<Bound, BindError> {
         let mut fresh = Vec::new();
         for (name, l) in wanted.iter().filter(|(_, l)| l.bind_to_port) {
             let running = self.running.get(name);
-            let new = |addr: &SocketAddr| !running.is_some_and(|r| r.has(*addr));
             let mut f = Fresh {
                 name: name.clone(),
                 config: l.clone(),
@@ -155,17 +165,18 @@ impl ListenerSet {
                 address,
                 source,
             };
-            if new(&l.address) {
+            if !running.is_some_and(|r| r.listens(l.address)) {
                 // Beside an IPv4 address of its own, `[::]` must leave IPv4 to it.
                 let v6_only =
                     l.address.is_ipv6() && l.additional_addresses.iter().any(SocketAddr::is_ipv4);
                 let socket = bind(l.address, v6_only).map_err(|e| error(l.address, e))?;
                 f.sockets.push((l.address, socket));
             }
-            for &addr in l.additional_addresses.iter().filter(|a| new(a)) {
+            let new = |a: &&SocketAddr| !running.is_some_and(|r| r.has_additional(**a));
+            for &addr in l.additional_addresses.iter().filter(new) {
                 match bind(addr, addr.is_ipv6()) {
                     Ok(socket) => f.sockets.push((addr, socket)),
-                    Err(e) if addr.is_ipv6() && no_ipv6(&e) => {
+                    Err(e) if skippable(addr, &e) => {
                         tracing::warn!(listener = %name, address = %addr, error = %e, "IPv6 is not available on this host: not listening on this additional address (IPv6 connections redirected to it are refused)");
                         f.skipped.push(addr);
                     }
@@ -313,6 +324,19 @@ fn bind(addr: SocketAddr, v6_only: bool) -> io::Result<TcpListener> {
     };
     std.set_nonblocking(true)?;
     TcpListener::from_std(std)
+}
+
+/// Whether an additional address that failed to bind with `e` is skipped
+/// rather than refusing the config: only the IPv6 twins `[::1]` and `[::]`
+/// (which every capture listener gets), and only because the host has no
+/// IPv6. Any other IPv6 address was asked for explicitly: if it is not
+/// here, the config is wrong for this host.
+fn skippable(addr: SocketAddr, e: &io::Error) -> bool {
+    let twin = match addr.ip() {
+        std::net::IpAddr::V6(ip) => ip.is_loopback() || ip.is_unspecified(),
+        std::net::IpAddr::V4(_) => false,
+    };
+    twin && no_ipv6(e)
 }
 
 /// Whether a bind failed because the host has no IPv6: no IPv6 in the
@@ -716,5 +740,106 @@ mod tests {
         assert!(no_ipv6(&io::Error::from_raw_os_error(EAFNOSUPPORT)));
         assert!(!no_ipv6(&io::Error::from(io::ErrorKind::AddrInUse)));
         assert!(!no_ipv6(&io::Error::from(io::ErrorKind::PermissionDenied)));
+    }
+
+    #[test]
+    fn only_the_ipv6_twins_are_skipped_and_only_for_lack_of_ipv6() {
+        let not_here = io::Error::from(io::ErrorKind::AddrNotAvailable);
+        let no_family = io::Error::from_raw_os_error(EAFNOSUPPORT);
+        let in_use = io::Error::from(io::ErrorKind::AddrInUse);
+        let at = |s: &str| s.parse::<SocketAddr>().unwrap();
+        for twin in ["[::1]:15001", "[::]:15006"] {
+            assert!(skippable(at(twin), &not_here), "{twin}");
+            assert!(skippable(at(twin), &no_family), "{twin}");
+            assert!(!skippable(at(twin), &in_use), "{twin}");
+        }
+        for other in [
+            "[2001:db8::1]:80",
+            "[fe80::1]:80",
+            "[fd00::5]:80",
+            "127.0.0.1:80",
+        ] {
+            assert!(!skippable(at(other), &not_here), "{other}");
+            assert!(!skippable(at(other), &no_family), "{other}");
+        }
+    }
+
+    fn set() -> (ListenerSet, drain::Trigger) {
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let log = crate::accesslog::AccessLog::new(crate::accesslog::Target::Off).unwrap();
+        let (trigger, watch) = drain::channel();
+        (ListenerSet::new(Shared::new(metrics, log), watch), trigger)
+    }
+
+    fn listener(
+        address: SocketAddr,
+        additional: Vec<SocketAddr>,
+    ) -> HashMap<String, Arc<Listener>> {
+        let l = Listener {
+            name: "l".to_owned(),
+            address,
+            additional_addresses: additional,
+            detect_timeout: None,
+            http: None,
+            tcp: None,
+            tls: None,
+            use_original_dst: false,
+            captured_default: None,
+            bind_to_port: true,
+            service: None,
+        };
+        HashMap::from([("l".to_owned(), Arc::new(l))])
+    }
+
+    fn free_port() -> SocketAddr {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    }
+
+    /// An IPv6 address that is not on this host (a documentation prefix) is
+    /// an error like any other, not "no IPv6 here".
+    #[tokio::test]
+    async fn an_ipv6_additional_address_not_on_this_host_refuses_the_config() {
+        let (set, _trigger) = set();
+        let missing: SocketAddr = "[2001:db8::77]:15001".parse().unwrap();
+        let wanted = listener("127.0.0.1:0".parse().unwrap(), vec![missing]);
+        let e = set.bind_new(&wanted).unwrap_err();
+        assert_eq!(e.address, missing, "{e}");
+        assert_eq!(e.name, "l");
+    }
+
+    /// A previously skipped additional address that becomes the primary
+    /// address is bound: the listener does not end up with no socket.
+    #[tokio::test]
+    async fn a_skipped_address_promoted_to_primary_is_bound() {
+        let (mut set, _trigger) = set();
+        let (first, second) = (free_port(), free_port());
+        let v1 = listener(first, vec![second]);
+        let bound = set.bind_new(&v1).unwrap();
+        // As if `second` had been skipped when v1 was bound (no IPv6).
+        let bound = Bound {
+            fresh: bound
+                .fresh
+                .into_iter()
+                .map(|mut f| {
+                    f.sockets.retain(|(a, _)| *a != second);
+                    f.skipped.push(second);
+                    f
+                })
+                .collect(),
+        };
+        set.commit(&v1, bound);
+        assert_eq!(set.bound(), vec![("l".to_owned(), first)]);
+
+        let v2 = listener(second, vec![]);
+        let bound = set.bind_new(&v2).unwrap();
+        set.commit(&v2, bound);
+        assert_eq!(set.bound(), vec![("l".to_owned(), second)]);
+        let r = &set.running["l"];
+        assert_eq!(r.sockets.len(), 1);
+        assert!(r.skipped.is_empty(), "{:?}", r.skipped);
+        TcpStream::connect(second).await.unwrap();
     }
 }

@@ -29,7 +29,7 @@
 //! them); IPv6; reaching anything outside the virtual network from the hosts.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{ExitCode, ExitStatus, Stdio};
 use std::time::Duration;
 
@@ -43,9 +43,11 @@ use super::netns::{Host, Network};
 use super::standalone::READY;
 use super::{api_call, apply, create_token, mesh, write_secret, Args, Instance, INSTANCES};
 
-/// Each host's sidecar admin port (bound on all its addresses, so the root
-/// namespace reaches it).
-const ADMIN_PORT: u16 = 15000;
+/// Each host's sidecar admin address: loopback only, so neither the other
+/// hosts' apps nor anything on the virtual network can reach it (its
+/// `POST /healthcheck/fail`, `/drain_listeners`, `/logging`); the root
+/// namespace reaches it with `ip netns exec <host> curl`.
+const ADMIN_ADDR: &str = "127.0.0.1:15000";
 /// How long the instances get to answer from both catalog versions.
 const READY_WITHIN: Duration = Duration::from_secs(90);
 /// How long stopping instances get before the network's teardown kills them.
@@ -97,14 +99,7 @@ impl Stop {
 
 /// Exits non-zero with the reason unless we are root.
 pub(super) fn check_root() -> anyhow::Result<()> {
-    let euid = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2)?.parse::<u32>().ok())
-        });
-    if euid != Some(0) {
+    if super::euid() != Some(0) {
         bail!(
             "meshwork demo --transparent needs root: it creates network namespaces, a virtual \
              network and iptables rules (run it with sudo). Plain `meshwork demo` needs no root: \
@@ -294,7 +289,7 @@ fn command(
     cmd.args(["--control", &xds.to_string()])
         .arg("--ca-bundle")
         .arg(bundle)
-        .args(["--admin-addr", &format!("0.0.0.0:{ADMIN_PORT}")])
+        .args(["--admin-addr", ADMIN_ADDR])
         .args(["--log-level", &args.log_level])
         .arg("--access-log")
         .arg(dir.join(format!("access-{}.log", spec.name)))
@@ -496,8 +491,8 @@ fn banner(
         None => "stored in memory (gone when the demo stops; --data-dir keeps it)".to_owned(),
     };
     let mut table = format!(
-        "  {:<28} {:<13} {:<13} {:<11} {:<12} {}\n",
-        "host (network namespace)", "address", "instance", "service", "app", "sidecar admin"
+        "  {:<28} {:<13} {:<13} {:<11} {}\n",
+        "host (network namespace)", "address", "instance", "service", "app"
     );
     let mut host_of = std::collections::BTreeMap::new();
     for (spec, host) in INSTANCES.iter().zip(&net.hosts) {
@@ -507,13 +502,12 @@ fn banner(
             None => "(traffic)".to_owned(),
         };
         table.push_str(&format!(
-            "  {:<28} {:<13} {:<13} {:<11} {:<12} http://{}:{ADMIN_PORT}\n",
+            "  {:<28} {:<13} {:<13} {:<11} {}\n",
             host.ns,
             host.ip.to_string(),
             spec.name,
             spec.service.unwrap_or("-"),
             app,
-            host.ip,
         ));
     }
     let ns = |name: &str| host_of.get(name).map(|h| h.ns.clone()).unwrap_or_default();
@@ -547,12 +541,12 @@ files ({dir})
   access logs:          {dir}/access-<instance>.log
   trust bundle:         {dir}/root.pem
 
-look (the sidecars' admin servers are reachable from this namespace)
+look (each sidecar's admin server is on http://{ADMIN_ADDR} inside its host only)
   meshwork get services --control {api}
   meshwork proxy-status --control {api}
-  curl -s http://{c1}:{ADMIN_PORT}/metrics | grep source_principal   # who called catalog-v1-0 (mTLS)
-  curl -s http://{fe}:{ADMIN_PORT}/config_dump
-  curl -s http://{fe}:{ADMIN_PORT}/certs
+  ip netns exec {c1_ns} curl -s http://{ADMIN_ADDR}/metrics | grep source_principal   # who called catalog-v1-0 (mTLS)
+  ip netns exec {fe_ns} curl -s http://{ADMIN_ADDR}/config_dump
+  ip netns exec {fe_ns} curl -s http://{ADMIN_ADDR}/certs
   ip netns exec {fe_ns} iptables -t nat -S | grep MESHWORK
   ip netns exec {fe_ns} getent hosts catalog      # mesh DNS: the Service's VIP
 
@@ -580,7 +574,7 @@ with SIGKILL, remove them by hand:
         split = split_file.display(),
         token = token_file.display(),
         c1 = ip("catalog-v1-0"),
-        fe = ip("frontend-0"),
+        c1_ns = ns("catalog-v1-0"),
         fe_ns = ns("frontend-0"),
         tr_ns = ns("traffic"),
         stop = if args.seconds > 0 {
@@ -590,13 +584,4 @@ with SIGKILL, remove them by hand:
         },
         hosts = hosts.join(" "),
     )
-}
-
-/// The demo's directory, made for a run.
-pub(super) fn dir(args: &Args) -> anyhow::Result<PathBuf> {
-    let dir = args.dir.clone().unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("meshwork-demo-{}", std::process::id()))
-    });
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    Ok(dir)
 }

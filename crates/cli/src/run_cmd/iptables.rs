@@ -4,8 +4,8 @@
 //! Three chains, one per purpose, each jumped to from a built-in chain:
 //! - `MESHWORK_OUTPUT` (from `OUTPUT`, TCP): the application's outbound
 //!   connections go to the sidecar's outbound capture port, except the
-//!   proxy's own (its gid), loopback destinations (and IPv6 link-local
-//!   ones), excluded ports and CIDRs.
+//!   proxy's own (its gid), loopback destinations, excluded ports and
+//!   CIDRs.
 //! - `MESHWORK_INBOUND` (from `PREROUTING`, TCP): connections to the
 //!   application's ports go to the sidecar's inbound port.
 //! - `MESHWORK_DNS` (from `OUTPUT`, UDP and TCP port 53): queries go to
@@ -18,8 +18,11 @@
 //! twins (`[::1]`, `[::]`: the listeners' `additional_addresses`, see
 //! `api::translate::capture`, and the DNS server's own, see `proxy::dns`).
 //! Excluded CIDRs go to the rules of their own family. Link-local
-//! destinations (`fe80::/10`) are not captured: their original destination
-//! comes back without the interface (scope) a passthrough connect needs.
+//! destinations (`fe80::/10`) are captured like any other, so an
+//! application cannot reach its link-local neighbours around the sidecar;
+//! their passthrough fails (closed), as their original destination comes
+//! back without the interface (scope) a connect to it needs. Exempting them
+//! is the user's choice: `--exclude-cidrs fe80::/10`.
 //!
 //! The rules are plain data ([`install_commands`], [`removal_commands`]),
 //! applied with `iptables` / `ip6tables`. Installing first removes whatever
@@ -102,14 +105,6 @@ impl Family {
         match self {
             Self::V4 => "127.0.0.0/8",
             Self::V6 => "::1/128",
-        }
-    }
-
-    /// Destinations never captured besides loopback (see the module docs).
-    fn uncaptured(self) -> &'static [&'static str] {
-        match self {
-            Self::V4 => &[],
-            Self::V6 => &["fe80::/10"],
         }
     }
 
@@ -258,9 +253,6 @@ pub fn install_commands(plan: &Plan, family: Family) -> Vec<Vec<String>> {
         "RETURN",
     ]);
     add(&["-A", OUTPUT, "-d", family.loopback(), "-j", "RETURN"]);
-    for cidr in family.uncaptured() {
-        add(&["-A", OUTPUT, "-d", cidr, "-j", "RETURN"]);
-    }
     for ports in plan.exclude_ports.chunks(MULTIPORT_MAX) {
         let list = join(ports);
         add(&[
@@ -433,6 +425,32 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_link_local_is_captured_unless_excluded() {
+        let output = |plan: &Plan| -> Vec<String> {
+            lines(&install_commands(plan, Family::V6))
+                .into_iter()
+                .filter(|l| l.starts_with("-A MESHWORK_OUTPUT"))
+                .collect()
+        };
+        // Nothing lets link-local destinations around the sidecar by default.
+        let got = output(&plan());
+        assert!(!got.iter().any(|l| l.contains("fe80")), "{got:?}");
+        assert_eq!(
+            got.last().map(String::as_str),
+            Some("-A MESHWORK_OUTPUT -p tcp -j REDIRECT --to-ports 15001")
+        );
+        // The user's opt-out, before the redirect.
+        let mut p = plan();
+        p.exclude_cidrs.push(Cidr::parse("fe80::/10").unwrap());
+        let got = output(&p);
+        let at = got
+            .iter()
+            .position(|l| l == "-A MESHWORK_OUTPUT -d fe80::/10 -j RETURN")
+            .unwrap_or_else(|| panic!("no fe80::/10 exemption: {got:?}"));
+        assert_eq!(at, got.len() - 2, "{got:?}");
+    }
+
+    #[test]
     fn ipv6_rules_have_their_own_loopback_and_cidrs_and_capture_dns_too() {
         let got = lines(&install_commands(&plan(), Family::V6));
         let want = [
@@ -443,7 +461,6 @@ mod tests {
             "-N MESHWORK_OUTPUT",
             "-A MESHWORK_OUTPUT -m owner --gid-owner 1337 -j RETURN",
             "-A MESHWORK_OUTPUT -d ::1/128 -j RETURN",
-            "-A MESHWORK_OUTPUT -d fe80::/10 -j RETURN",
             "-A MESHWORK_OUTPUT -p tcp -m multiport --dports 22,5432 -j RETURN",
             "-A MESHWORK_OUTPUT -d fd00::/8 -j RETURN",
             "-A MESHWORK_OUTPUT -p tcp -j REDIRECT --to-ports 15001",

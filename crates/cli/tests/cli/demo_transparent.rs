@@ -1,11 +1,13 @@
 //! `meshwork demo --transparent`, end to end: the demo builds its virtual
 //! network, runs every instance in a network namespace of its own under
 //! `meshwork run`, and its traffic reaches both catalog versions by name,
-//! with no errors. While it runs, the catalog's sidecar (its admin server
-//! is reachable from the root namespace) shows the frontend's SPIFFE id as
-//! the caller of its inbound requests (mTLS), and plaintext from outside the
-//! mesh to the catalog's port is refused. After it stops, none of its
-//! namespaces, interfaces or resolv.conf directories remain.
+//! with no errors. While it runs, the catalog's sidecar (its admin server,
+//! on 127.0.0.1 in its host, reached with `ip netns exec`) shows the
+//! frontend's SPIFFE id as the caller of its inbound requests (mTLS),
+//! plaintext from outside the mesh to the catalog's port is refused, and
+//! the admin server cannot be reached from the virtual network, neither
+//! from the root namespace nor from another host. After it stops, none of
+//! its namespaces, interfaces or resolv.conf directories remain.
 //!
 //! Needs root (network namespaces, iptables); skipped with a message
 //! otherwise. If the test fails midway, the demo is stopped with SIGTERM
@@ -103,10 +105,21 @@ fn collect(r: impl std::io::Read + Send + 'static, echo: bool) -> Arc<Mutex<Stri
 
 /// `curl -sS -m 5 URL` from the root namespace: success and body.
 fn curl(url: &str) -> (bool, String) {
-    let o = Command::new("curl")
-        .args(["-sS", "-m", "5", url])
-        .output()
-        .unwrap();
+    curl_in(None, url)
+}
+
+/// `curl -sS -m 5 URL`, in network namespace `ns` (`ip netns exec`) or the
+/// root one: success and body.
+fn curl_in(ns: Option<&str>, url: &str) -> (bool, String) {
+    let mut cmd = match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "curl"]);
+            c
+        }
+        None => Command::new("curl"),
+    };
+    let o = cmd.args(["-sS", "-m", "5", url]).output().unwrap();
     (
         o.status.success(),
         String::from_utf8_lossy(&o.stdout).into_owned(),
@@ -157,27 +170,29 @@ fn transparent_demo_runs_every_hop_by_name_over_mtls_and_cleans_up() {
         banner.contains(&format!("{tag}-catalog-v1-0")) && banner.contains("10.77.201.1"),
         "{banner}"
     );
-    // The catalog-v1-0 row of the table: its address and admin server.
+    // The catalog-v1-0 row of the table: its host and address; its admin
+    // server is on loopback in that host, as the banner says.
+    let host = format!("{tag}-catalog-v1-0");
     let row = banner
         .lines()
-        .find(|l| l.contains(&format!("{tag}-catalog-v1-0 ")))
+        .find(|l| l.contains(&format!("{host} ")))
         .unwrap_or_else(|| panic!("no catalog-v1-0 row: {banner}"));
     let ip = row.split_whitespace().nth(1).unwrap().to_owned();
-    let admin = row.split_whitespace().last().unwrap().to_owned();
-    assert_eq!(admin, format!("http://{ip}:15000"), "{row}");
+    assert!(
+        banner.contains(&format!(
+            "ip netns exec {host} curl -s http://127.0.0.1:15000/metrics"
+        )),
+        "{banner}"
+    );
+    let admin = "http://127.0.0.1:15000";
+    let admin_metrics = || curl_in(Some(&host), &format!("{admin}/metrics")).1;
 
     // mTLS: the catalog's sidecar knows its caller is the frontend.
     let frontend = "source_principal=\"spiffe://cluster.local/ns/default/sa/frontend\"";
     wait_until(
         "the frontend's calls in catalog-v1-0's metrics",
         Duration::from_secs(10),
-        || {
-            metric(
-                &curl(&format!("{admin}/metrics")).1,
-                "meshwork_requests_total",
-                frontend,
-            ) > 0
-        },
+        || metric(&admin_metrics(), "meshwork_requests_total", frontend) > 0,
     );
     // Plaintext from outside the mesh to the catalog's port: refused by its
     // strict sidecar.
@@ -188,11 +203,28 @@ fn transparent_demo_runs_every_hop_by_name_over_mtls_and_cleans_up() {
             "reason=\"plaintext_refused\"",
         )
     };
-    let before = refused(&curl(&format!("{admin}/metrics")).1);
+    let before = refused(&admin_metrics());
     let (ok, body) = curl(&format!("http://{ip}:50051/"));
     assert!(!ok && body.is_empty(), "plaintext got an answer: {body}");
-    let m = curl(&format!("{admin}/metrics")).1;
+    let m = admin_metrics();
     assert_eq!(refused(&m), before + 1, "{m}");
+
+    // The admin server is on loopback only: not reachable at the host's
+    // address, from the root namespace nor from another host (whose own
+    // sidecar would pass the connection through to it if it listened).
+    let (ok, body) = curl(&format!("http://{ip}:15000/ready"));
+    assert!(
+        !ok,
+        "catalog-v1-0's admin server answered the root namespace: {body}"
+    );
+    let (ok, body) = curl_in(
+        Some(&format!("{tag}-frontend-0")),
+        &format!("http://{ip}:15000/ready"),
+    );
+    assert!(
+        !ok,
+        "catalog-v1-0's admin server answered frontend-0: {body}"
+    );
 
     // The end: the closing line, both versions, no errors.
     let status = wait(&mut demo.child, Duration::from_secs(50));

@@ -638,6 +638,47 @@ fn run_killed_with_sigkill_takes_its_sidecar_along_and_fails_closed() {
     );
 }
 
+/// A service manager signalling the whole control group (systemd's default
+/// `KillMode`) must not stop the sidecar before `meshwork run` is done with
+/// it: the sidecar ignores a SIGTERM that does not come from its parent.
+#[test]
+fn run_sidecar_ignores_a_stray_sigterm_and_stops_with_the_run() {
+    require_root!();
+    let ns = Netns::create("stray");
+    let dir = scratch("run-stray");
+    let cfg = mesh(&dir);
+    let cfg = cfg.to_str().unwrap();
+    let started = dir.join("started");
+    let job = format!("touch {:?}; exec sleep 60", started.to_str().unwrap());
+    let mut child = Killed(
+        ns.meshwork_run(&["--config", cfg, "--", "sh", "-c", &job])
+            .spawn()
+            .unwrap(),
+    );
+    wait_until("the app to start", Duration::from_secs(30), || {
+        started.exists()
+    });
+    let sidecars = children_of(child.0.id(), "proxy");
+    assert_eq!(sidecars.len(), 1, "one sidecar child: {sidecars:?}");
+    let sidecar = sidecars[0];
+    run("kill", &["-TERM", &sidecar.to_string()]);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        Path::new(&format!("/proc/{sidecar}")).exists() && !zombie(sidecar),
+        "the sidecar stopped on a stray SIGTERM"
+    );
+    let ready = ns
+        .cmd("curl", &["-sS", "-m", "3", "http://127.0.0.1:15000/ready"])
+        .output()
+        .unwrap();
+    assert_eq!(stdout(&ready), "ready\n", "{}", stderr(&ready));
+    // The run's own stop takes it along.
+    run("kill", &["-TERM", &child.0.id().to_string()]);
+    let status = wait(&mut child.0, Duration::from_secs(60));
+    assert_eq!(status.code(), Some(143), "{status:?}");
+    assert!(!Path::new(&format!("/proc/{sidecar}")).exists() || zombie(sidecar));
+}
+
 /// A process that exited but was not reaped yet (its parent is init now).
 fn zombie(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))

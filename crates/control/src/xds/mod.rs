@@ -259,9 +259,21 @@ impl XdsServer {
             return v;
         };
         let merged = self.shared.merged.borrow();
-        let state = match merged.skipped.iter().find(|(k, _)| *k == w) {
-            Some((_, why)) => format!("left out: {why}"),
-            None => "registered".to_string(),
+        let announced = w.split_once('/').and_then(|(ns, name)| {
+            merged
+                .mesh
+                .workload(ns, name)?
+                .value
+                .metadata
+                .annotations
+                .get(api::resources::WORKLOAD_STATE_ANNOTATION)
+                .cloned()
+        });
+        let state = match (merged.skipped.iter().find(|(k, _)| *k == w), announced) {
+            (Some((_, why)), _) => format!("left out: {why}"),
+            // Starting: no endpoint yet; draining: callers stop picking it.
+            (None, Some(s)) => format!("registered ({s})"),
+            (None, None) => "registered".to_string(),
         };
         v["registration"] = Value::String(state);
         v

@@ -391,7 +391,9 @@ impl Conn {
             ));
         }
         tracing::info!(node = %info.id, state = state.as_deref().unwrap_or("serving"), "workload state announced");
-        self.shared.registry.update(&info);
+        if let Some(r) = &self._registration {
+            r.update(&info);
+        }
         self.state = state;
         Ok(())
     }

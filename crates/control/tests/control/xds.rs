@@ -933,8 +933,10 @@ async fn a_sidecar_announces_starting_serving_and_draining_on_its_open_stream() 
     let (stx, mut cds) = subscribe(&cp, sidecar("starting"), CDS, &[]).await;
     let _ = cds.message().await.unwrap().unwrap();
     cp.status_until("starting sidecar listed", |s| {
-        s.as_array()
-            .is_some_and(|a| a.iter().any(|p| p["id"] == "web-1.default"))
+        s.as_array().is_some_and(|a| {
+            a.iter()
+                .any(|p| p["id"] == "web-1.default" && p["registration"] == "registered (starting)")
+        })
     })
     .await;
     // The node again, on the same stream, with a nonce that answers nothing.
@@ -951,6 +953,13 @@ async fn a_sidecar_announces_starting_serving_and_draining_on_its_open_stream() 
 
     stx.send(announce("draining")).await.unwrap();
     let draining = endpoints_of(&observer.message().await.unwrap().unwrap());
+    cp.status_until("draining sidecar listed", |s| {
+        s.as_array().is_some_and(|a| {
+            a.iter()
+                .any(|p| p["id"] == "web-1.default" && p["registration"] == "registered (draining)")
+        })
+    })
+    .await;
     assert_eq!(
         draining
             .iter()

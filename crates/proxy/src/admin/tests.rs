@@ -54,6 +54,10 @@ impl AdminSource for FakeSource {
         *self.state.lock().unwrap() = Some(state);
         Some(true)
     }
+
+    fn draining(&self) -> bool {
+        *self.state.lock().unwrap() == Some(crate::xds_client::WorkloadState::Draining)
+    }
 }
 
 struct Server {
@@ -341,20 +345,28 @@ async fn healthcheck_fail_and_ok_announce_the_workload_state() {
     use crate::xds_client::WorkloadState;
     let s = start().await;
     let r = request(s.addr, "POST", "/healthcheck/fail").await;
-    assert_eq!(
-        (r.status, r.body.as_str()),
-        (200, "draining: announced to the control plane\n")
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        r.body
+            .starts_with("draining: announced to the control plane"),
+        "{}",
+        r.body
     );
     assert_eq!(
         *s.source.state.lock().unwrap(),
         Some(WorkloadState::Draining)
     );
+    let r = request(s.addr, "GET", "/ready").await;
+    assert_eq!((r.status, r.body.as_str()), (503, "draining\n"));
     let r = request(s.addr, "POST", "/healthcheck/ok").await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(
         *s.source.state.lock().unwrap(),
         Some(WorkloadState::Serving)
     );
+    s.source.ready.store(true, Ordering::SeqCst);
+    let r = request(s.addr, "GET", "/ready").await;
+    assert_eq!((r.status, r.body.as_str()), (200, "ready\n"));
     let r = request(s.addr, "GET", "/healthcheck/fail").await;
     assert_eq!((r.status, r.header("allow")), (405, Some("POST")));
     // Not from a web page.

@@ -45,9 +45,9 @@ pub struct Listener {
     /// `additional_addresses`: more sockets serving the same chains (a
     /// capture listener's IPv6 twin, `[::1]` or `[::]`). An IPv6 one is
     /// bound IPv6-only (Envoy's default), so it sits beside an IPv4
-    /// `address` of the same port. One that cannot be bound because the
-    /// host has no IPv6 is skipped with a warning; any other bind error
-    /// refuses the config like one on `address`.
+    /// `address` of the same port. A `[::1]` or `[::]` twin that cannot be
+    /// bound because the host has no IPv6 is skipped with a warning; any
+    /// other bind error refuses the config like one on `address`.
     pub additional_addresses: Vec<SocketAddr>,
     /// `listener_filters: [envoy.filters.listener.http_inspector]` with
     /// `listener_filters_timeout`: sniff HTTP/1.1 vs h2c for at most this long.
