@@ -17,6 +17,7 @@ pub struct Harness {
     pub file: PathBuf,
     pub access_log: PathBuf,
     _subscriber: proxy::logging::BoxedSubscriber,
+    _cleanup: Cleanup,
 }
 
 /// A scratch directory unique to this test process and call.
@@ -28,6 +29,16 @@ pub fn scratch() -> PathBuf {
     ));
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// Removes the harness's scratch directory when the harness goes.
+pub struct Cleanup(PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        // The proxy may still hold the access log open; Unix does not mind.
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 fn log_handle() -> (proxy::logging::BoxedSubscriber, proxy::logging::LogHandle) {
@@ -70,6 +81,7 @@ impl Harness {
             capture: false,
             dns: None,
         };
+        let cleanup = Cleanup(dir.clone());
         let (subscriber, log) = log_handle();
         let proxy = Proxy::start(opts, log).await?;
         Ok(Harness {
@@ -78,6 +90,7 @@ impl Harness {
             file,
             access_log,
             _subscriber: subscriber,
+            _cleanup: cleanup,
         })
     }
 
