@@ -524,8 +524,7 @@ def get(conn):
     conn.request("GET", "/")
     r = conn.getresponse()
     return r.status, r.read().decode()
-# Concurrent, like the load: the default balancer (peak EWMA) sends a lone
-# sequential caller to the endpoint it knows to be fast, not to a new one.
+# Concurrent, like the load itself.
 seen, errors, deadline = set(), {}, time.time() + 60
 def warm():
     while len(seen) < 2 and time.time() < deadline:

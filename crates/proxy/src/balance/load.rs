@@ -98,9 +98,36 @@ impl Load {
         Some(Duration::from_nanos(self.estimate_ns(now) as u64))
     }
 
-    /// Peak-EWMA cost: expected latency times the queue a new request joins.
+    /// Peak-EWMA cost: expected latency times the queue a new request joins
+    /// (the balancer weighs two with [`Load::costs_against`]).
+    #[cfg(test)]
     pub(crate) fn cost(&self, now: Instant) -> f64 {
         self.estimate_ns(now) * (self.in_flight() as f64 + 1.0)
+    }
+
+    /// The costs of `self` and `other` when one is weighed against the
+    /// other (power of two choices). An endpoint with no sample yet counts as
+    /// [`DEFAULT_RTT`] or as fast as the other, whichever is faster: else a
+    /// lone sequential caller, whose known endpoint answers faster than
+    /// 30 ms, would never try a new one (the usual state right after a
+    /// rolling restart), and one answer is all it takes to learn it.
+    pub(crate) fn costs_against(&self, other: &Load, now: Instant) -> (f64, f64) {
+        let default = nanos_f64(DEFAULT_RTT);
+        let (mine, theirs) = match (self.sampled_ns(now), other.sampled_ns(now)) {
+            (Some(a), Some(b)) => (a, b),
+            (None, Some(b)) => (b.min(default), b),
+            (Some(a), None) => (a, a.min(default)),
+            (None, None) => (default, default),
+        };
+        (
+            mine * (self.in_flight() as f64 + 1.0),
+            theirs * (other.in_flight() as f64 + 1.0),
+        )
+    }
+
+    /// The estimate in nanoseconds, `None` before the first sample.
+    fn sampled_ns(&self, now: Instant) -> Option<f64> {
+        (self.rtt_ns.load(Relaxed) != NO_SAMPLE).then(|| self.estimate_ns(now))
     }
 
     /// Records one latency sample taken at `now`.

@@ -53,8 +53,11 @@
 //!   endpoints are drawn at random, weighted by endpoint weight, and the one
 //!   with the lower cost `rtt_estimate * (in_flight + 1)` wins (ties go to the
 //!   first draw, so an idle cluster follows the weights exactly). The
-//!   estimate is a peak-sensitive EWMA with a 10 s time constant, 30 ms before
-//!   the first sample (see `load.rs`). Weights decide how often an endpoint is
+//!   estimate is a peak-sensitive EWMA with a 10 s time constant; before its
+//!   first sample an endpoint counts as 30 ms or as fast as the endpoint it
+//!   is weighed against, whichever is faster, so that a new endpoint gets
+//!   tried even by a lone sequential caller (see `load.rs`; linkerd uses
+//!   the plain 30 ms, which starves new endpoints at light load). Weights decide how often an endpoint is
 //!   considered; the cost decides among the two considered, so under load
 //!   (with only two endpoints, always) latency and queue length outweigh the
 //!   weights.
@@ -557,11 +560,12 @@ impl Core {
             Algorithm::PeakEwma => {
                 let now = Instant::now();
                 let (a, b) = level.weights.random_pair();
-                let cost = |i: usize| {
-                    self.member(level, i)
-                        .map_or(f64::INFINITY, |s| s.host.load.cost(now))
+                let (ca, cb) = match (self.member(level, a), self.member(level, b)) {
+                    (Some(x), Some(y)) => x.host.load.costs_against(&y.host.load, now),
+                    (Some(_), None) => (0.0, f64::INFINITY),
+                    (None, _) => (f64::INFINITY, 0.0),
                 };
-                Some(if cost(a) <= cost(b) { a } else { b })
+                Some(if ca <= cb { a } else { b })
             }
             Algorithm::RoundRobin(rr) => Some(rr.next()),
             Algorithm::LeastRequest { choices } => {

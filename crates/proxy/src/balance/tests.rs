@@ -393,6 +393,29 @@ fn peak_ewma_prefers_the_shorter_queue_at_equal_latency() {
     }
 }
 
+/// Right after a rolling restart: one endpoint known to answer in 1 ms,
+/// one new. A lone sequential caller still tries the new one (and, tied
+/// at equal estimates, keeps sharing), where a plain 30 ms default would
+/// never pick it.
+#[test]
+fn peak_ewma_tries_a_new_endpoint_under_sequential_load() {
+    let b = Balancer::new(&LbPolicy::PeakEwma, &equal(2));
+    hold(&b, addr(0), 1)[0].complete(Duration::from_millis(1));
+    let mut new = 0;
+    for _ in 0..200 {
+        let p = b.pick(None).unwrap();
+        if p.address() == addr(1) {
+            new += 1;
+        }
+        p.complete(Duration::from_millis(1));
+    }
+    // Ties go to the first of two random draws: about half each.
+    assert!(
+        (50..=150).contains(&new),
+        "the new endpoint got {new} of 200"
+    );
+}
+
 #[test]
 fn ewma_is_peak_sensitive_and_decays() {
     let t0 = Instant::now();
