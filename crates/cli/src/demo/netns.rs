@@ -267,16 +267,22 @@ impl Network {
             let _ = std::fs::remove_dir_all(etc_dir(ns));
         }
         self.made.clear();
-        // Gone with its peer's namespace, normally.
-        if std::path::Path::new("/sys/class/net")
-            .join(&self.tag)
-            .exists()
-        {
+        // Gone with its peer's namespace, normally; the kernel tears
+        // namespaces down asynchronously, so it may also vanish between the
+        // check and the delete.
+        let gone = || {
+            !std::path::Path::new("/sys/class/net")
+                .join(&self.tag)
+                .exists()
+        };
+        if !gone() {
             if let Err(e) = ip(&["link", "del", &self.tag]) {
-                problems.push(format!(
-                    "could not delete interface {} ({e:#}); remove it with `ip link del {}`",
-                    self.tag, self.tag
-                ));
+                if !gone() {
+                    problems.push(format!(
+                        "could not delete interface {} ({e:#}); remove it with `ip link del {}`",
+                        self.tag, self.tag
+                    ));
+                }
             }
         }
         problems

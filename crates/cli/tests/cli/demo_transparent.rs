@@ -255,7 +255,8 @@ fn transparent_demo_runs_every_hop_by_name_over_mtls_and_cleans_up() {
         "the summary lines show the split: {out}"
     );
 
-    // Nothing left behind.
+    // Nothing left behind, and no false alarm about it.
+    assert!(!demo.err().contains("could not delete"), "{}", demo.err());
     assert_eq!(leftovers(&tag), Vec::<String>::new());
     assert!(
         !Path::new("/sys/class/net").join(&tag).exists(),
