@@ -13,68 +13,12 @@ use proxy::xds_client::WorkloadState;
 #[derive(Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("source").required(true).args(["config", "control"])))]
 pub struct Args {
-    /// Standalone: mesh YAML file to run from; watched, changes apply without dropping connections.
-    #[arg(long, short = 'c')]
-    config: Option<PathBuf>,
-    /// Control-plane xDS address(es), `host:port[,host:port...]`; tried in turn.
-    #[arg(long, value_delimiter = ',')]
-    control: Vec<String>,
-    /// With --control: the Service this proxy's workload belongs to (registers it).
-    #[arg(long, requires = "control")]
-    service: Option<String>,
-    /// With --service: its namespace.
-    #[arg(long, default_value = "default")]
-    namespace: String,
+    /// Where the config comes from and who this proxy is (shared with `meshwork run`).
+    #[command(flatten)]
+    pub(crate) sidecar: SidecarArgs,
     /// With --service: the port the local application listens on.
     #[arg(long, requires = "service")]
     app_port: Option<u16>,
-    /// With --service: the address the application is reached at (default: the inbound address's IP,
-    /// or 127.0.0.1 when that is unspecified).
-    #[arg(long)]
-    address: Option<std::net::IpAddr>,
-    /// With --service: the workload name (default: `<service>-<pid>`).
-    #[arg(long)]
-    name: Option<String>,
-    /// With --service: labels, `key=value[,key=value...]`.
-    #[arg(long, value_delimiter = ',')]
-    labels: Vec<String>,
-    /// With --service: locality, `region/zone`.
-    #[arg(long)]
-    locality: Option<String>,
-    /// With --control: the services this workload calls (`svc[.ns][,...]`); its config is then
-    /// scoped to them (and what their routes reach) instead of the whole mesh.
-    #[arg(long, value_delimiter = ',')]
-    upstreams: Vec<String>,
-    /// With --control: a join token (`meshwork token create`): the proxy gets its workload
-    /// certificate with it and talks to the control plane over TLS. Also read from
-    /// $MESHWORK_TOKEN. Without one, the proxy has no identity and xDS is plaintext.
-    #[arg(long, requires = "control", conflicts_with = "token_file")]
-    token: Option<String>,
-    /// Like --token, read from this file (keeps the token out of `ps`).
-    #[arg(long, requires = "control")]
-    token_file: Option<PathBuf>,
-    /// With a token: the control plane's root certificates (PEM), to verify it
-    /// (`meshwork ca bundle > root.pem`).
-    #[arg(long)]
-    ca_bundle: Option<PathBuf>,
-    /// With a token: refuse a token (or saved certificate) of another trust domain.
-    #[arg(long)]
-    trust_domain: Option<String>,
-    /// With a token: keep the key and certificate here (mode 0600) so a restarted proxy resumes
-    /// with its still-valid certificate instead of needing a new token.
-    #[arg(long)]
-    identity_dir: Option<PathBuf>,
-    /// With a token: the certificate lifetime to ask for (`90s`, `30m`, `24h`); the control plane
-    /// caps it. Default: the control plane's (24h).
-    #[arg(long, value_parser = parse_duration)]
-    cert_ttl: Option<Duration>,
-    /// Without a control plane: this proxy's certificate chain (PEM, leaf first), for mTLS.
-    /// Needs --key and --ca-bundle (the roots); the files are reloaded when they change.
-    #[arg(long, requires_all = ["key", "ca_bundle"], conflicts_with_all = ["token", "token_file", "identity_dir"])]
-    cert: Option<PathBuf>,
-    /// With --cert: its private key (PEM).
-    #[arg(long, requires = "cert")]
-    key: Option<PathBuf>,
     /// Where applications send outbound requests (explicit mode).
     #[arg(long, default_value = "127.0.0.1:15001")]
     outbound_addr: SocketAddr,
@@ -137,6 +81,130 @@ pub struct Args {
     /// Mesh DNS: how long a forwarded query may take before SERVFAIL, in milliseconds.
     #[arg(long, default_value_t = 2000)]
     dns_timeout_ms: u64,
+}
+
+/// Where a sidecar's config comes from and who it is: the flags `meshwork
+/// proxy` and `meshwork run` share (`run` hands them to its sidecar with
+/// [`SidecarArgs::to_proxy_flags`]), defined once so that both commands
+/// take and document them alike.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct SidecarArgs {
+    /// Standalone: mesh YAML file to run from; watched, changes apply without dropping connections.
+    #[arg(long, short = 'c')]
+    pub(crate) config: Option<PathBuf>,
+    /// Control-plane xDS address(es), `host:port[,host:port...]`; tried in turn.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) control: Vec<String>,
+    /// With --control: the Service this proxy's workload belongs to (registers it).
+    #[arg(long, requires = "control")]
+    pub(crate) service: Option<String>,
+    /// With --service: its namespace.
+    #[arg(long, default_value = "default")]
+    pub(crate) namespace: String,
+    /// With --service: the address the application is reached at (default: the inbound address's IP,
+    /// or 127.0.0.1 when that is unspecified).
+    #[arg(long)]
+    pub(crate) address: Option<std::net::IpAddr>,
+    /// With --service: the workload name (default: `<service>-<pid>`).
+    #[arg(long)]
+    pub(crate) name: Option<String>,
+    /// With --service: labels, `key=value[,key=value...]`.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) labels: Vec<String>,
+    /// With --service: locality, `region/zone`.
+    #[arg(long)]
+    pub(crate) locality: Option<String>,
+    /// With --control: the services this workload calls (`svc[.ns][,...]`); its config is then
+    /// scoped to them (and what their routes reach) instead of the whole mesh.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) upstreams: Vec<String>,
+    /// With --control: a join token (`meshwork token create`): the proxy gets its workload
+    /// certificate with it and talks to the control plane over TLS. Also read from
+    /// $MESHWORK_TOKEN. Without one, the proxy has no identity and xDS is plaintext.
+    #[arg(long, requires = "control", conflicts_with = "token_file")]
+    pub(crate) token: Option<String>,
+    /// Like --token, read from this file (keeps the token out of `ps`).
+    #[arg(long, requires = "control")]
+    pub(crate) token_file: Option<PathBuf>,
+    /// With a token: the control plane's root certificates (PEM), to verify it
+    /// (`meshwork ca bundle > root.pem`).
+    #[arg(long)]
+    pub(crate) ca_bundle: Option<PathBuf>,
+    /// With a token: refuse a token (or saved certificate) of another trust domain.
+    #[arg(long)]
+    pub(crate) trust_domain: Option<String>,
+    /// With a token: keep the key and certificate here (mode 0600) so a restarted proxy resumes
+    /// with its still-valid certificate instead of needing a new token.
+    #[arg(long)]
+    pub(crate) identity_dir: Option<PathBuf>,
+    /// With a token: the certificate lifetime to ask for (`90s`, `30m`, `24h`); the control plane
+    /// caps it. Default: the control plane's (24h).
+    #[arg(long, value_parser = parse_duration)]
+    pub(crate) cert_ttl: Option<Duration>,
+    /// Without a control plane: this proxy's certificate chain (PEM, leaf first), for mTLS.
+    /// Needs --key and --ca-bundle (the roots); the files are reloaded when they change.
+    #[arg(long, requires_all = ["key", "ca_bundle"], conflicts_with_all = ["token", "token_file", "identity_dir"])]
+    pub(crate) cert: Option<PathBuf>,
+    /// With --cert: its private key (PEM).
+    #[arg(long, requires = "cert")]
+    pub(crate) key: Option<PathBuf>,
+}
+
+impl SidecarArgs {
+    /// These flags as `meshwork proxy` takes them, the token excepted: it
+    /// travels in the sidecar's environment, not on a command line.
+    pub(crate) fn to_proxy_flags(&self) -> Vec<std::ffi::OsString> {
+        let mut a: Vec<std::ffi::OsString> = Vec::new();
+        let mut flag = |name: &str, value: std::ffi::OsString| {
+            a.push(format!("--{name}").into());
+            a.push(value);
+        };
+        if let Some(c) = &self.config {
+            flag("config", c.into());
+        }
+        if !self.control.is_empty() {
+            flag("control", self.control.join(",").into());
+            if let Some(s) = &self.service {
+                flag("service", s.into());
+                flag("namespace", (&self.namespace).into());
+                if let Some(n) = &self.name {
+                    flag("name", n.into());
+                }
+                if !self.labels.is_empty() {
+                    flag("labels", self.labels.join(",").into());
+                }
+                if let Some(l) = &self.locality {
+                    flag("locality", l.into());
+                }
+                if let Some(ip) = &self.address {
+                    flag("address", ip.to_string().into());
+                }
+            }
+            if !self.upstreams.is_empty() {
+                flag("upstreams", self.upstreams.join(",").into());
+            }
+            if let Some(f) = &self.token_file {
+                flag("token-file", f.into());
+            }
+        }
+        for (name, value) in [
+            ("ca-bundle", &self.ca_bundle),
+            ("identity-dir", &self.identity_dir),
+            ("cert", &self.cert),
+            ("key", &self.key),
+        ] {
+            if let Some(v) = value {
+                flag(name, v.into());
+            }
+        }
+        if let Some(t) = &self.trust_domain {
+            flag("trust-domain", t.into());
+        }
+        if let Some(t) = &self.cert_ttl {
+            flag("cert-ttl", format!("{}s", t.as_secs()).into());
+        }
+        a
+    }
 }
 
 /// Time for a `draining` announcement to leave before the xDS stream stops.
@@ -207,7 +275,7 @@ fn dns_options(args: &Args) -> anyhow::Result<Option<proxy::dns::DnsOptions>> {
     // The proxy's own namespace: bare Service names resolve in it.
     let namespace = match args.workload.as_deref().and_then(|w| w.split_once('/')) {
         Some((ns, _)) => ns.to_string(),
-        None => args.namespace.clone(),
+        None => args.sidecar.namespace.clone(),
     };
     Ok(Some(proxy::dns::DnsOptions {
         addr,
@@ -231,16 +299,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             "--capture needs a fixed --outbound-addr port (the redirect rules point at it), not port 0"
         );
     }
-    let source = match &args.config {
+    let source = match &args.sidecar.config {
         Some(path) => proxy::app::Source::File {
             path: path.clone(),
             poll_interval: Duration::from_millis(args.poll_ms.max(50)),
         },
         None => control_source(&args)?,
     };
-    let what = match &args.config {
+    let what = match &args.sidecar.config {
         Some(p) => p.display().to_string(),
-        None => format!("control plane {}", args.control.join(",")),
+        None => format!("control plane {}", args.sidecar.control.join(",")),
     };
     let identity = identity_options(&args)?;
     let cert_files = cert_files(&args)?;
@@ -297,9 +365,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             .await
             .with_context(|| format!("starting the proxy from {what}"))?;
         if proxy.workload_state() == WorkloadState::Starting {
-            match (args.service.is_some(), args.app_port) {
+            match (args.sidecar.service.is_some(), args.app_port) {
                 (true, Some(port)) => {
-                    let ip = args.address.unwrap_or(match args.inbound_addr.ip() {
+                    let ip = args.sidecar.address.unwrap_or(match args.inbound_addr.ip() {
                         ip if ip.is_unspecified() => std::net::IpAddr::from([127, 0, 0, 1]),
                         ip => ip,
                     });
@@ -340,16 +408,17 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 /// The xDS client's options: servers and the node that registers this
 /// proxy's workload (metadata the control plane's registry reads).
 fn control_source(args: &Args) -> anyhow::Result<proxy::app::Source> {
-    let workload = args.service.as_ref().map(|service| Registration {
+    let workload = args.sidecar.service.as_ref().map(|service| Registration {
         service: service.clone(),
-        namespace: args.namespace.clone(),
-        name: args.name.clone(),
+        namespace: args.sidecar.namespace.clone(),
+        name: args.sidecar.name.clone(),
         app_port: args.app_port,
-        address: args.address,
-        labels: args.labels.clone(),
-        locality: args.locality.clone(),
+        address: args.sidecar.address,
+        labels: args.sidecar.labels.clone(),
+        locality: args.sidecar.locality.clone(),
     });
     let upstreams: Vec<&str> = args
+        .sidecar
         .upstreams
         .iter()
         .map(String::as_str)
@@ -376,7 +445,7 @@ fn control_source(args: &Args) -> anyhow::Result<proxy::app::Source> {
     let node = args.workload_state.on_node(&node);
     Ok(proxy::app::Source::Control {
         client: Box::new(proxy::xds_client::ClientOptions {
-            servers: servers(&args.control),
+            servers: servers(&args.sidecar.control),
             node,
             connect_timeout: Duration::from_secs(2),
             max_backoff: Duration::from_secs(10),
@@ -396,7 +465,11 @@ fn cert_files(
         proxy::cert_files::CertFiles,
     )>,
 > {
-    let (Some(cert), Some(key), Some(ca_bundle)) = (&args.cert, &args.key, &args.ca_bundle) else {
+    let (Some(cert), Some(key), Some(ca_bundle)) = (
+        &args.sidecar.cert,
+        &args.sidecar.key,
+        &args.sidecar.ca_bundle,
+    ) else {
         return Ok(None);
     };
     let files = proxy::cert_files::CertFiles {
@@ -413,7 +486,7 @@ fn cert_files(
 /// missing or unreadable file is reported before anything starts.
 fn identity_options(args: &Args) -> anyhow::Result<Option<proxy::identity::Options>> {
     use anyhow::bail;
-    let token = match (&args.token, &args.token_file) {
+    let token = match (&args.sidecar.token, &args.sidecar.token_file) {
         (Some(t), _) => Some(t.clone()),
         (None, Some(file)) => Some(
             std::fs::read_to_string(file)
@@ -429,10 +502,10 @@ fn identity_options(args: &Args) -> anyhow::Result<Option<proxy::identity::Optio
             bail!("the join token is empty; {}", proxy::identity::TOKEN_HINT);
         }
     }
-    if token.is_none() && args.identity_dir.is_none() {
-        if (args.ca_bundle.is_some() && args.cert.is_none())
-            || args.trust_domain.is_some()
-            || args.cert_ttl.is_some()
+    if token.is_none() && args.sidecar.identity_dir.is_none() {
+        if (args.sidecar.ca_bundle.is_some() && args.sidecar.cert.is_none())
+            || args.sidecar.trust_domain.is_some()
+            || args.sidecar.cert_ttl.is_some()
         {
             bail!(
                 "--ca-bundle, --trust-domain and --cert-ttl go with a join token: pass --token, \
@@ -442,10 +515,10 @@ fn identity_options(args: &Args) -> anyhow::Result<Option<proxy::identity::Optio
         }
         return Ok(None);
     }
-    if args.control.is_empty() {
+    if args.sidecar.control.is_empty() {
         bail!("a join token (or --identity-dir) needs --control: certificates come from the control plane");
     }
-    let Some(bundle_file) = &args.ca_bundle else {
+    let Some(bundle_file) = &args.sidecar.ca_bundle else {
         bail!(
             "a join token needs --ca-bundle FILE, the control plane's root certificates, so the \
              proxy can verify it; {}",
@@ -459,18 +532,19 @@ fn identity_options(args: &Args) -> anyhow::Result<Option<proxy::identity::Optio
             proxy::identity::BUNDLE_HINT
         )
     })?;
-    let trust_domain = match &args.trust_domain {
+    let trust_domain = match &args.sidecar.trust_domain {
         Some(td) => Some(
             proxy::identity::TrustDomain::new(td)
                 .with_context(|| format!("--trust-domain {td:?}"))?,
         ),
         None => None,
     };
-    if let Some(dir) = &args.identity_dir {
+    if let Some(dir) = &args.sidecar.identity_dir {
         proxy::identity::check_identity_dir(dir)?;
     }
     Ok(Some(proxy::identity::Options {
         servers: args
+            .sidecar
             .control
             .iter()
             .filter(|a| !a.is_empty())
@@ -480,8 +554,8 @@ fn identity_options(args: &Args) -> anyhow::Result<Option<proxy::identity::Optio
         bundle_pem,
         bundle_source: bundle_file.display().to_string(),
         trust_domain,
-        identity_dir: args.identity_dir.clone(),
-        ttl: args.cert_ttl,
+        identity_dir: args.sidecar.identity_dir.clone(),
+        ttl: args.sidecar.cert_ttl,
         connect_timeout: Duration::from_secs(2),
         max_backoff: Duration::from_secs(10),
     }))

@@ -44,7 +44,6 @@ mod iptables;
 use std::ffi::OsString;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::process::ExitStatusExt as _;
-use std::path::PathBuf;
 use std::process::{ExitCode, ExitStatus, Stdio};
 use std::time::Duration;
 
@@ -70,63 +69,14 @@ const ADMIN_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("source").required(true).args(["config", "control"])))]
 pub struct Args {
-    /// The Service the application belongs to: registered with the control plane (with --control).
-    #[arg(long)]
-    service: Option<String>,
-    /// The Service's namespace.
-    #[arg(long, default_value = "default")]
-    namespace: String,
+    /// Where the sidecar's config comes from and who it is: the same flags as `meshwork proxy`.
+    #[command(flatten)]
+    sidecar: crate::proxy_cmd::SidecarArgs,
     /// The port(s) the application listens on, `P[,P...]`: the first is registered with the
     /// control plane; with capture, inbound TCP to any of them goes through the sidecar.
     #[arg(long, value_delimiter = ',')]
     app_port: Vec<u16>,
 
-    /// Standalone sidecar: mesh YAML file (as `meshwork proxy --config`).
-    #[arg(long, short = 'c')]
-    config: Option<PathBuf>,
-    /// Control-plane xDS address(es), `host:port[,host:port...]` (as `meshwork proxy --control`).
-    #[arg(long, value_delimiter = ',')]
-    control: Vec<String>,
-    /// A join token; handed to the sidecar in its environment, not its command line, and not
-    /// to the application. Also read from $MESHWORK_TOKEN.
-    #[arg(long, requires = "control", conflicts_with = "token_file")]
-    token: Option<String>,
-    /// Like --token, read from this file.
-    #[arg(long, requires = "control")]
-    token_file: Option<PathBuf>,
-    /// The control plane's root certificates (PEM), as `meshwork proxy --ca-bundle`.
-    #[arg(long)]
-    ca_bundle: Option<PathBuf>,
-    /// As `meshwork proxy --trust-domain`.
-    #[arg(long)]
-    trust_domain: Option<String>,
-    /// As `meshwork proxy --identity-dir`.
-    #[arg(long)]
-    identity_dir: Option<PathBuf>,
-    /// As `meshwork proxy --cert-ttl`.
-    #[arg(long)]
-    cert_ttl: Option<String>,
-    /// As `meshwork proxy --cert` (with --key and --ca-bundle).
-    #[arg(long)]
-    cert: Option<PathBuf>,
-    /// As `meshwork proxy --key`.
-    #[arg(long)]
-    key: Option<PathBuf>,
-    /// The workload name (default: `<service>-<pid of the sidecar>`).
-    #[arg(long)]
-    name: Option<String>,
-    /// Workload labels, `key=value[,key=value...]`.
-    #[arg(long, value_delimiter = ',')]
-    labels: Vec<String>,
-    /// Workload locality, `region/zone`.
-    #[arg(long)]
-    locality: Option<String>,
-    /// The address the application is reached at (as `meshwork proxy --address`).
-    #[arg(long)]
-    address: Option<IpAddr>,
-    /// The services the application calls (as `meshwork proxy --upstreams`).
-    #[arg(long, value_delimiter = ',')]
-    upstreams: Vec<String>,
     /// The Workload (`namespace/name`) the sidecar fronts (as `meshwork proxy --workload`).
     #[arg(long)]
     workload: Option<String>,
@@ -371,7 +321,7 @@ async fn supervise(args: Args) -> ExitCode {
 
 /// Whether the sidecar registers a workload with a control plane.
 fn registered(args: &Args) -> bool {
-    !args.control.is_empty() && args.service.is_some()
+    !args.sidecar.control.is_empty() && args.sidecar.service.is_some()
 }
 
 /// Capture if root and iptables can change the nat table; else why not.
@@ -418,59 +368,18 @@ fn plan(args: &Args) -> iptables::Plan {
 /// `meshwork proxy ...` as this run's sidecar.
 fn proxy_args(args: &Args, capture: bool) -> Vec<OsString> {
     let mut a: Vec<OsString> = vec!["proxy".into()];
+    a.extend(args.sidecar.to_proxy_flags());
     let mut flag = |name: &str, value: OsString| {
         a.push(format!("--{name}").into());
         a.push(value);
     };
-    if let Some(c) = &args.config {
-        flag("config", c.into());
-    }
-    if !args.control.is_empty() {
-        flag("control", args.control.join(",").into());
-        if let Some(s) = &args.service {
-            flag("service", s.into());
-            flag("namespace", (&args.namespace).into());
-            if let Some(p) = args.app_port.first() {
-                flag("app-port", p.to_string().into());
-                // Out of the Service's endpoints until the application
-                // accepts (the sidecar probes it).
-                flag("workload-state", "starting".into());
-            }
-            if let Some(n) = &args.name {
-                flag("name", n.into());
-            }
-            if !args.labels.is_empty() {
-                flag("labels", args.labels.join(",").into());
-            }
-            if let Some(l) = &args.locality {
-                flag("locality", l.into());
-            }
-            if let Some(ip) = &args.address {
-                flag("address", ip.to_string().into());
-            }
+    if registered(args) {
+        if let Some(p) = args.app_port.first() {
+            flag("app-port", p.to_string().into());
+            // Out of the Service's endpoints until the application
+            // accepts (the sidecar probes it).
+            flag("workload-state", "starting".into());
         }
-        if !args.upstreams.is_empty() {
-            flag("upstreams", args.upstreams.join(",").into());
-        }
-        if let Some(f) = &args.token_file {
-            flag("token-file", f.into());
-        }
-    }
-    for (name, value) in [
-        ("ca-bundle", &args.ca_bundle),
-        ("identity-dir", &args.identity_dir),
-        ("cert", &args.cert),
-        ("key", &args.key),
-    ] {
-        if let Some(v) = value {
-            flag(name, v.into());
-        }
-    }
-    if let Some(t) = &args.trust_domain {
-        flag("trust-domain", t.into());
-    }
-    if let Some(t) = &args.cert_ttl {
-        flag("cert-ttl", t.into());
     }
     if let Some(w) = &args.workload {
         flag("workload", w.into());
@@ -508,7 +417,7 @@ fn spawn_proxy(args: &Args, mode: &Mode) -> anyhow::Result<Child> {
         // before the application is done with it.
         .process_group(0)
         .kill_on_drop(true);
-    if let Some(token) = &args.token {
+    if let Some(token) = &args.sidecar.token {
         cmd.env("MESHWORK_TOKEN", token);
     }
     if effective_uid() == Some(0) {
@@ -581,11 +490,11 @@ async fn wait_ready(proxy: &mut Child, args: &Args) -> Result<(), String> {
         tokio::time::sleep(READY_POLL).await;
     };
     let timeout = humantime(args.ready_timeout);
-    let identity = args.token.is_some()
-        || args.token_file.is_some()
-        || args.identity_dir.is_some()
+    let identity = args.sidecar.token.is_some()
+        || args.sidecar.token_file.is_some()
+        || args.sidecar.identity_dir.is_some()
         || std::env::var_os("MESHWORK_TOKEN").is_some();
-    let control = args.control.join(",");
+    let control = args.sidecar.control.join(",");
     Err(match last {
         // With a token the admin server starts after the certificate is issued.
         Err(_) if identity => format!(
@@ -594,7 +503,7 @@ async fn wait_ready(proxy: &mut Child, args: &Args) -> Result<(), String> {
         Err(e) => format!("its admin server at {admin} did not answer within {timeout} ({e}); check --admin-addr"),
         Ok((status, _)) if !control.is_empty() => format!(
             "no config after {timeout} (/ready answers {status}): nothing from the control plane at {control} yet; check that it is reachable{} (or raise --ready-timeout)",
-            args.service.as_ref().map(|s| format!(" and knows service {s}.{}", args.namespace)).unwrap_or_default()
+            args.sidecar.service.as_ref().map(|s| format!(" and knows service {s}.{}", args.sidecar.namespace)).unwrap_or_default()
         ),
         Ok((status, body)) => format!("/ready still answers {status} {} after {timeout}", body.trim()),
     })
@@ -818,9 +727,11 @@ mod tests {
             .collect();
         let line = argv.join(" ");
         assert!(
-            line.starts_with(
-                "proxy --control cp:15010 --service web --namespace shop --app-port 8080 "
-            ),
+            line.starts_with("proxy --control cp:15010 --service web --namespace shop "),
+            "{line}"
+        );
+        assert!(
+            line.contains(" --app-port 8080 --workload-state starting "),
             "{line}"
         );
         assert!(line.contains("--ca-bundle /r.pem"), "{line}");
@@ -835,6 +746,56 @@ mod tests {
 
         let explicit = proxy_args(&args, false);
         assert!(!explicit.iter().any(|a| a == "--capture"));
+    }
+
+    /// Every shared flag reaches the sidecar as `meshwork proxy` parses it
+    /// (the token excepted: it goes through the environment).
+    #[test]
+    fn the_shared_sidecar_flags_round_trip_through_meshwork_proxy() {
+        #[derive(clap::Parser)]
+        struct Proxy {
+            #[command(flatten)]
+            proxy: crate::proxy_cmd::Args,
+        }
+        let args = parse(&[
+            "--control",
+            "cp:15010,cp2:15010",
+            "--service",
+            "web",
+            "--namespace",
+            "shop",
+            "--name",
+            "web-a",
+            "--labels",
+            "version=v2,track=canary",
+            "--locality",
+            "eu/eu-1a",
+            "--address",
+            "10.0.0.7",
+            "--upstreams",
+            "db,cache.infra",
+            "--token-file",
+            "/t",
+            "--ca-bundle",
+            "/r.pem",
+            "--trust-domain",
+            "example.org",
+            "--identity-dir",
+            "/id",
+            "--cert-ttl",
+            "2h",
+            "--app-port",
+            "8080",
+            "--",
+            "app",
+        ]);
+        let argv = proxy_args(&args, false);
+        let parsed = Proxy::try_parse_from(&argv).unwrap().proxy;
+        assert_eq!(
+            format!("{:?}", parsed.sidecar),
+            format!("{:?}", args.sidecar),
+            "{argv:?}"
+        );
     }
 
     #[test]

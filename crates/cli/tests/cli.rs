@@ -60,8 +60,13 @@ fn mesh_yaml(backends: &[(&str, SocketAddr)]) -> String {
     y
 }
 
+/// Bound on waits in these tests: against hanging, not a timing assertion
+/// (the whole suite runs its root-only multi-host tests alongside).
+const PATIENCE: Duration = Duration::from_secs(30);
+
 async fn wait_for_port(addr: SocketAddr) {
-    for _ in 0..200 {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while tokio::time::Instant::now() < deadline {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
             return;
         }
@@ -409,7 +414,8 @@ async fn control_plane_feeds_proxies_and_survives_a_restart() {
     wait_for_port(out).await;
 
     async fn get_until(out: SocketAddr, want: impl Fn(&testkit::Reply) -> bool, what: &str) {
-        for _ in 0..200 {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while tokio::time::Instant::now() < deadline {
             if let Ok(mut c) = H1Client::connect(out).await {
                 if let Ok(r) = c.get("web", "/").await {
                     if want(&r) {

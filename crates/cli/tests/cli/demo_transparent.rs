@@ -141,6 +141,7 @@ fn transparent_demo_runs_every_hop_by_name_over_mtls_and_cleans_up() {
         eprintln!("skipped: needs root for network namespaces and iptables (CI runs as root)");
         return;
     }
+    let _network = one_network_at_a_time();
     let dir = scratch("demo-transparent");
     let mut child = Command::new(BIN)
         .args(["demo", "--transparent", "--seconds", "12", "--rps", "20"])

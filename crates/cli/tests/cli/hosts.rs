@@ -92,3 +92,12 @@ pub fn finish(mut cmd: Command, limit: Duration) -> Output {
         stderr: err.join().unwrap(),
     }
 }
+
+/// Held by the tests that start a whole virtual network of hosts (a control
+/// plane and several `meshwork run`): one at a time, so that on a 2-core
+/// machine they do not starve each other and the rest of the suite.
+pub fn one_network_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static NETWORKS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // A test that failed while holding it leaves nothing to protect.
+    NETWORKS.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -360,6 +360,7 @@ fn unmodified_clients_call_services_by_name_across_hosts_over_mtls_only() {
     }
     let python = testkit::python();
     let python = python.to_str().unwrap();
+    let _network = one_network_at_a_time();
     let dir = scratch("mesh-hosts");
     let hosts = Hosts::create("mh");
     let cp = ControlPlane::start(hosts.cp(), &dir);
@@ -592,6 +593,7 @@ fn a_rolling_restart_under_load_fails_no_request() {
         eprintln!("skipped: needs root for network namespaces and iptables (CI runs as root)");
         return;
     }
+    let _network = one_network_at_a_time();
     let dir = scratch("rolling");
     let hosts = Hosts::create("rr");
     let cp = ControlPlane::start(hosts.cp(), &dir);
