@@ -641,6 +641,7 @@ fn dir(args: &Args) -> anyhow::Result<PathBuf> {
     match &args.dir {
         Some(d) => {
             std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+            check_own_dir(d)?;
             Ok(d.clone())
         }
         None => {
@@ -650,6 +651,30 @@ fn dir(args: &Args) -> anyhow::Result<PathBuf> {
             })
         }
     }
+}
+
+/// `--dir` must be this user's and not writable by others: the demo (as
+/// root, with `--transparent`) writes files there, and another user able to
+/// plant symlinks in it could redirect those writes.
+fn check_own_dir(d: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(d).with_context(|| format!("reading {}", d.display()))?;
+    let me = crate::run_cmd::effective_uid();
+    if me.is_some_and(|uid| uid != meta.uid()) {
+        bail!(
+            "--dir {}: owned by uid {}, not by this user: another user's directory could hold symlinks the demo would write through; use a directory of your own (or leave --dir out)",
+            d.display(),
+            meta.uid()
+        );
+    }
+    if meta.mode() & 0o022 != 0 {
+        bail!(
+            "--dir {}: writable by group or others (mode {:o}): they could plant symlinks the demo would write through; `chmod go-w` it, or use another directory",
+            d.display(),
+            meta.mode() & 0o7777
+        );
+    }
+    Ok(())
 }
 
 /// How many names [`fresh_dir`] tries before it gives up.
@@ -938,6 +963,22 @@ mod tests {
             assert_eq!(mode(d), 0o700, "{}", d.display());
             assert_eq!(std::fs::read_dir(d).unwrap().count(), 0);
         }
+    }
+
+    #[test]
+    fn a_dir_others_can_write_into_is_refused() {
+        let base = std::env::temp_dir().join(format!("meshwork-demo-own-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).unwrap();
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o700)).unwrap();
+        super::check_own_dir(&base).unwrap();
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = super::check_own_dir(&base).unwrap_err().to_string();
+        assert!(
+            e.contains("writable by group or others") && e.contains("chmod go-w"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&base);
     }
 
     #[test]

@@ -288,6 +288,8 @@ fn dns_options(args: &Args) -> anyhow::Result<Option<proxy::dns::DnsOptions>> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    // Before anything that takes time: the parent this sidecar must follow.
+    let parent = std::os::unix::process::parent_id();
     let log = proxy::logging::init(&args.log_level, false);
     let access_log = match args.access_log.as_str() {
         "-" => Target::Stdout,
@@ -339,6 +341,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     .context("starting the async runtime")?;
     let drain = Duration::from_secs(args.drain_timeout_secs);
     rt.block_on(async move {
+        // Installed first, so no stop request is lost; one future for the
+        // bootstrap, the start and the main wait.
+        let stop = stop_requested(args.exit_with_parent.then_some(parent))?;
+        tokio::pin!(stop);
         if let Some((identity, files)) = cert_files {
             tracing::info!(spiffe_id = ?identity.id().map(|i| i.to_string()), "workload certificate loaded from files");
             opts.identity = Some(identity.clone());
@@ -353,7 +359,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             // presenting it. A refusal ends the process with the fix.
             let manager = tokio::select! {
                 r = proxy::identity::Manager::bootstrap(identity) => r.context("getting this proxy's workload certificate")?,
-                () = wait_for_signal() => return Ok(ExitCode::SUCCESS),
+                () = &mut stop => return Ok(ExitCode::SUCCESS),
             };
             tracing::info!(spiffe_id = %manager.spiffe_id(), "workload certificate installed");
             opts.identity = Some(manager.identity());
@@ -383,11 +389,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             tracing::info!(%dns, "mesh DNS ready");
         }
         tracing::info!(admin = %proxy.admin_addr(), "proxy ready");
-        if args.exit_with_parent {
-            wait_for_parent_stop().await;
-        } else {
-            wait_for_signal().await;
-        }
+        stop.await;
         // Callers stop picking this workload before its listeners go (a
         // control plane sends it as DRAINING at once, and forgets it when
         // the stream ends instead of after a grace period).
@@ -711,45 +713,46 @@ pub(crate) fn servers(addrs: &[String]) -> Vec<String> {
         .collect()
 }
 
-/// A sidecar managed by its parent (`--exit-with-parent`, `meshwork run`)
-/// stops on SIGINT (what the parent sends once the application is done) or
-/// when the parent goes away. SIGTERM from anyone else (a service manager
-/// signalling the whole control group) is logged and ignored: the parent
-/// orders the stop, so outbound keeps working while the application drains.
-async fn wait_for_parent_stop() {
+/// Resolves when the proxy should drain and exit. On its own: SIGTERM or
+/// SIGINT. Managed by its parent (`--exit-with-parent`, `meshwork run`;
+/// `parent` is the pid it started under): SIGINT (what the parent sends once
+/// the application is done) or the parent going away; a SIGTERM from anyone
+/// else (a service manager signalling the whole control group) is logged and
+/// ignored, so outbound keeps working while the application drains. The
+/// signal handlers are installed before this returns, so nothing sent from
+/// then on is lost.
+fn stop_requested(parent: Option<u32>) -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (mut term, mut int) = match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(t), Ok(i)) => (t, i),
-        (Err(e), _) | (_, Err(e)) => {
-            tracing::warn!(error = %e, "cannot watch signals; stopping only when the parent goes away");
-            return parent_gone().await;
+    let mut term = signal(SignalKind::terminate()).context("watching SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("watching SIGINT")?;
+    Ok(async move {
+        let gone = async {
+            match parent {
+                Some(p) => parent_gone(p).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(gone);
+        loop {
+            tokio::select! {
+                _ = int.recv() => return,
+                () = &mut gone => return,
+                _ = term.recv() => match parent {
+                    None => return,
+                    Some(parent) => tracing::warn!(
+                        parent,
+                        "SIGTERM ignored: this sidecar stops when its parent (meshwork run) says so, after the application; signal the parent (or send SIGINT here)"
+                    ),
+                },
+            }
         }
-    };
-    let parent = std::os::unix::process::parent_id();
-    // One future for the whole wait: it remembers the parent it started with.
-    let gone = parent_gone();
-    tokio::pin!(gone);
-    loop {
-        tokio::select! {
-            _ = int.recv() => return,
-            () = &mut gone => return,
-            _ = term.recv() => tracing::warn!(
-                parent,
-                "SIGTERM ignored: this sidecar stops when its parent (meshwork run) says so, after the application; signal the parent (or send SIGINT here)"
-            ),
-        }
-    }
+    })
 }
 
-/// Resolves once this process's parent is no longer the one it started
-/// with (the parent died and it was reparented), checked every second.
-async fn parent_gone() {
-    let parent = std::os::unix::process::parent_id();
+/// Resolves once this process's parent is no longer `parent` (it died and
+/// this process was reparented), checked now and every second.
+async fn parent_gone(parent: u32) {
     loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
         if std::os::unix::process::parent_id() != parent {
             tracing::warn!(
                 parent,
@@ -757,6 +760,7 @@ async fn parent_gone() {
             );
             return;
         }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 

@@ -15,7 +15,7 @@
 //!    `starting` (`meshwork proxy --workload-state starting`): it is no
 //!    endpoint of its Service until the sidecar's probe finds the
 //!    application accepting, so no caller is sent to it before.
-//! 5. The application exits by itself: the sidecar is stopped (SIGTERM, it
+//! 5. The application exits by itself: the sidecar is stopped (SIGINT, it
 //!    drains), the rules removed, and `meshwork run` exits with the
 //!    application's code (128+N if a signal N killed it).
 //!    SIGTERM / SIGINT / SIGHUP: a registered workload is announced as
@@ -182,6 +182,17 @@ async fn supervise(args: Args) -> ExitCode {
             connect_addr(args.outbound_addr)
         );
     }
+    if matches!(mode, Mode::Capture(_))
+        && args.capture_dns
+        && args.dns_addr.ip() != IpAddr::V4(Ipv4Addr::LOCALHOST)
+    {
+        // REDIRECT sends captured queries to the loopback (127.0.0.1, and
+        // the [::1] twin for IPv6); a server elsewhere would never see them.
+        return fail(format!(
+            "--dns-addr {}: with capture, DNS is redirected to the loopback; use 127.0.0.1:PORT (or --capture-dns=false)",
+            args.dns_addr
+        ));
+    }
     if let Mode::Capture(families) = &mode {
         // A crashed run's rules would capture this run's own traffic (the
         // readiness checks, the sidecar's connections) before its own
@@ -346,7 +357,7 @@ fn mode(args: &Args) -> Mode {
 }
 
 /// The effective uid, from /proc (no `unsafe` for geteuid).
-fn effective_uid() -> Option<u32> {
+pub(crate) fn effective_uid() -> Option<u32> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("Uid:"))?;
     // Real, effective, saved, filesystem.

@@ -638,6 +638,71 @@ fn run_killed_with_sigkill_takes_its_sidecar_along_and_fails_closed() {
     );
 }
 
+/// `meshwork run` killed while its sidecar is still getting its certificate
+/// (the control plane unreachable): the sidecar, which retries forever, must
+/// still notice that its parent is gone and exit.
+#[test]
+fn run_killed_before_its_sidecar_is_ready_takes_the_sidecar_along() {
+    require_root!();
+    let ns = Netns::create("early");
+    let dir = scratch("run-early");
+    let key = dir.join("k.pem");
+    let bundle = dir.join("root.pem");
+    run(
+        "openssl",
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            "/CN=nobody",
+            "-days",
+            "1",
+            "-keyout",
+            key.to_str().unwrap(),
+            "-out",
+            bundle.to_str().unwrap(),
+        ],
+    );
+    let mut child = Killed(
+        ns.meshwork_run(&[
+            // Nothing listens there: the bootstrap retries.
+            "--control",
+            "127.0.0.1:1",
+            // Well-formed (claims for sa/web until 2100), signed by nobody:
+            // only a control plane could refuse it.
+            "--token",
+            "mwt1.eyJ0cnVzdF9kb21haW4iOiJjbHVzdGVyLmxvY2FsIiwibmFtZXNwYWNlIjoiZGVmYXVsdCIsInNlcnZpY2VfYWNjb3VudCI6IndlYiIsImV4cCI6NDEwMjQ0NDgwMCwianRpIjoiMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAifQ.AAAA",
+            "--ca-bundle",
+            bundle.to_str().unwrap(),
+            "--",
+            "true",
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap(),
+    );
+    let run_pid = child.0.id();
+    let mut sidecar = None;
+    wait_until("the sidecar to start", Duration::from_secs(30), || {
+        sidecar = children_of(run_pid, "proxy").first().copied();
+        sidecar.is_some()
+    });
+    let sidecar = sidecar.unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    run("kill", &["-KILL", &run_pid.to_string()]);
+    let _ = wait(&mut child.0, Duration::from_secs(10));
+    wait_until(
+        "the orphaned sidecar to exit",
+        Duration::from_secs(30),
+        || !Path::new(&format!("/proc/{sidecar}")).exists() || zombie(sidecar),
+    );
+}
+
 /// A service manager signalling the whole control group (systemd's default
 /// `KillMode`) must not stop the sidecar before `meshwork run` is done with
 /// it: the sidecar ignores a SIGTERM that does not come from its parent.

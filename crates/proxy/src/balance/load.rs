@@ -35,6 +35,9 @@ pub(crate) const FAILURE_RTT: Duration = Duration::from_secs(1);
 /// doubles the estimate) still decay back within a minute or two.
 pub(crate) const MAX_FAILURE_RTT: Duration = Duration::from_secs(60);
 
+/// Smallest estimate the balancer weighs (1 µs), in nanoseconds.
+const MIN_ESTIMATE_NS: f64 = 1_000.0;
+
 /// `rtt_ns` before the first sample. `u64::MAX` is a NaN bit pattern, which a
 /// real estimate (finite, from a `Duration`) can never have.
 const NO_SAMPLE: u64 = u64::MAX;
@@ -119,6 +122,9 @@ impl Load {
             (Some(a), None) => (a, a.min(default)),
             (None, None) => (default, default),
         };
+        // A floor, so that the queue still counts when an estimate has
+        // decayed to nothing (hours idle) or came from a zero sample.
+        let (mine, theirs) = (mine.max(MIN_ESTIMATE_NS), theirs.max(MIN_ESTIMATE_NS));
         (
             mine * (self.in_flight() as f64 + 1.0),
             theirs * (other.in_flight() as f64 + 1.0),
@@ -128,6 +134,16 @@ impl Load {
     /// The estimate in nanoseconds, `None` before the first sample.
     fn sampled_ns(&self, now: Instant) -> Option<f64> {
         (self.rtt_ns.load(Relaxed) != NO_SAMPLE).then(|| self.estimate_ns(now))
+    }
+
+    /// A request went `elapsed` without an outcome: the latency is at least
+    /// that. Recorded as a sample only when it exceeds the current estimate
+    /// ([`DEFAULT_RTT`] before any sample): a short wait (a request refused
+    /// locally, a client that gave up at once) says nothing.
+    pub(crate) fn observe_at_least(&self, elapsed: Duration, now: Instant) {
+        if nanos_f64(elapsed) > self.estimate_ns(now) {
+            self.observe(elapsed, now);
+        }
     }
 
     /// Records one latency sample taken at `now`.

@@ -134,6 +134,11 @@ pub struct Balancer {
 pub struct Pick {
     pub address: SocketAddr,
     host: Arc<Host>,
+    /// When it was picked, for the lower bound a request without an
+    /// outcome leaves (see `Drop`).
+    started: Instant,
+    /// Whether `complete` or `failed` recorded a sample.
+    sampled: std::sync::atomic::AtomicBool,
 }
 
 /// The load of one endpoint, for status pages and `config_dump`.
@@ -309,10 +314,7 @@ impl Balancer {
         };
         let slot = core.endpoints.get(*level.members.get(member)? as usize)?;
         slot.host.load.acquire();
-        Some(Pick {
-            address: slot.host.address,
-            host: Arc::clone(&slot.host),
-        })
+        Some(Pick::new(Arc::clone(&slot.host)))
     }
 
     /// Load of every endpoint.
@@ -644,6 +646,16 @@ impl Outcome {
 }
 
 impl Pick {
+    /// A pick of `host`, whose load was acquired.
+    fn new(host: Arc<Host>) -> Pick {
+        Pick {
+            address: host.address,
+            host,
+            started: Instant::now(),
+            sampled: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
     /// Reports how the request ended, for outlier detection. Call once per
     /// attempt, when the outcome is known (response headers or failure).
     /// Lock-free unless the report completes a run of consecutive failures
@@ -659,6 +671,8 @@ impl Pick {
     /// Records the request's latency (call when the response headers
     /// arrive). Each call is one sample.
     pub fn complete(&self, rtt: Duration) {
+        self.sampled
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         self.host.load.observe(rtt, Instant::now());
     }
 
@@ -666,12 +680,24 @@ impl Pick {
     /// sees fit): a latency sample of twice the current estimate, at least
     /// one second, which steers peak-EWMA traffic away until it decays.
     pub fn failed(&self) {
+        self.sampled
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         self.host.load.fail(Instant::now());
     }
 }
 
 impl Drop for Pick {
+    /// A request that ends with no outcome (the client went away, a
+    /// deadline hit first) still says something: the endpoint took at least
+    /// that long. Recorded when that exceeds the estimate, so an endpoint
+    /// that accepts but never answers stops looking fast (an unsampled one
+    /// counts as fast as its partner).
     fn drop(&mut self) {
+        if !self.sampled.load(std::sync::atomic::Ordering::Relaxed) {
+            self.host
+                .load
+                .observe_at_least(self.started.elapsed(), Instant::now());
+        }
         self.host.load.release();
     }
 }

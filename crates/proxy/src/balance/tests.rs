@@ -88,10 +88,7 @@ fn hold(b: &Balancer, address: SocketAddr, n: usize) -> Vec<Pick> {
     (0..n)
         .map(|_| {
             slot.host.load.acquire();
-            Pick {
-                address,
-                host: Arc::clone(&slot.host),
-            }
+            Pick::new(Arc::clone(&slot.host))
         })
         .collect()
 }
@@ -414,6 +411,30 @@ fn peak_ewma_tries_a_new_endpoint_under_sequential_load() {
         (50..=150).contains(&new),
         "the new endpoint got {new} of 200"
     );
+}
+
+/// An endpoint that accepts but never answers: the caller gives up after
+/// 2 s, and that wait counts as a sample, so it stops looking as fast as its
+/// partner. A pick dropped at once (refused locally) counts for nothing.
+#[tokio::test(start_paused = true)]
+async fn a_request_given_up_on_counts_as_at_least_its_wait() {
+    let b = Balancer::new(&LbPolicy::PeakEwma, &equal(2));
+    hold(&b, addr(0), 1)[0].complete(Duration::from_millis(1));
+    drop(hold(&b, addr(1), 1));
+    let new_after_instant_drop = (0..200)
+        .filter(|_| b.pick(None).unwrap().address() == addr(1))
+        .count();
+    assert!(
+        new_after_instant_drop > 0,
+        "an instant drop taught nothing: the new endpoint is still tried"
+    );
+    let stuck = hold(&b, addr(1), 1);
+    tokio::time::advance(Duration::from_secs(2)).await;
+    drop(stuck);
+    let to_stuck = (0..200)
+        .filter(|_| b.pick(None).unwrap().address() == addr(1))
+        .count();
+    assert_eq!(to_stuck, 0, "2 s without an answer outweighs 1 ms");
 }
 
 #[test]
