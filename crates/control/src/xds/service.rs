@@ -129,6 +129,17 @@ where
     }
 }
 
+/// The SPIFFE id of the client certificate the stream's connection
+/// presented (mTLS xDS), if any.
+fn peer_id<T>(request: &tonic::Request<T>) -> Option<identity::SpiffeId> {
+    let chain = request
+        .extensions()
+        .get::<super::PeerInfo>()?
+        .chain
+        .clone()?;
+    identity::tls::peer_identity_of(&chain)
+}
+
 /// The state-of-the-world method.
 struct Sotw(Arc<Shared>);
 
@@ -139,7 +150,13 @@ impl StreamingService<DiscoveryRequest> for Sotw {
 
     fn call(&mut self, request: tonic::Request<Streaming<DiscoveryRequest>>) -> Self::Future {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(stream::run_sotw(self.0.clone(), request.into_inner(), tx));
+        let peer = peer_id(&request);
+        tokio::spawn(stream::run_sotw(
+            self.0.clone(),
+            request.into_inner(),
+            tx,
+            peer,
+        ));
         Box::pin(async move { Ok(tonic::Response::new(Responses(rx))) })
     }
 }
@@ -154,7 +171,13 @@ impl StreamingService<DeltaDiscoveryRequest> for Delta {
 
     fn call(&mut self, request: tonic::Request<Streaming<DeltaDiscoveryRequest>>) -> Self::Future {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(stream::run_delta(self.0.clone(), request.into_inner(), tx));
+        let peer = peer_id(&request);
+        tokio::spawn(stream::run_delta(
+            self.0.clone(),
+            request.into_inner(),
+            tx,
+            peer,
+        ));
         Box::pin(async move { Ok(tonic::Response::new(Responses(rx))) })
     }
 }

@@ -35,6 +35,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
     Resource as DeltaResource,
 };
 use envoy_types::pb::google::rpc::Status as RpcStatus;
+use identity::SpiffeId;
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
@@ -139,12 +140,13 @@ pub(crate) async fn run_sotw(
     shared: Arc<Shared>,
     inbound: Streaming<DiscoveryRequest>,
     tx: mpsc::Sender<Queued<DiscoveryResponse>>,
+    peer: Option<SpiffeId>,
 ) {
     let send = |o: Out| match o {
         Out::Sotw(r) => Some(Ok(r)),
         Out::Delta(_) => None,
     };
-    run(shared, Mode::Sotw, inbound, tx, send).await
+    run(shared, Mode::Sotw, inbound, tx, send, peer).await
 }
 
 /// Runs a delta stream until the client goes away or the server stops.
@@ -152,12 +154,13 @@ pub(crate) async fn run_delta(
     shared: Arc<Shared>,
     inbound: Streaming<DeltaDiscoveryRequest>,
     tx: mpsc::Sender<Queued<DeltaDiscoveryResponse>>,
+    peer: Option<SpiffeId>,
 ) {
     let send = |o: Out| match o {
         Out::Delta(r) => Some(Ok(r)),
         Out::Sotw(_) => None,
     };
-    run(shared, Mode::Delta, inbound, tx, send).await
+    run(shared, Mode::Delta, inbound, tx, send, peer).await
 }
 
 async fn run<Req, Resp>(
@@ -166,6 +169,7 @@ async fn run<Req, Resp>(
     mut inbound: Streaming<Req>,
     tx: mpsc::Sender<Queued<Resp>>,
     wrap: impl Fn(Out) -> Option<Result<Resp, Status>>,
+    peer: Option<SpiffeId>,
 ) where
     Req: Into<In>,
 {
@@ -176,7 +180,7 @@ async fn run<Req, Resp>(
     loop {
         let outs = tokio::select! {
             msg = inbound.message() => match msg {
-                Ok(Some(req)) => match handle(&shared, mode, &mut conn, req.into()) {
+                Ok(Some(req)) => match handle(&shared, mode, &mut conn, req.into(), peer.as_ref()) {
                     Ok(outs) => outs,
                     Err(status) => {
                         tracing::info!(error = %status.message(), "refusing xDS stream");
@@ -253,6 +257,39 @@ fn certs_dir_of(node: &Node) -> Option<String> {
     }
 }
 
+/// A proxy that presented its SVID registers only a workload of its own
+/// identity: in its namespace, of a Service that runs as its service
+/// account (checked when the Service is known; a registration for a Service
+/// not applied yet waits aside, and is checked when its stream reconnects).
+/// Without this, any workload holding a certificate could make itself an
+/// endpoint of another Service (its callers would then refuse it, since
+/// they check the server's SPIFFE id, but the real instances would lose
+/// traffic) or announce another node's state.
+fn may_register(
+    shared: &Shared,
+    id: &SpiffeId,
+    w: &api::resources::Workload,
+) -> Result<(), Status> {
+    let ns = &w.metadata.namespace;
+    if ns != id.namespace() {
+        return Err(Status::permission_denied(format!(
+            "this proxy's certificate is {id}, which may not register a workload in namespace {ns:?}: a workload registers in its own namespace (--namespace {})",
+            id.namespace()
+        )));
+    }
+    let merged = shared.merged.borrow();
+    if let Some(svc) = merged.mesh.service(ns, &w.spec.service) {
+        let runs_as = svc.value.service_account();
+        if runs_as != id.service_account() {
+            return Err(Status::permission_denied(format!(
+                "Service {ns}/{} runs as service account {runs_as:?}, but this proxy's certificate is {id}: join with a token for service account {runs_as:?} (`meshwork token create --namespace {ns} --service-account {runs_as}`), or register under the Service of this identity",
+                w.spec.service
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The node's metadata `state` (what a sidecar says of its workload).
 fn state_of(node: &Node) -> Option<String> {
     use envoy_types::pb::google::protobuf::value::Kind;
@@ -284,6 +321,7 @@ fn handle(
     mode: Mode,
     conn: &mut Option<Conn>,
     req: In,
+    peer: Option<&SpiffeId>,
 ) -> Result<Vec<Out>, Status> {
     if req.type_url.is_empty() {
         return Err(Status::invalid_argument(format!(
@@ -305,7 +343,7 @@ fn handle(
             }
             c
         }
-        None => conn.insert(Conn::open(shared, mode, req.node.as_ref())?),
+        None => conn.insert(Conn::open(shared, mode, req.node.as_ref(), peer)?),
     };
     Ok(match mode {
         Mode::Sotw => c.sotw_request(kind, req),
@@ -314,7 +352,12 @@ fn handle(
 }
 
 impl Conn {
-    fn open(shared: &Arc<Shared>, mode: Mode, node: Option<&Node>) -> Result<Conn, Status> {
+    fn open(
+        shared: &Arc<Shared>,
+        mode: Mode,
+        node: Option<&Node>,
+        peer: Option<&SpiffeId>,
+    ) -> Result<Conn, Status> {
         let Some(node) = node.filter(|n| !n.id.is_empty()) else {
             return Err(Status::invalid_argument(
                 "the first request of an ADS stream must carry node.id",
@@ -322,6 +365,9 @@ impl Conn {
         };
         let info = NodeInfo::from_node(node)
             .map_err(|e| Status::invalid_argument(format!("cannot register the workload: {e}")))?;
+        if let (Some(id), Some(w)) = (peer, &info.workload) {
+            may_register(shared, id, w)?;
+        }
         let registration = shared.registry.register(&info);
         let defaults = ProxyContext::default();
         let ctx = ProxyContext {

@@ -801,3 +801,122 @@ async fn mutations_need_the_admin_token_reads_do_not() {
     }
     c.shutdown(Duration::from_secs(2)).await;
 }
+
+/// Applies a mesh YAML document through the API (as `meshwork apply`).
+async fn apply_yaml(c: &Control, yaml: &str) {
+    let mut client = testkit::H1Client::connect(c.api_addr()).await.unwrap();
+    let req = http::Request::builder()
+        .method("POST")
+        .uri("/api/v1/apply?file=mesh.yaml")
+        .header("host", "control")
+        .header("authorization", format!("Bearer {}", c.admin_token()))
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            yaml.to_owned(),
+        )))
+        .unwrap();
+    let r = client.send(req).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// Over mTLS xDS, a proxy registers only a workload of its own identity:
+/// its namespace, and a Service that runs as its service account.
+#[tokio::test]
+async fn a_proxy_registers_only_workloads_of_its_own_identity() {
+    let dir = Scratch::new("register");
+    let c = start(&dir.0.join("data")).await;
+    apply_yaml(
+        &c,
+        "apiVersion: meshwork.dev/v1alpha1\nkind: Service\nmetadata: {name: web}\nspec: {serviceAccount: web, ports: [{name: http, port: 80}]}\n---\n\
+         apiVersion: meshwork.dev/v1alpha1\nkind: Service\nmetadata: {name: db}\nspec: {serviceAccount: db, ports: [{name: tcp, port: 5432, appProtocol: tcp}]}\n",
+    )
+    .await;
+    let web = id("default", "web");
+    let t = token(&c, "default", "web", 600).await;
+    let kc = identity::generate_key_and_csr(&web).unwrap();
+    let boot = bootstrap_identity(&c).await;
+    let got = sign(
+        tls_channel(c.xds_addr(), &boot).await,
+        &kc.csr_pem,
+        Some(&t),
+    )
+    .await
+    .unwrap();
+    let me = WorkloadIdentity::with_cert(
+        &got.chain_pem.concat(),
+        &kc.key_pem,
+        TrustBundle::from_pem(&got.bundle_pem).unwrap(),
+    )
+    .unwrap();
+    let register = |service: &str, namespace: &str| {
+        let s = |v: &str| envoy_types::pb::google::protobuf::Value {
+            kind: Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(
+                v.to_string(),
+            )),
+        };
+        Node {
+            id: format!("{service}-0.{namespace}"),
+            cluster: service.into(),
+            metadata: Some(envoy_types::pb::google::protobuf::Struct {
+                fields: [
+                    ("service", s(service)),
+                    ("namespace", s(namespace)),
+                    ("address", s("127.0.0.9")),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+            }),
+            ..Default::default()
+        }
+    };
+    let first = |node: Node| {
+        let me = me.clone();
+        let addr = c.xds_addr();
+        async move {
+            let mut client = AggregatedDiscoveryServiceClient::new(tls_channel(addr, &me).await);
+            let (tx, rx) = mpsc::channel(8);
+            tx.send(DiscoveryRequest {
+                node: Some(node),
+                type_url: "type.googleapis.com/envoy.config.cluster.v3.Cluster".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            let mut stream = client
+                .stream_aggregated_resources(ReceiverStream::new(rx))
+                .await?
+                .into_inner();
+            let r = tokio::time::timeout(Duration::from_secs(20), stream.message())
+                .await
+                .unwrap();
+            drop(tx);
+            r
+        }
+    };
+    // Its own: accepted. Once its config has the applied Services, the
+    // xDS server knows them too.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = first(register("web", "default")).await.unwrap().unwrap();
+        if !r.resources.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the Services never reached xDS"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Another Service's account: refused, naming the fix.
+    let e = first(register("db", "default")).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(
+        e.message().contains("runs as service account \"db\""),
+        "{e:?}"
+    );
+    // Another namespace: refused.
+    let e = first(register("web", "shop")).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("own namespace"), "{e:?}");
+    c.shutdown(Duration::from_secs(2)).await;
+}
