@@ -78,6 +78,7 @@ TEST_APT_PACKAGES=(
     curl:curl              # HTTP/1.1 and h2c client peer
     dnsutils:dig           # DNS client peer (mesh DNS tests)
     openssl:openssl        # s_client / verify: independent TLS checks
+    procps:pgrep           # for /usr/bin/kill (meshwork run signals children; `kill` alone is a shell builtin)
     nghttp2-client:h2load  # nghttp / h2load: HTTP/2 client peer
     haproxy:haproxy        # baseline proxy
     wrk:wrk                # load generator

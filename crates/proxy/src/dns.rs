@@ -59,6 +59,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::config::model::Snapshot;
+use crate::listener::no_ipv6;
 use crate::metrics::{DnsResult, Metrics};
 
 pub mod wire;
@@ -534,15 +535,6 @@ fn tcp_v6_only(addr: SocketAddr) -> io::Result<TcpListener> {
     s.listen(1024)?;
     s.set_nonblocking(true)?;
     TcpListener::from_std(s.into())
-}
-
-/// Whether a bind failed because the host has no IPv6: none in the kernel
-/// (EAFNOSUPPORT), or disabled (EADDRNOTAVAIL: `::1` is gone when
-/// `disable_ipv6` is set). The listeners' policy (`listener.rs`).
-fn no_ipv6(e: &io::Error) -> bool {
-    /// Linux's EAFNOSUPPORT (std has no `ErrorKind` for it).
-    const EAFNOSUPPORT: i32 = 97;
-    e.kind() == io::ErrorKind::AddrNotAvailable || e.raw_os_error() == Some(EAFNOSUPPORT)
 }
 
 /// A UDP and a TCP socket on the same address; with port 0, a port free

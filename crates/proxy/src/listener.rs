@@ -341,8 +341,9 @@ fn skippable(addr: SocketAddr, e: &io::Error) -> bool {
 
 /// Whether a bind failed because the host has no IPv6: no IPv6 in the
 /// kernel (EAFNOSUPPORT), or disabled / no such address here
-/// (EADDRNOTAVAIL: `::1` is gone when `disable_ipv6` is set).
-fn no_ipv6(e: &io::Error) -> bool {
+/// (EADDRNOTAVAIL: `::1` is gone when `disable_ipv6` is set). Mesh DNS
+/// binds its IPv6 twin by the same rule.
+pub(crate) fn no_ipv6(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::AddrNotAvailable || e.raw_os_error() == Some(EAFNOSUPPORT)
 }
 

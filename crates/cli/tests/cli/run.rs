@@ -604,31 +604,12 @@ fn children_of(parent: u32, needle: &str) -> Vec<u32> {
 fn run_killed_with_sigkill_takes_its_sidecar_along_and_fails_closed() {
     require_root!();
     let ns = Netns::create("kill");
-    let dir = scratch("run-kill");
-    let cfg = mesh(&dir);
-    let cfg = cfg.to_str().unwrap();
-    let started = dir.join("started");
-    let job = format!("touch {:?}; exec sleep 60", started.to_str().unwrap());
-    let mut child = Killed(
-        ns.meshwork_run(&["--config", cfg, "--", "sh", "-c", &job])
-            .spawn()
-            .unwrap(),
-    );
-    wait_until("the app to start", Duration::from_secs(30), || {
-        started.exists()
-    });
+    let (mut child, sidecar) = run_sleeping_app(&ns, "run-kill");
     let run_pid = child.0.id();
-    let sidecars = children_of(run_pid, "proxy");
-    assert_eq!(sidecars.len(), 1, "one sidecar child: {sidecars:?}");
-    let sidecar = sidecars[0];
     run("kill", &["-KILL", &run_pid.to_string()]);
     let _ = wait(&mut child.0, Duration::from_secs(10));
     // The orphaned sidecar notices (--exit-with-parent) and exits.
-    wait_until(
-        "the orphaned sidecar to exit",
-        Duration::from_secs(30),
-        || !Path::new(&format!("/proc/{sidecar}")).exists() || zombie(sidecar),
-    );
+    wait_exited(sidecar, "the orphaned sidecar to exit");
     // The rules stay: the application's traffic is refused, not let out
     // of the mesh unseen; the next `meshwork run` replaces them.
     assert!(
@@ -696,11 +677,7 @@ fn run_killed_before_its_sidecar_is_ready_takes_the_sidecar_along() {
     std::thread::sleep(Duration::from_millis(500));
     run("kill", &["-KILL", &run_pid.to_string()]);
     let _ = wait(&mut child.0, Duration::from_secs(10));
-    wait_until(
-        "the orphaned sidecar to exit",
-        Duration::from_secs(30),
-        || !Path::new(&format!("/proc/{sidecar}")).exists() || zombie(sidecar),
-    );
+    wait_exited(sidecar, "the orphaned sidecar to exit");
 }
 
 /// A service manager signalling the whole control group (systemd's default
@@ -710,28 +687,10 @@ fn run_killed_before_its_sidecar_is_ready_takes_the_sidecar_along() {
 fn run_sidecar_ignores_a_stray_sigterm_and_stops_with_the_run() {
     require_root!();
     let ns = Netns::create("stray");
-    let dir = scratch("run-stray");
-    let cfg = mesh(&dir);
-    let cfg = cfg.to_str().unwrap();
-    let started = dir.join("started");
-    let job = format!("touch {:?}; exec sleep 60", started.to_str().unwrap());
-    let mut child = Killed(
-        ns.meshwork_run(&["--config", cfg, "--", "sh", "-c", &job])
-            .spawn()
-            .unwrap(),
-    );
-    wait_until("the app to start", Duration::from_secs(30), || {
-        started.exists()
-    });
-    let sidecars = children_of(child.0.id(), "proxy");
-    assert_eq!(sidecars.len(), 1, "one sidecar child: {sidecars:?}");
-    let sidecar = sidecars[0];
+    let (mut child, sidecar) = run_sleeping_app(&ns, "run-stray");
     run("kill", &["-TERM", &sidecar.to_string()]);
     std::thread::sleep(Duration::from_millis(1500));
-    assert!(
-        Path::new(&format!("/proc/{sidecar}")).exists() && !zombie(sidecar),
-        "the sidecar stopped on a stray SIGTERM"
-    );
+    assert!(!exited(sidecar), "the sidecar stopped on a stray SIGTERM");
     let ready = ns
         .cmd("curl", &["-sS", "-m", "3", "http://127.0.0.1:15000/ready"])
         .output()
@@ -741,18 +700,41 @@ fn run_sidecar_ignores_a_stray_sigterm_and_stops_with_the_run() {
     run("kill", &["-TERM", &child.0.id().to_string()]);
     let status = wait(&mut child.0, Duration::from_secs(60));
     assert_eq!(status.code(), Some(143), "{status:?}");
-    assert!(!Path::new(&format!("/proc/{sidecar}")).exists() || zombie(sidecar));
+    assert!(exited(sidecar));
 }
 
-/// A process that exited but was not reaped yet (its parent is init now).
-fn zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, r)| r.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false)
+/// `meshwork run --config <mesh> -- <an app that sleeps>` in `ns`, once the
+/// app runs: the run and its sidecar's pid.
+fn run_sleeping_app(ns: &Netns, tag: &str) -> (Killed, u32) {
+    let dir = scratch(tag);
+    let cfg = mesh(&dir);
+    let started = dir.join("started");
+    let job = format!("touch {:?}; exec sleep 60", started.to_str().unwrap());
+    let child = Killed(
+        ns.meshwork_run(&["--config", cfg.to_str().unwrap(), "--", "sh", "-c", &job])
+            .spawn()
+            .unwrap(),
+    );
+    wait_until("the app to start", Duration::from_secs(30), || {
+        started.exists()
+    });
+    let sidecars = children_of(child.0.id(), "proxy");
+    assert_eq!(sidecars.len(), 1, "one sidecar child: {sidecars:?}");
+    (child, sidecars[0])
+}
+
+/// Gone, or exited and not reaped yet (its parent is init now).
+fn exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z')),
+    }
+}
+
+fn wait_exited(pid: u32, what: &str) {
+    wait_until(what, Duration::from_secs(30), || exited(pid));
 }
 
 #[test]

@@ -238,23 +238,21 @@ async fn run<Req, Resp>(
     }
 }
 
-/// Whether a receive error is the client's message (undecodable, too
-/// large) rather than the client going away.
+/// A string field of the node's metadata.
+fn meta_str<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    match node.metadata.as_ref()?.fields.get(key)?.kind.as_ref()? {
+        Kind::StringValue(s) => Some(s),
+        _ => None,
+    }
+}
+
 /// Node metadata `meshwork.certs_dir` (an Envoy sidecar reading its
 /// certificates from SDS files): the translator then emits file-based SDS.
 fn certs_dir_of(node: &Node) -> Option<String> {
-    use envoy_types::pb::google::protobuf::value::Kind;
-    match node
-        .metadata
-        .as_ref()?
-        .fields
-        .get(api::mtls::CERTS_DIR_METADATA)?
-        .kind
-        .as_ref()?
-    {
-        Kind::StringValue(dir) if !dir.is_empty() => Some(dir.clone()),
-        _ => None,
-    }
+    meta_str(node, api::mtls::CERTS_DIR_METADATA)
+        .filter(|dir| !dir.is_empty())
+        .map(str::to_owned)
 }
 
 /// A proxy that presented its SVID registers only a workload of its own
@@ -292,11 +290,7 @@ fn may_register(
 
 /// The node's metadata `state` (what a sidecar says of its workload).
 fn state_of(node: &Node) -> Option<String> {
-    use envoy_types::pb::google::protobuf::value::Kind;
-    match node.metadata.as_ref()?.fields.get("state")?.kind.as_ref()? {
-        Kind::StringValue(s) => Some(s.clone()),
-        _ => None,
-    }
+    meta_str(node, "state").map(str::to_owned)
 }
 
 /// Node metadata `meshwork.capture: true` (`meshwork proxy --capture`):
@@ -309,6 +303,8 @@ fn capture_of(node: &Node) -> bool {
         .is_some_and(|v| matches!(v.kind, Some(Kind::BoolValue(true))))
 }
 
+/// Whether a receive error is the client's message (undecodable, too
+/// large) rather than the client going away.
 fn malformed(status: &Status) -> bool {
     matches!(
         status.code(),
