@@ -234,20 +234,7 @@ fn captured_clients(listen: &Listen) {
         .output();
 
     let ns = Netns::create(listen.tag);
-    let mut servers = Guard(
-        ns.cmd("python3", &["-c", SERVERS])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap(),
-    );
-    {
-        use std::io::BufRead;
-        let mut line = String::new();
-        let out = servers.0.stdout.as_mut().unwrap();
-        std::io::BufReader::new(out).read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "ready");
-    }
+    let _servers = spawn_ready(ns.cmd("python3", &["-c", SERVERS]));
     let mut proxy = Guard(
         ns.cmd(
             BIN,
@@ -501,20 +488,7 @@ fn run_captures_ipv6_outbound_passthrough_and_inbound() {
     let client = dir.join("tcp_client.py");
     std::fs::write(&client, TCP_CLIENT).unwrap();
 
-    let mut servers = Guard(
-        peer.cmd(python(), &["-c", PEER_SERVERS])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap(),
-    );
-    {
-        use std::io::BufRead;
-        let mut line = String::new();
-        let out = servers.0.stdout.as_mut().unwrap();
-        std::io::BufReader::new(out).read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "ready");
-    }
+    let _servers = spawn_ready(peer.cmd(python(), &["-c", PEER_SERVERS]));
     let mut run = Guard(
         app.cmd(
             BIN,
@@ -681,20 +655,7 @@ fn run_on_a_host_without_ipv6_warns_and_captures_ipv4() {
     let dir = scratch("capture-no6");
     let config = dir.join("mesh.yaml");
     std::fs::write(&config, ipv6_mesh("")).unwrap();
-    let mut servers = Guard(
-        ns.cmd("python3", &["-c", SERVERS])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap(),
-    );
-    {
-        use std::io::BufRead;
-        let mut line = String::new();
-        let out = servers.0.stdout.as_mut().unwrap();
-        std::io::BufReader::new(out).read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "ready");
-    }
+    let _servers = spawn_ready(ns.cmd("python3", &["-c", SERVERS]));
     let out = finish(
         ns.cmd(
             BIN,

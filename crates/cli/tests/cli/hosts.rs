@@ -101,3 +101,21 @@ pub fn one_network_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     // A test that failed while holding it leaves nothing to protect.
     NETWORKS.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+/// Spawns `cmd` (stdout piped, stderr inherited) and returns once it printed
+/// its first line, which must be `ready`.
+pub fn spawn_ready(mut cmd: Command) -> Killed {
+    use std::io::BufRead as _;
+    let mut child = Killed(
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    std::io::BufReader::new(child.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready");
+    child
+}

@@ -126,19 +126,7 @@ s = http.server.ThreadingHTTPServer(("127.0.0.1", 18080), Web)
 print("ready", flush=True)
 s.serve_forever()
 "#;
-    let mut child = ns
-        .cmd(python(), &["-c", WEB])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "ready");
-    Killed(child)
+    spawn_ready(ns.cmd(python(), &["-c", WEB]))
 }
 
 /// Service `web` (VIP pinned) served on 127.0.0.1:18080, and the
